@@ -1,0 +1,82 @@
+"""The `fairport` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fairport import __version__
+from fairport.errors import FairportError
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+    for u, n in units.items():
+        if text.upper().endswith(u):
+            return int(float(text[:-2]) * n)
+    return int(text)
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from fairport.converters.convert import convert
+
+    gen = {"beam": a.beam, "lenpen": a.lenpen, "max_len_a": a.max_len_a, "max_len_b": a.max_len_b,
+           "min_len": a.min_len, "no_repeat_ngram_size": a.no_repeat_ngram_size}
+    r = convert(a.src, a.dst, force=a.force, dtype=a.dtype, max_shard_bytes=_size(a.max_shard_size),
+                generation_overrides=gen, src_dict=a.src_dict, tgt_dict=a.tgt_dict,
+                encoder_json=a.gpt2_encoder_json, vocab_bpe=a.gpt2_vocab_bpe, bpecodes=a.bpecodes)
+    c = r["config"]
+    print(f"converted {c.arch} ({c.family}: {c.encoder_layers}+{c.decoder_layers} layers, "
+          f"d{c.encoder_embed_dim}, {c.src_vocab_size}/{c.tgt_vocab_size} ids, {r['dtype']}) -> {r['dst']}")
+    if r["family"]:
+        print(f"transformers: loads as {r['family']} (AutoModelForSeq2SeqLM)")
+    else:
+        reasons = "; ".join(f"{f}: needs {', '.join(u)}" for f, u in r["unmet"].items())
+        print(f"transformers: no architecture reproduces this model exactly ({reasons}); "
+              f"the folder is for fairport's reference model only")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fairport", description="Port fairseq checkpoints to a clean PyTorch "
+                                "reference and prove the port is right.")
+    p.add_argument("--version", action="version", version=f"fairport {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="fairseq checkpoint -> model folder")
+    c.add_argument("src", help="checkpoint file, or a release folder holding one beside its dictionaries")
+    c.add_argument("dst", help="output folder (refused if it exists, unless --force)")
+    c.add_argument("--force", action="store_true", help="replace DST if it exists")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weight dtype in the folder (auto: as in the checkpoint)")
+    c.add_argument("--src-dict", help="source dictionary (default: found beside the checkpoint)")
+    c.add_argument("--tgt-dict", help="target dictionary (default: found beside the checkpoint)")
+    c.add_argument("--gpt2-encoder-json", help="GPT-2 encoder.json (BART)")
+    c.add_argument("--gpt2-vocab-bpe", help="GPT-2 vocab.bpe (BART)")
+    c.add_argument("--bpecodes", help="fastBPE codes (WMT19)")
+    c.add_argument("--max-shard-size", default="2GB", help="shard model.safetensors above this size")
+    g = c.add_argument_group("generation defaults written to generation_config.json (fairseq names)")
+    g.add_argument("--beam", type=int)
+    g.add_argument("--lenpen", type=float)
+    g.add_argument("--max-len-a", type=float)
+    g.add_argument("--max-len-b", type=int)
+    g.add_argument("--min-len", type=int)
+    g.add_argument("--no-repeat-ngram-size", type=int)
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FairportError as e:
+        print(f"fairport: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fairport: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

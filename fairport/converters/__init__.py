@@ -1,0 +1,1 @@
+"""Read fairseq checkpoints without importing fairseq and write fairport model folders."""

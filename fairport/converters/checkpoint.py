@@ -1,0 +1,302 @@
+"""Read a fairseq checkpoint without importing fairseq and without running code from the file.
+
+A fairseq checkpoint is a torch pickle: a dict with `model` (the state dict), `args` (2019-2020: an
+`argparse.Namespace`) or `cfg` (newer: omegaconf objects or plain containers), and training state
+(`extra_state`, `last_optimizer_state`, `optimizer_history`) that we never need.
+
+Unpickling is restricted. Only the globals in `ALLOWED_GLOBALS` may be called; classes from the
+modules in `STUB_MODULES` (fairseq's own meters and configs, omegaconf containers) are replaced by inert
+stand-ins that only record their state, so no fairseq or omegaconf code runs. Any other global is refused
+with an error that names it. Zip checkpoints are memory-mapped, so optimizer state is never read from disk.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import argparse
+import collections
+import pickle
+import re
+import types
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fairport.errors import FairportError
+
+
+def _numpy_scalar(dtype, data=None):
+    import numpy as np
+
+    return np.frombuffer(data, dtype=dtype)[0].item() if data is not None else np.zeros((), dtype).item()
+
+
+def _numpy_dtype(name, *args):
+    import numpy as np
+
+    return np.dtype(name)
+
+
+def _numpy_reconstruct(cls, shape, dtype):
+    import numpy as np
+
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _numpy_globals() -> dict:
+    try:
+        import numpy as np
+    except ImportError:  # numpy objects only appear in training state; refuse them without numpy
+        return {}
+    return {
+        ("numpy", "dtype"): _numpy_dtype,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    }
+
+
+# Everything a fairseq checkpoint may call while unpickling. Each entry only builds data.
+ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "defaultdict"): collections.defaultdict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "int"): int,
+    ("builtins", "float"): float,
+    ("builtins", "str"): str,
+    ("builtins", "bool"): bool,
+    ("builtins", "object"): object,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+    ("torch", "Tensor"): torch.Tensor,
+    **{("torch", str(dt).split(".")[1]): dt for dt in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+        torch.int16, torch.int8, torch.uint8, torch.bool)},
+    **_numpy_globals(),
+}
+
+# Modules whose classes are replaced by inert stand-ins (their code never runs).
+STUB_MODULES = ("fairseq", "omegaconf", "typing", "hydra", "enum")
+
+
+class Stub(dict):
+    """Inert stand-in for a class from a stubbed module: records constructor args, items and state."""
+
+    _qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.stub_args = args
+        self.stub_kwargs = kwargs
+        self.stub_state = None
+
+    def __setstate__(self, state):
+        self.stub_state = state
+
+    def __reduce__(self):  # pragma: no cover - stubs are never pickled again
+        raise TypeError("fairport stubs are read-only")
+
+
+_stub_classes: dict[str, type] = {}
+
+
+def _stub_class(module: str, name: str) -> type:
+    key = f"{module}.{name}"
+    if key not in _stub_classes:
+        _stub_classes[key] = type(name, (Stub,), {"_qualname": key, "__module__": "fairport.stub"})
+    return _stub_classes[key]
+
+
+def _stub_getattr(obj, name):
+    """`getattr` for pickles that name enum members as getattr(EnumClass, 'NAME'): stubs only."""
+    if isinstance(obj, type) and issubclass(obj, Stub):
+        return obj(name)
+    raise pickle.UnpicklingError(f"refused getattr on {type(obj).__name__}")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol-2 pickles name Python 2 modules
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in ALLOWED_GLOBALS:
+            return ALLOWED_GLOBALS[(module, name)]
+        if (module, name) == ("builtins", "getattr"):
+            return _stub_getattr
+        if module.split(".")[0] in STUB_MODULES:
+            return _stub_class(module, name)
+        raise FairportError(
+            f"refusing to load: the checkpoint asks to call {module}.{name}, which is not on fairport's "
+            f"allowlist of data-only constructors (nothing from the file was executed)"
+        )
+
+
+# torch.load takes a module-like object with `Unpickler` and `load`.
+restricted_pickle = types.SimpleNamespace(
+    Unpickler=RestrictedUnpickler,
+    load=lambda f, **kw: RestrictedUnpickler(f, **kw).load(),
+    __name__="fairport_restricted_pickle",
+)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a fairseq checkpoint dict safely (CPU, memory-mapped when the file is a zip checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FairportError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = head[:2] == b"PK"
+    if is_zip:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except zipfile.BadZipFile as e:
+            raise FairportError(f"{path} is truncated or corrupt (bad zip archive: {e})") from None
+        if not any(n.endswith("data.pkl") for n in names):
+            raise FairportError(f"{path} is a zip file but not a PyTorch checkpoint (no data.pkl inside)")
+    elif not head or head[0] != 0x80:  # legacy torch files start with a pickle PROTO opcode
+        raise FairportError(f"{path} is not a PyTorch checkpoint (it does not start like one; is it a text file?)")
+    try:
+        state = torch.load(path, map_location="cpu", pickle_module=restricted_pickle,
+                           weights_only=False, mmap=is_zip)
+    except FairportError:
+        raise
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError, KeyError, TypeError, AttributeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FairportError(f"{path} is truncated or corrupt ({type(e).__name__}: {msg})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise FairportError(f"{path} is a PyTorch file but not a fairseq checkpoint (no 'model' state dict)")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration: `args` Namespace or `cfg` (omegaconf stand-ins or plain containers) -> plain dicts
+
+_VALUE_NODES = {"AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode",
+                "PathNode", "BytesNode", "ValueNode", "UnionNode"}
+
+
+def to_plain(obj: Any) -> Any:
+    """Turn Namespaces, omegaconf stand-ins, enums and tuples into dicts, lists and scalars."""
+    if isinstance(obj, Stub):
+        kind = obj._qualname.rsplit(".", 1)[-1]
+        state = obj.stub_state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}
+        if kind == "DictConfig":
+            content = (state or {}).get("_content")
+            return {str(k): to_plain(v) for k, v in content.items()} if isinstance(content, dict) else None
+        if kind == "ListConfig":
+            content = (state or {}).get("_content")
+            return [to_plain(v) for v in content] if isinstance(content, (list, tuple)) else None
+        if kind in _VALUE_NODES:
+            return to_plain((state or {}).get("_val"))
+        if obj.stub_args and state is None and not len(obj):  # an enum member: Enum(value)
+            return to_plain(obj.stub_args[0])
+        return {"__stub__": obj._qualname}
+    if isinstance(obj, argparse.Namespace):
+        return {k: to_plain(v) for k, v in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, str) and obj == "???":  # omegaconf's MISSING
+        return None
+    return obj
+
+
+_INTERP = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def resolve_interpolations(cfg: dict) -> dict:
+    """Resolve omegaconf `${a.b}` references (fairseq saves cfg unresolved)."""
+
+    def lookup(path):
+        node = cfg
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def walk(node, depth=0):
+        if isinstance(node, dict):
+            return {k: walk(v, depth) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, depth) for v in node]
+        if isinstance(node, str) and depth < 10:
+            m = _INTERP.match(node)
+            if m:
+                return walk(lookup(m.group(1)), depth + 1)
+        return node
+
+    return walk(cfg)
+
+
+def _flatten_groups(model: dict) -> dict:
+    """New-style dataclass configs nest `encoder: {embed_dim: ..}`; legacy names are `encoder_embed_dim`."""
+    flat = {}
+    for k, v in model.items():
+        if k in ("encoder", "decoder") and isinstance(v, dict):
+            for kk, vv in v.items():
+                flat[f"{k}_{kk}"] = vv
+        elif k == "quant_noise" and isinstance(v, dict):
+            for kk, vv in v.items():
+                flat[f"quant_noise_{kk}"] = vv
+        else:
+            flat[k] = v
+    return flat
+
+
+def checkpoint_options(state: dict) -> tuple[dict, dict]:
+    """Return (options, generation) from a checkpoint: one flat dict of model+task options as fairseq's
+    legacy `args` would hold them, and the generation settings when the checkpoint carries them."""
+    cfg = state.get("cfg")
+    args = state.get("args")
+    if cfg is not None:
+        cfg = resolve_interpolations(to_plain(cfg))
+        if not isinstance(cfg, dict):
+            raise FairportError("checkpoint 'cfg' is not a mapping")
+        model = cfg.get("model") or {}
+        if isinstance(model, dict) and model.get("__stub__"):
+            model = {}
+        task = cfg.get("task") or {}
+        opts: dict = {}
+        if isinstance(task, dict):
+            opts.update({k: v for k, v in task.items() if k != "_name"})
+            opts["task"] = task.get("_name")
+        if isinstance(model, dict):
+            opts.update(_flatten_groups({k: v for k, v in model.items() if k != "_name"}))
+            opts["arch"] = model.get("arch") or model.get("_name")
+        if isinstance(model, dict) and not model and args is not None:
+            opts.update(to_plain(args))
+        generation = cfg.get("generation") or {}
+        return opts, generation if isinstance(generation, dict) else {}
+    if args is not None:
+        opts = to_plain(args)
+        if not isinstance(opts, dict):
+            raise FairportError("checkpoint 'args' is not a Namespace")
+        # fairseq's _upgrade_state_dict: very old checkpoints had one max_positions and no task
+        if "max_positions" in opts and "max_source_positions" not in opts:
+            opts["max_source_positions"] = opts["max_target_positions"] = opts["max_positions"]
+        opts.setdefault("task", "translation")
+        return opts, {}
+    raise FairportError("checkpoint has neither 'args' nor 'cfg': cannot tell its architecture")

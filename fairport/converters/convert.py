@@ -1,0 +1,400 @@
+"""`fairport convert`: a fairseq checkpoint (+ dictionaries, BPE files) -> a model folder.
+
+The folder: config.json (transformers fields when a transformers architecture reproduces the model,
+plus a `fairport` section), model.safetensors (sharded with an index when large), generation_config.json,
+tokenizer files, the fairseq dictionaries, and provenance.json. It is written into a temporary folder
+beside DST and moved into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fairport import __version__
+from fairport.converters import hf, options as opts, tasks, weights
+from fairport.converters.checkpoint import checkpoint_options, load_checkpoint
+from fairport.converters.dictionary import Dictionary
+from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2
+from fairport.errors import FairportError
+from fairport.reference.config import ModelConfig
+
+CHECKPOINT_NAMES = ("model.pt", "checkpoint_best.pt", "checkpoint_last.pt", "checkpoint.pt")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Sources:
+    checkpoint: Path
+    folder: Path
+    src_dict: Path | None = None
+    tgt_dict: Path | None = None
+    encoder_json: Path | None = None
+    vocab_bpe: Path | None = None
+    bpecodes: Path | None = None
+
+
+@dataclass
+class Converted:
+    """Everything the converter derived, before anything is written."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    src_dict: Dictionary
+    tgt_dict: Dictionary
+    options: dict
+    generation: dict
+    dropped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def find_sources(src: str | Path, **overrides) -> Sources:
+    src = Path(src)
+    if src.is_dir():
+        found = [src / n for n in CHECKPOINT_NAMES if (src / n).is_file()]
+        if not found:
+            pts = sorted(src.glob("*.pt"))
+            if len(pts) == 1:
+                found = pts
+            elif len(pts) > 1:
+                raise FairportError(f"{src} holds several checkpoints ({', '.join(p.name for p in pts)}); "
+                                    f"name the one to convert")
+            else:
+                raise FairportError(f"no fairseq checkpoint (*.pt) in {src}")
+        checkpoint, folder = found[0], src
+    elif src.is_file():
+        checkpoint, folder = src, src.parent
+    else:
+        raise FairportError(f"source not found: {src}")
+    s = Sources(checkpoint, folder)
+    for name, default in (("encoder_json", "encoder.json"), ("vocab_bpe", "vocab.bpe"), ("bpecodes", "bpecodes")):
+        given = overrides.get(name)
+        path = Path(given) if given else folder / default
+        if given and not path.is_file():
+            raise FairportError(f"file not found: {path}")
+        setattr(s, name, path if path.is_file() else None)
+    for name in ("src_dict", "tgt_dict"):
+        if overrides.get(name):
+            p = Path(overrides[name])
+            if not p.is_file():
+                raise FairportError(f"dictionary not found: {p}")
+            setattr(s, name, p)
+    return s
+
+
+def _embedding_rows(sd: dict, key: str) -> int | None:
+    t = sd.get(key)
+    return int(t.shape[0]) if t is not None else None
+
+
+def _check_dict(name: str, d: Dictionary, path: Path, adds: list[str], rows: int | None) -> None:
+    if rows is not None and rows != len(d):
+        extra = f" (+ task additions {adds})" if adds else ""
+        raise FairportError(f"dictionary {path.name} gives {len(d)} symbols{extra} but the checkpoint's {name} "
+                            f"embedding has {rows} rows: wrong dictionary for this checkpoint")
+
+
+def convert_state(state: dict, sources: Sources) -> Converted:
+    options_raw, generation = checkpoint_options(state)
+    family, options = opts.resolve(options_raw)
+    opts.check_supported(options)
+    task = options.get("task") or "translation"
+
+    sd = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+    sd, facts = weights.upgrade(sd, options)
+
+    # dictionaries, with the task's additions
+    adds = tasks.task_additions(task, options)
+    if sources.src_dict is None or sources.tgt_dict is None:
+        src_path, tgt_path = tasks.dictionary_paths(task, options, sources.folder)
+        sources.src_dict = sources.src_dict or src_path
+        sources.tgt_dict = sources.tgt_dict or tgt_path
+    src_dict = tasks.build_dictionary(sources.src_dict, adds)
+    tgt_dict = src_dict if sources.tgt_dict == sources.src_dict else tasks.build_dictionary(sources.tgt_dict, adds)
+
+    dropped: dict[str, str] = {}
+    # BART fine-tuned on translation: fairseq drops the <mask> row when the dictionary has no <mask>
+    if family == "bart":
+        rows = _embedding_rows(sd, "encoder.embed_tokens.weight")
+        if rows == len(src_dict) + 1 and "<mask>" not in src_dict:
+            for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                      "encoder.output_projection.weight", "decoder.output_projection.weight"):
+                if k in sd:
+                    sd[k] = sd[k][:-1]
+            dropped["<mask> embedding row"] = "dictionary has no <mask> (fairseq BART truncates it too)"
+
+    share_all = bool(options.get("share_all_embeddings"))
+    # fairseq's build_model sets share_decoder_input_output_embed when share_all_embeddings is on
+    share_dec = bool(options.get("share_decoder_input_output_embed")) or share_all
+    if share_dec:  # tied: the projection is the decoder's token embedding
+        sd.pop("decoder.output_projection.weight", None)
+    if share_all:
+        sd.pop("decoder.embed_tokens.weight", None)
+
+    _check_dict("encoder", src_dict, sources.src_dict, adds, _embedding_rows(sd, "encoder.embed_tokens.weight"))
+    dec_rows = _embedding_rows(sd, "encoder.embed_tokens.weight" if share_all else "decoder.embed_tokens.weight")
+    _check_dict("decoder", tgt_dict, sources.tgt_dict, adds, dec_rows)
+    if not share_dec:
+        out_rows = _embedding_rows(sd, "decoder.output_projection.weight")
+        if out_rows is None:
+            raise FairportError("checkpoint has no decoder output projection (decoder.output_projection.weight "
+                                "or decoder.embed_out) and does not share it with the embeddings")
+        _check_dict("output projection", tgt_dict, sources.tgt_dict, adds, out_rows)
+    if share_all and len(src_dict) != len(tgt_dict):
+        raise FairportError("share_all_embeddings needs one joined dictionary, but the source and target "
+                            f"dictionaries differ ({len(src_dict)} vs {len(tgt_dict)} symbols)")
+
+    kept, dropped_buffers, unknown = weights.split_known(sd)
+    weights.check_unknown(unknown)
+    dropped.update(dropped_buffers)
+
+    heads = {}
+    for k, v in kept.items():
+        if k.startswith("classification_heads.") and k.endswith(".out_proj.weight"):
+            name = k.split(".")[1]
+            heads[name] = {"inner_dim": int(kept[f"classification_heads.{name}.dense.weight"].shape[0]),
+                           "num_classes": int(v.shape[0])}
+
+    enc_layers = facts["encoder_layers"] or int(options["encoder_layers"])
+    dec_layers = facts["decoder_layers"] or int(options["decoder_layers"])
+    dec_embed = kept.get("decoder.embed_tokens.weight", kept.get("encoder.embed_tokens.weight"))
+    cfg = ModelConfig(
+        src_vocab_size=len(src_dict), tgt_vocab_size=len(tgt_dict), family=family, arch=options["arch"],
+        pad=src_dict.pad, bos=src_dict.bos, eos=src_dict.eos, unk=src_dict.unk,
+        encoder_embed_dim=int(options["encoder_embed_dim"]),
+        encoder_ffn_dim=int(options["encoder_ffn_embed_dim"]),
+        encoder_layers=enc_layers,
+        encoder_heads=int(options["encoder_attention_heads"]),
+        encoder_normalize_before=bool(options["encoder_normalize_before"]),
+        encoder_final_norm=bool(options["encoder_normalize_before"]) and facts["encoder_version"] >= 2,
+        encoder_learned_pos=bool(options["encoder_learned_pos"]),
+        max_source_positions=int(options["max_source_positions"]),
+        decoder_embed_dim=int(options["decoder_embed_dim"]),
+        decoder_input_embed_dim=int(dec_embed.shape[1]) if dec_embed is not None else int(options["decoder_embed_dim"]),
+        decoder_output_dim=int(options["decoder_output_dim"]),
+        decoder_ffn_dim=int(options["decoder_ffn_embed_dim"]),
+        decoder_layers=dec_layers,
+        decoder_heads=int(options["decoder_attention_heads"]),
+        decoder_normalize_before=bool(options["decoder_normalize_before"]),
+        decoder_final_norm=(bool(options["decoder_normalize_before"]) and not options.get("no_decoder_final_norm")
+                            and facts["decoder_version"] > 2),
+        decoder_learned_pos=bool(options["decoder_learned_pos"]),
+        max_target_positions=int(options["max_target_positions"]),
+        positional_embeddings=not options.get("no_token_positional_embeddings"),
+        layernorm_embedding=bool(options.get("layernorm_embedding")),
+        scale_embedding=not options.get("no_scale_embedding"),
+        activation_fn=options["activation_fn"],
+        share_all_embeddings=share_all,
+        share_decoder_input_output_embed=share_dec,
+        pooler_activation_fn=options.get("pooler_activation_fn") or "tanh",
+        classification_heads=heads,
+    )
+    check_shapes(cfg, kept)
+    conv = Converted(cfg, kept, src_dict, tgt_dict, options, generation, dropped)
+    return conv
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes the reference model has for `cfg` (built on the meta device: no memory)."""
+    from fairport.reference.load import tied_names
+    from fairport.reference.model import EncoderDecoder
+
+    with torch.device("meta"):
+        model = EncoderDecoder(cfg)
+    tied = tied_names(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+
+
+def check_shapes(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> None:
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    wrong = sorted(f"{k} {tuple(sd[k].shape)} != {want[k]}" for k in set(want) & set(sd)
+                   if tuple(sd[k].shape) != want[k])
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:6]}" + (f" (+{len(missing) - 6})" if len(missing) > 6 else ""))
+    if extra:
+        problems.append(f"tensors the options do not explain {extra[:6]}")
+    if wrong:
+        problems.append(f"shape mismatches {wrong[:4]}")
+    if problems:
+        raise FairportError("checkpoint does not match its own options: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+GEN_KEYS = {"beam": 5, "lenpen": 1.0, "max_len_a": 0.0, "max_len_b": 200, "min_len": 1,
+            "no_repeat_ngram_size": 0, "unkpen": 0.0, "temperature": 1.0, "sampling": False,
+            "sampling_topk": -1, "sampling_topp": -1.0, "match_source_len": False}
+
+
+def generation_config(conv: Converted, overrides: dict | None = None) -> dict:
+    gen = {k: conv.generation.get(k, conv.options.get(k, default)) for k, default in GEN_KEYS.items()}
+    gen = {k: (GEN_KEYS[k] if v is None else v) for k, v in gen.items()}
+    gen.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    c = conv.config
+    source = "checkpoint" if conv.generation else "fairseq defaults"
+    return {
+        # transformers' names
+        "num_beams": int(gen["beam"]), "length_penalty": float(gen["lenpen"]),
+        "max_length": min(int(gen["max_len_b"]), c.max_target_positions - 1), "min_length": int(gen["min_len"]),
+        "no_repeat_ngram_size": int(gen["no_repeat_ngram_size"]), "early_stopping": True,
+        "bos_token_id": c.bos, "eos_token_id": c.eos, "pad_token_id": c.pad, "decoder_start_token_id": c.eos,
+        # fairseq's names and semantics, used by fairport's generation
+        "fairseq": gen, "fairseq_source": source,
+    }
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stored_tensors(conv: Converted, naming: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, t in conv.state_dict.items():
+        name = k if naming == "fairport" else weights.to_hf_name(naming, k)
+        if name is None:
+            continue
+        out[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    if naming in ("bart", "mbart"):
+        out["final_logits_bias"] = torch.zeros(1, conv.config.tgt_vocab_size, dtype=dtype or torch.float32)
+    if naming == "fsmt" and not conv.config.share_all_embeddings and conv.config.share_decoder_input_output_embed:
+        # transformers' FSMT cannot tie only the decoder's input and output: store the projection too
+        out["model.decoder.output_projection.weight"] = out["model.decoder.embed_tokens.weight"]
+        conv.notes.append("decoder embeddings stored twice (tied in fairseq; FSMT ties only all-or-nothing)")
+    return out
+
+
+def write_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
+    # tensors stored twice under two names must be distinct storages for safetensors
+    seen: dict[int, str] = {}
+    for k in list(tensors):
+        ptr = tensors[k].data_ptr()
+        if ptr in seen:
+            tensors[k] = tensors[k].clone()
+        seen[ptr] = k
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    meta = {"format": "pt", "producer": f"fairport {__version__}"}
+    if total <= max_shard_bytes:
+        save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata=meta)
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return names + ["model.safetensors.index.json"]
+
+
+def _source_dtype(conv: Converted) -> torch.dtype:
+    return conv.state_dict["encoder.embed_tokens.weight"].dtype
+
+
+def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "auto",
+                 max_shard_bytes: int = 2 << 30, generation_overrides: dict | None = None) -> dict:
+    cfg = conv.config
+    family, unmet = hf.hf_family(cfg)
+    naming = family or "fairport"
+    torch_dtype = _source_dtype(conv) if dtype == "auto" else DTYPES[dtype]
+    tokenizer = None
+    files = []
+    langs = [conv.options.get("source_lang"), conv.options.get("target_lang")]
+    langs = [x for x in langs if x] or None
+    if sources.encoder_json and sources.vocab_bpe:
+        files += write_gpt2(out, sources.encoder_json, sources.vocab_bpe, conv.tgt_dict, cfg.max_source_positions)
+        tokenizer = "gpt2"
+    elif sources.bpecodes:
+        files += write_fastbpe(out, sources.bpecodes, conv.src_dict, conv.tgt_dict, langs or ["src", "tgt"],
+                               cfg.max_source_positions)
+        tokenizer = "fastbpe"
+    conv.src_dict.write(out / "dict.src.txt")
+    conv.tgt_dict.write(out / "dict.tgt.txt")
+    files += ["dict.src.txt", "dict.tgt.txt"]
+
+    files += write_weights(out, _stored_tensors(conv, naming, torch_dtype), max_shard_bytes)
+    gen = generation_config(conv, generation_overrides)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    files.append("generation_config.json")
+
+    fairport_meta = {
+        "version": __version__, "model": cfg.to_dict(), "weight_names": naming, "tokenizer": tokenizer,
+        "task": conv.options.get("task"), "langs": tasks.task_langs(conv.options) or None,
+        "source_lang": conv.options.get("source_lang"), "target_lang": conv.options.get("target_lang"),
+        "transformers": family, "transformers_unmet": unmet,
+    }
+    config = hf.hf_config(family, cfg, {"langs": langs}) if family else {"model_type": "fairport"}
+    config["torch_dtype"] = str(torch_dtype).replace("torch.", "")
+    config["fairport"] = fairport_meta
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    files.append("config.json")
+
+    provenance = {
+        "fairport_version": __version__,
+        "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"checkpoint": str(sources.checkpoint), "sha256": sha256(sources.checkpoint),
+                   "bytes": sources.checkpoint.stat().st_size},
+        "inputs": {k: str(getattr(sources, k)) for k in ("src_dict", "tgt_dict", "encoder_json", "vocab_bpe",
+                                                         "bpecodes") if getattr(sources, k)},
+        "dtype": config["torch_dtype"], "arch": cfg.arch, "task": conv.options.get("task"),
+        "dropped": conv.dropped, "notes": conv.notes,
+        "files": {f: sha256(out / f) for f in sorted(files)},
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    return {"family": family, "unmet": unmet, "files": files + ["provenance.json"], "dtype": str(torch_dtype)}
+
+
+def convert(src: str | Path, dst: str | Path, *, force: bool = False, dtype: str = "auto",
+            max_shard_bytes: int = 2 << 30, generation_overrides: dict | None = None, **source_overrides) -> dict:
+    """Convert SRC (checkpoint file or release folder) into the model folder DST, atomically."""
+    dst = Path(dst)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise FairportError(f"--dtype must be auto or one of {sorted(DTYPES)}, not {dtype!r}")
+    if dst.exists() and not force:
+        raise FairportError(f"{dst} already exists (use --force to replace it)")
+    sources = find_sources(src, **source_overrides)
+    state = load_checkpoint(sources.checkpoint)
+    conv = convert_state(state, sources)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".fairport-tmp", dir=dst.parent))
+    try:
+        result = write_folder(conv, sources, tmp, dtype, max_shard_bytes, generation_overrides)
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.fairport-old")
+            shutil.rmtree(old, ignore_errors=True)
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result["config"] = conv.config
+    result["dst"] = str(dst)
+    return result

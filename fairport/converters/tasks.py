@@ -1,0 +1,68 @@
+"""How each fairseq task builds its dictionaries, as data.
+
+`files`: the dictionary file names beside the checkpoint, for the source and the target side
+(`{src}`/`{tgt}` are the task's language codes). `adds`: symbols the task appends after loading, in order;
+`[{lang}]` repeats for each of the task's languages. `lang_tokens_if`: an option that must be true for the
+language tokens to be added (None: always).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fairport.converters.dictionary import Dictionary
+from fairport.errors import FairportError
+
+
+@dataclass(frozen=True)
+class TaskDicts:
+    files: tuple[str, str]
+    adds: tuple[str, ...] = ()
+    lang_tokens_if: str | None = None
+
+
+TASKS: dict[str, TaskDicts] = {
+    "translation": TaskDicts(("dict.{src}.txt", "dict.{tgt}.txt")),
+    "denoising": TaskDicts(("dict.txt", "dict.txt"), ("<mask>",)),
+    "multilingual_denoising": TaskDicts(("dict.txt", "dict.txt"), ("[{lang}]", "<mask>"), "add_lang_token"),
+    "translation_from_pretrained_bart": TaskDicts(("dict.{src}.txt", "dict.{tgt}.txt"), ("[{lang}]", "<mask>")),
+    "sentence_prediction": TaskDicts(("dict.txt", "dict.txt"), ("<mask>",)),
+}
+
+
+def task_langs(options: dict) -> list[str]:
+    langs = options.get("langs")
+    if isinstance(langs, str):
+        return [x for x in langs.split(",") if x]
+    return list(langs or [])
+
+
+def dictionary_paths(task: str, options: dict, folder: Path) -> tuple[Path, Path]:
+    if task not in TASKS:
+        raise FairportError(f"task {task!r} is not supported (fairport knows: {', '.join(sorted(TASKS))}); "
+                            f"pass the dictionaries with --src-dict/--tgt-dict and --task-additions")
+    src, tgt = options.get("source_lang"), options.get("target_lang")
+    names = [f.format(src=src, tgt=tgt) for f in TASKS[task].files]
+    if ("None" in names[0] or "None" in names[1]) and (folder / "dict.txt").exists():
+        names = ["dict.txt", "dict.txt"]
+    return folder / names[0], folder / names[1]
+
+
+def task_additions(task: str, options: dict) -> list[str]:
+    spec = TASKS.get(task, TaskDicts(("", "")))
+    adds: list[str] = []
+    for sym in spec.adds:
+        if "{lang}" in sym:
+            if spec.lang_tokens_if is None or options.get(spec.lang_tokens_if):
+                adds += [sym.format(lang=lang) for lang in task_langs(options)]
+        else:
+            adds.append(sym)
+    return adds
+
+
+def build_dictionary(path: Path, additions: list[str]) -> Dictionary:
+    d = Dictionary.load(path)
+    for sym in additions:
+        d.add_symbol(sym)
+    return d

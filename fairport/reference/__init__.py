@@ -1,0 +1,7 @@
+"""The reference encoder-decoder (fairseq transformer, BART, mBART) and its loader."""
+
+from fairport.reference.config import ModelConfig
+from fairport.reference.load import load
+from fairport.reference.model import EncoderDecoder
+
+__all__ = ["EncoderDecoder", "ModelConfig", "load"]

@@ -1,0 +1,106 @@
+"""Load a fairport model folder into the reference model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fairport.converters.weights import from_hf_names
+from fairport.errors import FairportError
+from fairport.reference.config import ModelConfig
+from fairport.reference.model import EncoderDecoder, SinusoidalPositions, sinusoidal_table
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def read_config(folder: str | Path) -> tuple[ModelConfig, dict]:
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        meta = config["fairport"]
+        return ModelConfig.from_dict(meta["model"]), meta
+    except FileNotFoundError:
+        raise FairportError(f"{folder} is not a fairport model folder (no config.json)") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise FairportError(f"{folder}/config.json is not a fairport config ({e})") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    if (folder / INDEX).exists():
+        index = json.loads((folder / INDEX).read_text())
+        return [folder / f for f in sorted(set(index["weight_map"].values()))]
+    if (folder / SINGLE).exists():
+        return [folder / SINGLE]
+    raise FairportError(f"{folder} has no model.safetensors (or {INDEX})")
+
+
+def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All stored tensors, under the names they are stored with."""
+    out = {}
+    for f in weight_files(Path(folder)):
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def reference_state_dict(folder: str | Path, naming: str, device="cpu") -> dict[str, torch.Tensor]:
+    stored = read_weights(folder, device)
+    if naming == "fairport":
+        return stored
+    return from_hf_names(naming, stored)
+
+
+def tie_weights(model: EncoderDecoder) -> None:
+    cfg = model.config
+    if cfg.share_all_embeddings:
+        model.decoder.embed_tokens = model.encoder.embed_tokens
+    if cfg.share_decoder_input_output_embed:
+        model.decoder.output_projection.weight = model.decoder.embed_tokens.weight
+
+
+def tied_names(cfg: ModelConfig) -> set[str]:
+    names = set()
+    if cfg.share_all_embeddings:
+        names.add("decoder.embed_tokens.weight")
+    if cfg.share_decoder_input_output_embed:
+        names.add("decoder.output_projection.weight")
+    return names
+
+
+def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dtype=None) -> EncoderDecoder:
+    """Reference model from a reference-named state dict, without a random init pass."""
+    with torch.device("meta"):
+        model = EncoderDecoder(cfg)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in missing if k not in tied_names(cfg)]
+    if missing or unexpected:
+        raise FairportError(f"weights do not fit the config: missing {sorted(missing)[:6]}, "
+                            f"unexpected {sorted(unexpected)[:6]}")
+    tie_weights(model)
+    for m in model.modules():
+        if isinstance(m, SinusoidalPositions):
+            m.table = sinusoidal_table(m.table.size(0), m.dim, m.pad)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    else:  # buffers follow the parameters' device
+        model = model.to(next(model.parameters()).device)
+    return model.eval()
+
+
+def load(path: str | Path, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> EncoderDecoder:
+    """`fairport.reference.load('out/bart-cnn')` -> the reference model (eval mode)."""
+    folder = Path(path)
+    cfg, meta = read_config(folder)
+    sd = reference_state_dict(folder, meta.get("weight_names", "fairport"))
+    model = build(cfg, sd, device=device, dtype=dtype)
+    model.fairport_meta = meta
+    model.folder = folder
+    return model

@@ -1,0 +1,354 @@
+"""The reference encoder-decoder: fairseq's transformer, BART and mBART in one readable file (inference).
+
+Shapes: B batch, S source length, T target length, C model width, H heads, D head width, V vocabulary.
+Tokens are fairseq dictionary ids; sources are left-padded with `pad`, as fairseq batches them.
+Parameter names follow fairseq's (upgraded) state-dict names, so the weight map stays short.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fairport.reference.config import ModelConfig
+
+
+def gelu_accurate(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+# fairseq.utils.get_activation_fn; gelu runs in fp32 as fairseq's does
+ACTIVATIONS = {
+    "relu": F.relu,
+    "relu_squared": lambda x: F.relu(x).pow(2),
+    "gelu": lambda x: F.gelu(x.float()).type_as(x),
+    "gelu_fast": gelu_accurate,
+    "gelu_accurate": gelu_accurate,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+    "swish": F.silu,
+}
+
+
+def make_positions(tokens: torch.Tensor, pad: int) -> torch.Tensor:
+    """fairseq.utils.make_positions: non-pad tokens count from pad+1; pads keep position `pad`."""
+    mask = tokens.ne(pad).int()
+    return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + pad
+
+
+def sinusoidal_table(num: int, dim: int, pad: int) -> torch.Tensor:
+    """fairseq's SinusoidalPositionalEmbedding.get_embedding (tensor2tensor layout: sin | cos)."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float) * -step)
+    angles = torch.arange(num, dtype=torch.float).unsqueeze(1) * freqs.unsqueeze(0)
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).view(num, -1)
+    if dim % 2 == 1:
+        table = torch.cat([table, torch.zeros(num, 1)], dim=1)
+    table[pad, :] = 0
+    return table
+
+
+class LearnedPositions(nn.Embedding):
+    def __init__(self, max_positions: int, dim: int, pad: int):
+        super().__init__(max_positions + pad + 1, dim, padding_idx=pad)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        return F.embedding(positions, self.weight, self.padding_idx)
+
+
+class SinusoidalPositions(nn.Module):
+    def __init__(self, max_positions: int, dim: int, pad: int):
+        super().__init__()
+        self.dim, self.pad = dim, pad
+        self.register_buffer("table", sinusoidal_table(max_positions + pad + 1, dim, pad), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.table.size(0):  # fairseq grows the table on demand, computed in fp32
+            self.table = sinusoidal_table(needed, self.dim, self.pad).to(self.table)
+        return self.table[positions]  # the buffer follows model.to(dtype), as fairseq's does
+
+
+class Attention(nn.Module):
+    """fairseq MultiheadAttention at inference: q scaled before q.k, softmax in fp32."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
+        super().__init__()
+        kv_dim = kv_dim or dim
+        self.heads, self.head_dim = heads, dim // heads
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(kv_dim, dim)
+        self.v_proj = nn.Linear(kv_dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, H, T, D)
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.k_proj(kv)), self.split(self.v_proj(kv))
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x (B, T, C); k, v (B, H, S, D); mask additive, broadcastable to (B, H, T, S)
+        B, T, C = x.shape
+        q = self.split(self.q_proj(x) * self.scaling)  # (B, H, T, D)
+        scores = q @ k.transpose(-1, -2)  # (B, H, T, S)
+        if mask is not None:
+            scores = scores + mask
+        probs = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        if mask is not None and mask.dim() == 4 and mask.size(-2) > 1:
+            probs = probs.nan_to_num(0.0)  # a query whose keys are all padding attends to nothing (fairseq/torch)
+        out = (probs @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out_proj(out)
+
+
+def residual_block(x, norm: nn.LayerNorm, pre_norm: bool, fn):
+    """x + fn(x) with the layer norm before (pre-norm) or after (post-norm) the residual sum."""
+    y = fn(norm(x) if pre_norm else x)
+    return x + y if pre_norm else norm(x + y)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C = cfg.encoder_embed_dim
+        self.pre_norm = cfg.encoder_normalize_before
+        self.self_attn = Attention(C, cfg.encoder_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(C)
+        self.fc1 = nn.Linear(C, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, C)
+        self.act = ACTIVATIONS[cfg.activation_fn]
+        self.final_layer_norm = nn.LayerNorm(C)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # (B, S, C)
+        def attend(h):
+            k, v = self.self_attn.project_kv(h)
+            return self.self_attn(h, k, v, mask)
+
+        x = residual_block(x, self.self_attn_layer_norm, self.pre_norm, attend)
+        return residual_block(x, self.final_layer_norm, self.pre_norm, self.ffn)
+
+
+class LayerCache:
+    """One decoder layer's incremental state: self-attention keys/values grow by one step per call;
+    cross-attention keys/values are computed once per source sentence."""
+
+    def __init__(self) -> None:
+        self.self_k: torch.Tensor | None = None  # (B, H, t, D)
+        self.self_v: torch.Tensor | None = None
+        self.cross_k: torch.Tensor | None = None  # (B, H, S, D)
+        self.cross_v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.self_k is not None:
+            k, v = torch.cat([self.self_k, k], dim=2), torch.cat([self.self_v, v], dim=2)
+        self.self_k, self.self_v = k, v
+        return k, v
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Beam search: keep the rows in `order` (self-attention only; cross k/v are per source)."""
+        if self.self_k is not None:
+            self.self_k = self.self_k.index_select(0, order)
+            self.self_v = self.self_v.index_select(0, order)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C = cfg.decoder_embed_dim
+        self.pre_norm = cfg.decoder_normalize_before
+        self.self_attn = Attention(C, cfg.decoder_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(C)
+        self.encoder_attn = Attention(C, cfg.decoder_heads, kv_dim=cfg.encoder_embed_dim)
+        self.encoder_attn_layer_norm = nn.LayerNorm(C)
+        self.fc1 = nn.Linear(C, cfg.decoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, C)
+        self.act = ACTIVATIONS[cfg.activation_fn]
+        self.final_layer_norm = nn.LayerNorm(C)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+    def forward(self, x, enc, enc_mask, self_mask, cache: LayerCache | None = None):
+        # x (B, T, C); enc (B, S, C); enc_mask additive (B, 1, 1, S); self_mask additive (T, T) or None
+        def self_attend(h):
+            k, v = self.self_attn.project_kv(h)
+            if cache is not None:
+                k, v = cache.append(k, v)
+            return self.self_attn(h, k, v, self_mask)
+
+        def cross_attend(h):
+            if cache is not None and cache.cross_k is not None:
+                k, v = cache.cross_k, cache.cross_v
+            else:
+                k, v = self.encoder_attn.project_kv(enc)
+                if cache is not None:
+                    cache.cross_k, cache.cross_v = k, v
+            return self.encoder_attn(h, k, v, enc_mask)
+
+        x = residual_block(x, self.self_attn_layer_norm, self.pre_norm, self_attend)
+        x = residual_block(x, self.encoder_attn_layer_norm, self.pre_norm, cross_attend)
+        return residual_block(x, self.final_layer_norm, self.pre_norm, self.ffn)
+
+
+def _positions_module(learned: bool, max_positions: int, dim: int, pad: int) -> nn.Module:
+    return (LearnedPositions if learned else SinusoidalPositions)(max_positions, dim, pad)
+
+
+@dataclass
+class EncoderOut:
+    x: torch.Tensor  # (B, S, C)
+    padding_mask: torch.Tensor  # (B, S) bool, True at pads
+
+    @property
+    def additive_mask(self) -> torch.Tensor:  # (B, 1, 1, S): 0 or -inf
+        m = torch.zeros(self.padding_mask.shape, dtype=self.x.dtype, device=self.x.device)
+        return m.masked_fill(self.padding_mask, float("-inf"))[:, None, None, :]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        C = cfg.encoder_embed_dim
+        self.pad = cfg.pad
+        self.embed_scale = cfg.encoder_embed_scale
+        self.embed_tokens = embed_tokens
+        self.embed_positions = (_positions_module(cfg.encoder_learned_pos, cfg.max_source_positions, C, cfg.pad)
+                                if cfg.positional_embeddings else None)
+        self.layernorm_embedding = nn.LayerNorm(C) if cfg.layernorm_embedding else None
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layer_norm = nn.LayerNorm(C) if cfg.encoder_final_norm else None
+
+    def embed(self, src_tokens: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, S, C)
+        x = self.embed_scale * self.embed_tokens(src_tokens)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(make_positions(src_tokens, self.pad))
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return x
+
+    def forward(self, src_tokens: torch.Tensor) -> EncoderOut:
+        padding_mask = src_tokens.eq(self.pad)  # (B, S)
+        x = self.embed(src_tokens)
+        x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))  # fairseq zeroes pad rows
+        out = EncoderOut(x, padding_mask)
+        mask = out.additive_mask if padding_mask.any() else None
+        for layer in self.layers:
+            x = layer(x, mask)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return EncoderOut(x, padding_mask)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        C = cfg.decoder_embed_dim
+        self.pad = cfg.pad
+        self.embed_scale = cfg.decoder_embed_scale
+        self.embed_tokens = embed_tokens
+        self.project_in_dim = (nn.Linear(cfg.decoder_input_embed_dim, C, bias=False)
+                               if cfg.decoder_input_embed_dim != C else None)
+        self.embed_positions = (_positions_module(cfg.decoder_learned_pos, cfg.max_target_positions, C, cfg.pad)
+                                if cfg.positional_embeddings else None)
+        self.layernorm_embedding = nn.LayerNorm(C) if cfg.layernorm_embedding else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.layer_norm = nn.LayerNorm(C) if cfg.decoder_final_norm else None
+        self.project_out_dim = (nn.Linear(C, cfg.decoder_output_dim, bias=False)
+                                if cfg.decoder_output_dim != C else None)
+        self.output_projection = nn.Linear(cfg.decoder_output_dim, cfg.tgt_vocab_size, bias=False)
+        if cfg.share_decoder_input_output_embed:
+            self.output_projection.weight = embed_tokens.weight
+
+    def features(self, prev_output_tokens: torch.Tensor, enc: EncoderOut,
+                 caches: list[LayerCache] | None = None, step: int | None = None) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, C_out) features before the output projection.
+        Incremental decoding: pass only the newest token (B, 1), its 0-based `step`, and `caches`."""
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if self.embed_positions is not None:
+            if step is None:
+                positions = make_positions(prev_output_tokens, self.pad)
+            else:  # fairseq: the step's position is pad + 1 + step (targets carry no padding)
+                positions = torch.full_like(prev_output_tokens, self.pad + 1 + step)
+            x = x + self.embed_positions(positions)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+
+        T = x.size(1)
+        self_mask = None
+        if step is None:
+            self_mask = torch.triu(torch.full((T, T), float("-inf"), dtype=x.dtype, device=x.device), 1)
+            pads = prev_output_tokens.eq(self.pad)
+            if pads.any():  # fairseq also masks padded target keys
+                self_mask = self_mask + torch.zeros(pads.shape, dtype=x.dtype, device=x.device).masked_fill(
+                    pads, float("-inf"))[:, None, None, :]
+        enc_mask = enc.additive_mask if enc.padding_mask.any() else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, enc.x, enc_mask, self_mask, caches[i] if caches is not None else None)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x
+
+    def forward(self, prev_output_tokens, enc, caches=None, step=None) -> torch.Tensor:  # (B, T, V)
+        return self.output_projection(self.features(prev_output_tokens, enc, caches, step))
+
+
+class ClassificationHead(nn.Module):
+    """BART sentence classification head: dense -> pooler activation -> out_proj."""
+
+    def __init__(self, dim: int, inner_dim: int, num_classes: int, activation: str):
+        super().__init__()
+        self.dense = nn.Linear(dim, inner_dim)
+        self.act = ACTIVATIONS[activation]
+        self.out_proj = nn.Linear(inner_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.act(self.dense(x)))
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        enc_embed = nn.Embedding(cfg.src_vocab_size, cfg.encoder_embed_dim, padding_idx=cfg.pad)
+        dec_embed = enc_embed if cfg.share_all_embeddings else nn.Embedding(
+            cfg.tgt_vocab_size, cfg.decoder_input_embed_dim, padding_idx=cfg.pad)
+        self.encoder = Encoder(cfg, enc_embed)
+        self.decoder = Decoder(cfg, dec_embed)
+        self.classification_heads = nn.ModuleDict({
+            name: ClassificationHead(cfg.encoder_embed_dim, h["inner_dim"], h["num_classes"],
+                                     cfg.pooler_activation_fn)
+            for name, h in cfg.classification_heads.items()})
+
+    def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S) left-padded source ids, (B, T) decoder input ids -> (B, T, V) logits."""
+        return self.decoder(prev_output_tokens, self.encoder(src_tokens))
+
+    def predict(self, head: str, src_tokens: torch.Tensor) -> torch.Tensor:
+        """fairseq BART hub `predict(head, tokens, return_logits=True)`: the decoder reads the source
+        shifted right (its last token first) and the head reads the state at the final </s>."""
+        if head not in self.classification_heads:
+            raise KeyError(f"no classification head {head!r}; this model has {list(self.classification_heads)}")
+        tokens = src_tokens if src_tokens.dim() == 2 else src_tokens.unsqueeze(0)
+        prev = tokens.clone()
+        last = tokens.ne(self.config.pad).sum(dim=1) - 1
+        prev[:, 0] = tokens.gather(1, last.unsqueeze(-1)).squeeze(-1)
+        prev[:, 1:] = tokens[:, :-1]
+        x = self.decoder.features(prev, self.encoder(tokens))  # (B, T, C)
+        eos = tokens.eq(self.config.eos)
+        sentence = x[eos, :].view(x.size(0), -1, x.size(-1))[:, -1, :]  # (B, C)
+        return self.classification_heads[head](sentence)

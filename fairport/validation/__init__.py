@@ -1,0 +1,1 @@
+"""Run the fairseq originals beside the port: fixtures, parity, reports."""

@@ -1,0 +1,177 @@
+"""Small fairseq checkpoints made by fairseq itself, in every checkpoint format fairport reads.
+
+Each fixture is one of fairseq's own arch presets, shrunk through the same command-line options a user
+would pass, built by fairseq's task/model code, given random weights, and saved the way fairseq saved
+checkpoints at some point in time (2019 `args` Namespace files with legacy names and the old
+serialization, `cfg` as omegaconf objects, `cfg` as plain containers, fp16 weights, ...).
+
+Run in its own process (it imports fairseq): `python -m fairport.validation.fixtures OUTDIR [NAME ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+SHRINK = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48", "--encoder-layers", "2",
+          "--encoder-attention-heads", "4", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "40",
+          "--decoder-layers", "2", "--decoder-attention-heads", "4",
+          "--max-source-positions", "64", "--max-target-positions", "64"]
+
+# name -> how to build it. dicts: "joined" | "separate" | "gpt2" (BART-style dict.txt of GPT-2 ids)
+FIXTURES: dict[str, dict] = {
+    "wmt_big_joined": dict(arch="transformer_vaswani_wmt_en_de_big", task="translation", dicts="joined",
+                           flags=SHRINK + ["--share-all-embeddings"], format="args"),
+    "wmt_separate_cfg_fp16": dict(arch="transformer_wmt_en_de", task="translation", dicts="separate",
+                                  flags=SHRINK, format="cfg", fp16=True),
+    "iwslt_legacy_2019": dict(arch="transformer_iwslt_de_en", task="translation", dicts="separate",
+                              flags=SHRINK, format="args", legacy_names=True, legacy_serialization=True,
+                              meters=True),
+    "t2t_prenorm_old_decoder": dict(arch="transformer_wmt_en_de_big_t2t", task="translation", dicts="joined",
+                                    flags=SHRINK + ["--share-decoder-input-output-embed", "--encoder-learned-pos",
+                                                    "--decoder-learned-pos", "--layernorm-embedding",
+                                                    "--activation-fn", "gelu_accurate"],
+                                    format="cfg_plain", decoder_version=None),
+    "transformer_layers_to_keep": dict(arch="transformer", task="translation", dicts="separate",
+                                       flags=SHRINK + ["--encoder-layers", "3", "--no-scale-embedding",
+                                                       "--decoder-output-dim", "24"],
+                                       format="args", keep={"encoder_layers_to_keep": "0,2", "decoder_layers_to_keep": "1"}),
+    "transformer_no_positions": dict(arch="transformer_tiny", task="translation", dicts="joined",
+                                     flags=["--no-token-positional-embeddings", "--share-all-embeddings",
+                                            "--activation-fn", "gelu"], format="cfg"),
+    "bart_base_mnli": dict(arch="bart_base", task="denoising", dicts="gpt2",
+                           flags=SHRINK, format="args", head=("mnli", 3)),
+    "mbart_cfg": dict(arch="mbart_large", task="multilingual_denoising", dicts="gpt2",
+                      flags=SHRINK + ["--langs", "en_XX,ro_RO", "--add-lang-token",
+                                           "--encoder-normalize-before", "--decoder-normalize-before"], format="cfg"),
+}
+
+
+def _write_dict(path: Path, symbols: list[str]) -> None:
+    path.write_text("".join(f"{s} {1000 - i}\n" for i, s in enumerate(symbols)), encoding="utf-8")
+
+
+def _gpt2_symbols(n: int, shared: Path | None) -> list[str]:
+    if shared and (shared / "gpt2" / "dict.txt").exists():
+        lines = (shared / "gpt2" / "dict.txt").read_text().splitlines()[:n]
+        return [ln.split(" ")[0] for ln in lines]
+    return [str(i) for i in range(n)]
+
+
+def make_data(folder: Path, spec: dict, shared: Path | None) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    if spec["dicts"] == "gpt2":
+        _write_dict(folder / "dict.txt", _gpt2_symbols(120, shared))
+        return []
+    src = [f"s{i}" for i in range(rng.randint(60, 80))] + ["shared@@", "tok@@"]
+    if spec["dicts"] == "joined":
+        _write_dict(folder / "dict.src.txt", src)
+        _write_dict(folder / "dict.tgt.txt", src)
+    else:
+        _write_dict(folder / "dict.src.txt", src)
+        _write_dict(folder / "dict.tgt.txt", [f"t{i}" for i in range(53)] + ["t@@"])
+    return ["-s", "src", "-t", "tgt"]
+
+
+def _legacy_names(sd: dict) -> dict:
+    """Rewrite a state dict with the names fairseq used in 2019: fused in_proj, layer_norms.N, embed_out."""
+    import torch
+
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"^(.*)\.(q_proj|k_proj|v_proj)\.(weight|bias)$", k)
+        if m:
+            if m.group(2) == "q_proj":
+                parts = [sd[f"{m.group(1)}.{p}.{m.group(3)}"] for p in ("q_proj", "k_proj", "v_proj")]
+                out[f"{m.group(1)}.in_proj_{m.group(3)}"] = torch.cat(parts, 0)
+            continue
+        m = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.(self_attn_layer_norm|encoder_attn_layer_norm|"
+                     r"final_layer_norm)\.(weight|bias)$", k)
+        if m:
+            order = (["self_attn_layer_norm", "final_layer_norm"] if m.group(1) == "encoder"
+                     else ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"])
+            out[f"{m.group(1)}.layers.{m.group(2)}.layer_norms.{order.index(m.group(3))}.{m.group(4)}"] = v
+            continue
+        if k == "decoder.output_projection.weight":
+            out["decoder.embed_out"] = v
+            continue
+        out[k] = v
+    return out
+
+
+def build(name: str, out_dir: Path, shared: Path | None = None) -> Path:
+    """Build fixture `name` into out_dir/name/ (checkpoint model.pt + dictionaries). Imports fairseq."""
+    import torch
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    spec = FIXTURES[name]
+    folder = out_dir / name
+    lang_flags = make_data(folder, spec, shared)
+    parser = options.get_training_parser()
+    argv = [str(folder), "--task", spec["task"], "--arch", spec["arch"], *lang_flags, *spec["flags"]]
+    args = options.parse_args_and_arch(parser, argv)
+    torch.manual_seed(sum(map(ord, name)))
+    task = tasks.setup_task(args)
+    model = task.build_model(args)
+    if spec.get("head"):
+        model.register_classification_head(spec["head"][0], num_classes=spec["head"][1])
+    with torch.no_grad():  # random weights everywhere, layer norms and biases included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    sd = model.state_dict()
+    for k, v in spec.get("keep", {}).items():
+        setattr(args, k, v)
+    if spec.get("legacy_names"):
+        sd = _legacy_names(sd)
+    if "decoder_version" in spec and spec["decoder_version"] is None:
+        sd = {k: v for k, v in sd.items() if k != "decoder.version" and not k.startswith("decoder.layer_norm.")}
+    if spec.get("fp16"):
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k: v.clone() for k, v in sd.items()}
+
+    state: dict = {
+        "model": sd,
+        "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                               "lr_scheduler_state": {"best": 3.2}, "num_updates": 10}],
+        "extra_state": {"train_iterator": {"epoch": 2, "iterations_in_epoch": 0}, "val_loss": 3.2},
+        "last_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(8)}}, "param_groups": [{"lr": 1e-3}]},
+    }
+    if spec.get("meters"):
+        from fairseq.logging import meters
+
+        avg, timer = meters.AverageMeter(), meters.StopwatchMeter()
+        avg.update(2.5, 3)
+        state["extra_state"]["train_meters"] = {"train_loss": avg, "wall": timer}
+    if spec["format"] == "args":
+        state["args"] = args
+    elif spec["format"] == "cfg":
+        state["cfg"] = convert_namespace_to_omegaconf(args)
+    else:
+        state["cfg"] = OmegaConf.to_container(convert_namespace_to_omegaconf(args))
+    path = folder / "model.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=not spec.get("legacy_serialization"))
+    (folder / "fixture.json").write_text(json.dumps({"name": name, **{k: v for k, v in spec.items()}},
+                                                    default=str, indent=2))
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("out")
+    p.add_argument("names", nargs="*", help=f"fixtures to build (default: all of {list(FIXTURES)})")
+    p.add_argument("--shared", default=os.environ.get("FAIRPORT_SHARED_DATA"))
+    a = p.parse_args(argv)
+    for name in a.names or FIXTURES:
+        print(build(name, Path(a.out), Path(a.shared) if a.shared else None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
