@@ -272,6 +272,15 @@ def _stored_tensors(conv: Converted, naming: str, dtype: torch.dtype | None) -> 
         out[name] = (t.to(dtype) if dtype is not None else t).contiguous()
     if naming in ("bart", "mbart"):
         out["final_logits_bias"] = torch.zeros(1, conv.config.tgt_vocab_size, dtype=dtype or torch.float32)
+    if naming == "fsmt":  # transformers' FSMT keeps its sinusoidal tables as weights
+        from fairport.reference.model import sinusoidal_table
+
+        c = conv.config
+        for side, n, dim in (("encoder", c.max_source_positions, c.encoder_embed_dim),
+                             ("decoder", c.max_target_positions, c.decoder_embed_dim)):
+            # kept in fp32 whatever the weights' dtype: fairseq computes them in fp32, and rounding
+            # them to fp16 here would change an fp32 run's logits
+            out[f"model.{side}.embed_positions.weight"] = sinusoidal_table(n + c.pad + 1, dim, c.pad)
     if naming == "fsmt" and not conv.config.share_all_embeddings and conv.config.share_decoder_input_output_embed:
         # transformers' FSMT cannot tie only the decoder's input and output: store the projection too
         out["model.decoder.output_projection.weight"] = out["model.decoder.embed_tokens.weight"]

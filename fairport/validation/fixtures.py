@@ -163,12 +163,53 @@ def build(name: str, out_dir: Path, shared: Path | None = None) -> Path:
     return path
 
 
+# Real architecture sizes, built by fairseq on the meta device (no memory, no weights): for shape checks.
+REAL_SIZES: dict[str, dict] = {
+    "bart.large": dict(arch="bart_large", task="denoising", dict_lines=50260, flags=[]),
+    "wmt19.en-de": dict(arch="transformer_wmt_en_de_big", task="translation", dict_lines=42020,
+                        flags=["--encoder-ffn-embed-dim", "8192", "--share-all-embeddings", "-s", "src",
+                               "-t", "tgt"]),
+}
+
+
+def real_size(name: str, out_dir: Path) -> Path:
+    """fairseq builds the model at its real size on the meta device; writes the folder's dictionaries,
+    `args.json` (the Namespace) and `shapes.json` (state-dict name -> shape, dtype)."""
+    import torch
+    from fairseq import options, tasks
+
+    spec = REAL_SIZES[name]
+    folder = out_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = [f"w{i}" for i in range(spec["dict_lines"])]
+    for f in (["dict.txt"] if spec["task"] == "denoising" else ["dict.src.txt", "dict.tgt.txt"]):
+        _write_dict(folder / f, symbols)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(folder), "--task", spec["task"], "--arch", spec["arch"],
+                                                *spec["flags"]])
+    task = tasks.setup_task(args)
+    import fairseq.models.bart.model as bart_model
+
+    bart_model.init_bert_params = lambda module: None  # BERT init copies through the CPU; shapes only here
+    with torch.device("meta"):
+        model = task.build_model(args)
+    shapes = {k: [list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()}
+    (folder / "shapes.json").write_text(json.dumps(shapes))
+    (folder / "args.json").write_text(json.dumps(vars(args), default=str))
+    return folder
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("out")
     p.add_argument("names", nargs="*", help=f"fixtures to build (default: all of {list(FIXTURES)})")
     p.add_argument("--shared", default=os.environ.get("FAIRPORT_SHARED_DATA"))
+    p.add_argument("--real-sizes", action="store_true", help=f"build {list(REAL_SIZES)} shape listings instead")
     a = p.parse_args(argv)
+    if a.real_sizes:
+        for name in a.names or REAL_SIZES:
+            print(real_size(name, Path(a.out)))
+        return
     for name in a.names or FIXTURES:
         print(build(name, Path(a.out), Path(a.shared) if a.shared else None))
 
