@@ -45,6 +45,13 @@ def _numpy_reconstruct(cls, shape, dtype):
     return np.ndarray.__new__(np.ndarray, shape, dtype)
 
 
+def _codecs_encode(text, encoding="latin1"):
+    """Protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1'); only that is allowed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refused _codecs.encode call that is not a latin1 bytes literal")
+    return text.encode("latin1")
+
+
 def _numpy_globals() -> dict:
     try:
         import numpy as np
@@ -76,6 +83,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "bool"): bool,
     ("builtins", "object"): object,
     ("argparse", "Namespace"): argparse.Namespace,
+    ("_codecs", "encode"): _codecs_encode,
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,

@@ -44,7 +44,7 @@ FIXTURES: dict[str, dict] = {
     "transformer_no_positions": dict(arch="transformer_tiny", task="translation", dicts="joined",
                                      flags=["--no-token-positional-embeddings", "--share-all-embeddings",
                                             "--activation-fn", "gelu"], format="cfg"),
-    "bart_base_mnli": dict(arch="bart_base", task="denoising", dicts="gpt2",
+    "bart_base_mnli": dict(arch="bart_base", task="denoising", dicts="gpt2", dict_lines=None,
                            flags=SHRINK, format="args", head=("mnli", 3)),
     "mbart_cfg": dict(arch="mbart_large", task="multilingual_denoising", dicts="gpt2",
                       flags=SHRINK + ["--langs", "en_XX,ro_RO", "--add-lang-token",
@@ -53,10 +53,11 @@ FIXTURES: dict[str, dict] = {
 
 
 def _write_dict(path: Path, symbols: list[str]) -> None:
-    path.write_text("".join(f"{s} {1000 - i}\n" for i, s in enumerate(symbols)), encoding="utf-8")
+    path.write_text("".join(f"{s} {max(1000 - i, 1)}\n" for i, s in enumerate(symbols)), encoding="utf-8")
 
 
-def _gpt2_symbols(n: int, shared: Path | None) -> list[str]:
+def _gpt2_symbols(n: int | None, shared: Path | None) -> list[str]:
+    """The first n lines of fairseq's GPT-2 dict.txt (all of it: n=None), or GPT-2 ids 0..n-1 without it."""
     if shared and (shared / "gpt2" / "dict.txt").exists():
         lines = (shared / "gpt2" / "dict.txt").read_text().splitlines()[:n]
         return [ln.split(" ")[0] for ln in lines]
@@ -67,7 +68,7 @@ def make_data(folder: Path, spec: dict, shared: Path | None) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     if spec["dicts"] == "gpt2":
-        _write_dict(folder / "dict.txt", _gpt2_symbols(120, shared))
+        _write_dict(folder / "dict.txt", _gpt2_symbols(spec.get("dict_lines", 120), shared))
         return []
     src = [f"s{i}" for i in range(rng.randint(60, 80))] + ["shared@@", "tok@@"]
     if spec["dicts"] == "joined":

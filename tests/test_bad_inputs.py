@@ -1,0 +1,156 @@
+"""Every bad input: one clear error line, a non-zero exit, and nothing left at DST."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, needs_fairseq
+from fairport.converters.checkpoint import load_checkpoint
+from fairport.errors import FairportError
+
+
+def fairport(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fairport.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, dst: Path, *words: str) -> None:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fairport: error:"), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not dst.exists()
+    assert not [p for p in dst.parent.iterdir() if "fairport-tmp" in p.name], "temporary folder left behind"
+
+
+class Boom:
+    """A pickle payload that would create a file if anything ran it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil" / "model.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": {"x": torch.zeros(1)}, "args": argparse.Namespace(arch="transformer"),
+                "extra_state": Boom(marker)}, ckpt)
+    with pytest.raises(FairportError, match=r"posix\.system|os\.system"):
+        load_checkpoint(ckpt)
+    dst = tmp_path / "out"
+    assert_clean_failure(fairport("convert", ckpt, dst), dst, "refusing to load", "system")
+    assert not marker.exists(), "code from the pickle ran"
+
+
+def test_legacy_serialization_pickle_is_restricted_too(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": {}, "x": Boom(marker)}, ckpt, _use_new_zipfile_serialization=False)
+    with pytest.raises(FairportError, match="refusing to load"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+
+
+def test_text_file_named_model_pt(tmp_path):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_text("this is not a checkpoint\n")
+    dst = tmp_path / "out"
+    assert_clean_failure(fairport("convert", ckpt, dst), dst, "not a PyTorch checkpoint")
+
+
+@needs_fairseq
+@pytest.mark.parametrize("name", ["wmt_big_joined", "iwslt_legacy_2019"])
+def test_truncated_checkpoint(name, fixtures_dir, tmp_path):
+    data = (fixtures_dir / name / "model.pt").read_bytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in (fixtures_dir / name).glob("dict*.txt"):
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "model.pt").write_bytes(data[: len(data) // 2])
+    dst = tmp_path / "out"
+    assert_clean_failure(fairport("convert", src, dst), dst, "truncated or corrupt")
+
+
+@needs_fairseq
+def test_dictionary_does_not_match_embeddings(fixtures_dir, tmp_path):
+    wrong = tmp_path / "dict.wrong.txt"
+    wrong.write_text("".join(f"x{i} 1\n" for i in range(10)))
+    dst = tmp_path / "out"
+    proc = fairport("convert", fixtures_dir / "wmt_separate_cfg_fp16", dst, "--src-dict", wrong)
+    assert_clean_failure(proc, dst, "dict.wrong.txt", "14 symbols", "78 rows")
+
+
+@needs_fairseq
+def test_all_unsupported_options_reported_at_once(fixtures_dir, tmp_path):
+    state = torch.load(fixtures_dir / "wmt_big_joined" / "model.pt", weights_only=False)
+    state["args"].adaptive_softmax_cutoff = "10,20"
+    state["args"].cross_self_attention = True
+    state["args"].activation_fn = "mystery"
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in (fixtures_dir / "wmt_big_joined").glob("dict*.txt"):
+        (src / f.name).write_bytes(f.read_bytes())
+    torch.save(state, src / "model.pt")
+    dst = tmp_path / "out"
+    assert_clean_failure(fairport("convert", src, dst), dst, "adaptive_softmax_cutoff", "cross_self_attention",
+                         "activation_fn")
+
+
+@needs_fairseq
+def test_unknown_architecture(fixtures_dir, tmp_path):
+    state = torch.load(fixtures_dir / "wmt_big_joined" / "model.pt", weights_only=False)
+    state["args"].arch = "lightconv_iwslt_de_en"
+    ckpt = tmp_path / "model.pt"
+    torch.save(state, ckpt)
+    dst = tmp_path / "out"
+    assert_clean_failure(fairport("convert", ckpt, dst), dst, "lightconv_iwslt_de_en", "not supported")
+
+
+@needs_fairseq
+def test_dst_exists_is_refused_then_force_replaces(fixtures_dir, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("user data")
+    proc = fairport("convert", fixtures_dir / "wmt_big_joined", dst)
+    assert proc.returncode != 0 and "already exists" in proc.stderr and (dst / "keep.txt").exists()
+    proc = fairport("convert", fixtures_dir / "wmt_big_joined", dst, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (dst / "config.json").exists() and not (dst / "keep.txt").exists()
+
+
+def test_missing_source(tmp_path):
+    dst = tmp_path / "out"
+    assert_clean_failure(fairport("convert", tmp_path / "nope", dst), dst, "not found")
+
+
+def test_plain_pickle_without_model_is_refused(tmp_path):
+    ckpt = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(2)}, ckpt)
+    dst = tmp_path / "out"
+    assert_clean_failure(fairport("convert", ckpt, dst), dst, "not a fairseq checkpoint")
+
+
+def test_restricted_unpickler_allows_plain_data():
+    """The allowlist still reads what fairseq writes: OrderedDicts, Namespaces, tensors, numpy scalars."""
+    import io
+
+    import numpy as np
+
+    from fairport.converters.checkpoint import RestrictedUnpickler
+
+    data = {"a": argparse.Namespace(x=1), "n": np.float64(2.5), "s": {1, 2}}
+    out = RestrictedUnpickler(io.BytesIO(pickle.dumps(data, protocol=2))).load()
+    assert out["a"].x == 1 and out["n"] == 2.5 and out["s"] == {1, 2}

@@ -1,0 +1,106 @@
+"""The output folder: sharding, dtypes, provenance, generation config, tokenizer files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared
+from fairport.converters.convert import convert, sha256
+from fairport.reference import load
+from fairport.validation.inputs import random_batch
+
+
+def logits(folder, seed=0):
+    m = load(folder, dtype=torch.float32)
+    b = random_batch(m.config.src_vocab_size, m.config.tgt_vocab_size, seed=seed)
+    with torch.no_grad():
+        return m(b["src_tokens"], b["prev_output_tokens"])
+
+
+@needs_fairseq
+def test_sharded_folder_loads_the_same(fixtures_dir, converted, tmp_path):
+    dst = tmp_path / "sharded"
+    convert(fixtures_dir / "wmt_big_joined", dst, max_shard_bytes=40_000)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (dst / "model.safetensors").exists()
+    assert torch.equal(logits(dst), logits(converted("wmt_big_joined")))
+
+
+@needs_fairseq
+def test_tied_tensors_are_stored_once(converted):
+    folder = converted("bart_base_mnli")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.shared.weight" in names
+    assert not {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"} & names
+    m = load(folder)
+    assert m.decoder.output_projection.weight is m.encoder.embed_tokens.weight
+
+
+@needs_fairseq
+@pytest.mark.parametrize("name,dtype,want", [("wmt_separate_cfg_fp16", "auto", torch.float16),
+                                             ("wmt_big_joined", "bfloat16", torch.bfloat16),
+                                             ("wmt_separate_cfg_fp16", "float32", torch.float32)])
+def test_dtype_option(name, dtype, want, fixtures_dir, tmp_path):
+    dst = tmp_path / "out"
+    convert(fixtures_dir / name, dst, dtype=dtype)
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        t = f.get_tensor("model.encoder.embed_tokens.weight")
+    assert t.dtype == want
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == str(want).replace("torch.", "")
+
+
+@needs_fairseq
+def test_provenance_records_source_and_files(fixtures_dir, converted):
+    folder = converted("iwslt_legacy_2019")
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert prov["source"]["sha256"] == sha256(fixtures_dir / "iwslt_legacy_2019" / "model.pt")
+    for f, digest in prov["files"].items():
+        assert sha256(folder / f) == digest, f
+    assert any("version" in k for k in prov["dropped"]), prov["dropped"]
+    assert prov["fairport_version"]
+
+
+@needs_fairseq
+def test_generation_config_has_fairseq_defaults_and_overrides(fixtures_dir, tmp_path):
+    dst = tmp_path / "out"
+    convert(fixtures_dir / "wmt_big_joined", dst, generation_overrides={"beam": 4, "lenpen": 0.6})
+    gen = json.loads((dst / "generation_config.json").read_text())
+    assert gen["fairseq"]["beam"] == 4 and gen["num_beams"] == 4
+    assert gen["fairseq"]["lenpen"] == 0.6 and gen["length_penalty"] == 0.6
+    assert gen["fairseq"]["max_len_b"] == 200 and gen["decoder_start_token_id"] == 2
+
+
+@needs_fairseq
+def test_layers_to_keep_and_version_markers(converted):
+    c = load(converted("transformer_layers_to_keep")).config
+    assert c.encoder_layers == 2 and c.decoder_layers == 1  # pruned as fairseq prunes at load
+    c = load(converted("t2t_prenorm_old_decoder")).config
+    assert c.encoder_final_norm and not c.decoder_final_norm  # decoder version <= 2: no final norm
+
+
+@needs_fairseq
+@needs_shared
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers not installed")
+def test_bart_tokenizer_from_folder_gives_fairseq_ids(converted, fixtures_dir):
+    """transformers' BartTokenizer on the folder's vocab.json/merges.txt = fairseq's GPT-2 BPE + dict."""
+    from fairseq.data import Dictionary as FairseqDictionary
+    from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
+    from transformers import AutoTokenizer
+
+    folder = converted("bart_base_mnli")
+    tok = AutoTokenizer.from_pretrained(folder)
+    files = gpt2_files("bart_base_mnli")
+    bpe = get_encoder(str(files["encoder_json"]), str(files["vocab_bpe"]))
+    d = FairseqDictionary.load(str(fixtures_dir / "bart_base_mnli" / "dict.txt"))
+    d.add_symbol("<mask>")
+    sentences = (SHARED / "text" / "en.txt").read_text().splitlines()[:300]
+    for s in sentences:
+        ids = " ".join(map(str, bpe.encode(s)))
+        want = d.encode_line("<s> " + ids + " </s>", append_eos=False, add_if_not_exist=False).long().tolist()
+        assert tok(s)["input_ids"] == want, s
