@@ -61,7 +61,7 @@ def _gpt2_symbols(n: int | None, shared: Path | None) -> list[str]:
     if shared and (shared / "gpt2" / "dict.txt").exists():
         lines = (shared / "gpt2" / "dict.txt").read_text().splitlines()[:n]
         return [ln.split(" ")[0] for ln in lines]
-    return [str(i) for i in range(n)]
+    return [str(i) for i in range(n or 1000)]
 
 
 def make_data(folder: Path, spec: dict, shared: Path | None) -> list[str]:
