@@ -97,16 +97,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         # x (B, T, C); k, v (B, H, S, D); mask additive, broadcastable to (B, H, T, S)
+        # k/v may have fewer rows than x: then each k/v row serves G consecutive query rows (the beams
+        # of one sentence share its cross-attention keys/values; they are never copied per beam)
         B, T, C = x.shape
+        Bk, H, D = k.size(0), self.heads, self.head_dim
+        G = B // Bk
         q = self.split(self.q_proj(x) * self.scaling)  # (B, H, T, D)
-        scores = q @ k.transpose(-1, -2)  # (B, H, T, S)
+        if G > 1:
+            q = q.view(Bk, G, H, T, D).transpose(1, 2).reshape(Bk, H, G * T, D)
+        scores = q @ k.transpose(-1, -2)  # (Bk, H, G*T, S)
         if mask is not None:
             scores = scores + mask
         probs = torch.softmax(scores.float(), dim=-1).type_as(scores)
         if mask is not None and mask.dim() == 4 and mask.size(-2) > 1:
             probs = probs.nan_to_num(0.0)  # a query whose keys are all padding attends to nothing (fairseq/torch)
-        out = (probs @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.out_proj(out)
+        out = probs @ v  # (Bk, H, G*T, D)
+        if G > 1:
+            out = out.view(Bk, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
 def residual_block(x, norm: nn.LayerNorm, pre_norm: bool, fn):

@@ -66,6 +66,64 @@ def _predict(model, cfg, task, inputs, head: str) -> torch.Tensor:
         return hub.predict(head, inputs["src_tokens"], return_logits=True)
 
 
+def _generate(models, task, inputs, req: dict) -> dict[str, torch.Tensor]:
+    """fairseq's SequenceGenerator with the request's options; hypotheses flattened into tensors."""
+    from fairseq import search
+    from fairseq.sequence_generator import SequenceGenerator
+
+    o = req["options"]
+    tgt_dict = task.target_dictionary
+    strategy = (search.Sampling(tgt_dict, o.get("sampling_topk", -1), o.get("sampling_topp", -1.0))
+                if o.get("sampling") else None)
+    gen = SequenceGenerator(
+        models, tgt_dict, beam_size=o.get("beam", 5), max_len_a=o.get("max_len_a", 0),
+        max_len_b=o.get("max_len_b", 200), min_len=o.get("min_len", 1), len_penalty=o.get("lenpen", 1.0),
+        unk_penalty=o.get("unkpen", 0.0), temperature=o.get("temperature", 1.0),
+        match_source_len=o.get("match_source_len", False), no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0),
+        search_strategy=strategy)
+    if req.get("fixed_ngram_blocking"):
+        _fix_ngram_blocking()
+    src = inputs["src_tokens"]
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(tgt_dict.pad()).sum(1)}}
+    prefix = inputs.get("prefix_tokens") if req.get("prefix") else None
+    if "seed" in req:
+        torch.manual_seed(req["seed"])
+    with torch.no_grad():
+        hypos = gen.generate(models, sample, prefix_tokens=prefix)
+    out = {}
+    for i, hs in enumerate(hypos):
+        for j, h in enumerate(hs):
+            out[f"{i}/{j}/tokens"] = h["tokens"]
+            out[f"{i}/{j}/score"] = h["score"].reshape(1)
+            out[f"{i}/{j}/positional_scores"] = h["positional_scores"]
+    return out
+
+
+def _fix_ngram_blocking() -> None:
+    """fairseq 0.12's Python n-gram blocker compares the padded tail of the whole token buffer, so it never
+    blocks. Passing it only the tokens generated so far gives the blocking of fairseq 0.10.2 and of its
+    CUDA kernel, which fairseq's published results used."""
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    original = NGramRepeatBlock._no_repeat_ngram
+
+    def fixed(self, tokens, lprobs, bsz, beam_size, step):
+        return original(self, tokens[:, : step + 1], lprobs, bsz, beam_size, step)
+
+    NGramRepeatBlock._no_repeat_ngram = fixed
+
+
+def unpack_hypotheses(out: dict[str, torch.Tensor], key: str = "") -> list[list[dict]]:
+    """The inverse of the flattening in `_generate`."""
+    result: dict[int, dict[int, dict]] = {}
+    for k, v in out.items():
+        if key and not k.startswith(key + ":"):
+            continue
+        i, j, field = k.split(":", 1)[-1].split("/")
+        result.setdefault(int(i), {}).setdefault(int(j), {})[field] = v.squeeze(0) if field == "score" else v
+    return [[result[i][j] for j in sorted(result[i])] for i in sorted(result)]
+
+
 def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     inputs = torch.load(job["inputs"], weights_only=True)
@@ -74,6 +132,8 @@ def main(job_path: str) -> None:
     for req in job["requests"]:
         if req["kind"] == "logits":
             out["logits"] = _logits(models[0], inputs)
+        elif req["kind"] == "generate":
+            out.update({f"{req['key']}:{k}": v for k, v in _generate(models, task, inputs, req).items()})
         elif req["kind"] == "predict":
             out[f"predict.{req['head']}"] = _predict(models[0], cfg, task, inputs, req["head"])
         else:
