@@ -69,3 +69,13 @@ def converted(fixtures_dir, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    """A small translation model trained by fairseq-train (two checkpoints of one run)."""
+    if not HAVE_FAIRSEQ:
+        pytest.skip("fairseq (the original) is not installed")
+    out = tmp_path_factory.mktemp("fairseq-trained")
+    run_fixture_builder(out, "--trained")
+    return out / "trained_reverse"

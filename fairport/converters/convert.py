@@ -378,21 +378,50 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
     return {"family": family, "unmet": unmet, "files": files + ["provenance.json"], "dtype": str(torch_dtype)}
 
 
+def ensemble_members(src: str | Path) -> list[Path]:
+    """fairseq's `a.pt:b.pt` syntax, or a folder of model1.pt, model2.pt, ... (no model.pt): the members."""
+    text = str(src)
+    if ":" in text and not Path(text).exists():
+        return [Path(p) for p in text.split(":") if p]
+    folder = Path(text)
+    if folder.is_dir() and not any((folder / n).is_file() for n in CHECKPOINT_NAMES):
+        pts = sorted(folder.glob("*.pt"))
+        if len(pts) > 1:
+            return pts
+    return [folder]
+
+
 def convert(src: str | Path, dst: str | Path, *, force: bool = False, dtype: str = "auto",
             max_shard_bytes: int = 2 << 30, generation_overrides: dict | None = None, **source_overrides) -> dict:
-    """Convert SRC (checkpoint file or release folder) into the model folder DST, atomically."""
+    """Convert SRC (checkpoint file, release folder, or an ensemble: `a.pt:b.pt` / a folder of model*.pt)
+    into the model folder DST, atomically. Ensemble members after the first go to DST/ensemble/model{N}/."""
     dst = Path(dst)
     if dtype != "auto" and dtype not in DTYPES:
         raise FairportError(f"--dtype must be auto or one of {sorted(DTYPES)}, not {dtype!r}")
     if dst.exists() and not force:
         raise FairportError(f"{dst} already exists (use --force to replace it)")
-    sources = find_sources(src, **source_overrides)
-    state = load_checkpoint(sources.checkpoint)
-    conv = convert_state(state, sources)
+    members = []
+    for i, path in enumerate(ensemble_members(src)):
+        sources = find_sources(path, **source_overrides)
+        conv = convert_state(load_checkpoint(sources.checkpoint), sources)
+        if members and (conv.src_dict.symbols != members[0][1].src_dict.symbols
+                        or conv.tgt_dict.symbols != members[0][1].tgt_dict.symbols):
+            raise FairportError(f"ensemble member {sources.checkpoint} does not share the first member's "
+                                f"dictionaries")
+        members.append((sources, conv))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".fairport-tmp", dir=dst.parent))
     try:
-        result = write_folder(conv, sources, tmp, dtype, max_shard_bytes, generation_overrides)
+        result = write_folder(members[0][1], members[0][0], tmp, dtype, max_shard_bytes, generation_overrides)
+        for n, (sources, conv) in enumerate(members[1:], start=2):
+            sub = tmp / "ensemble" / f"model{n}"
+            sub.mkdir(parents=True)
+            write_folder(conv, sources, sub, dtype, max_shard_bytes, generation_overrides)
+        if len(members) > 1:
+            config = json.loads((tmp / "config.json").read_text())
+            config["fairport"]["ensemble"] = [f"ensemble/model{n}" for n in range(2, len(members) + 1)]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            _refresh_provenance(tmp)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.fairport-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -404,6 +433,15 @@ def convert(src: str | Path, dst: str | Path, *, force: bool = False, dtype: str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    result["config"] = conv.config
+    result["config"] = members[0][1].config
     result["dst"] = str(dst)
+    result["members"] = len(members)
     return result
+
+
+def _refresh_provenance(folder: Path) -> None:
+    prov = json.loads((folder / "provenance.json").read_text())
+    prov["files"]["config.json"] = sha256(folder / "config.json")
+    members = sorted((folder / "ensemble").iterdir())
+    prov["ensemble"] = [json.loads((m / "provenance.json").read_text())["source"] for m in members]
+    (folder / "provenance.json").write_text(json.dumps(prov, indent=2))

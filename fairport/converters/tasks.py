@@ -43,10 +43,25 @@ def dictionary_paths(task: str, options: dict, folder: Path) -> tuple[Path, Path
         raise FairportError(f"task {task!r} is not supported (fairport knows: {', '.join(sorted(TASKS))}); "
                             f"pass the dictionaries with --src-dict/--tgt-dict and --task-additions")
     src, tgt = options.get("source_lang"), options.get("target_lang")
+    if "{src}" in TASKS[task].files[0] and (src is None or tgt is None):
+        src, tgt = infer_language_pair(folder)
+        if src is None:
+            if (folder / "dict.txt").exists():
+                return folder / "dict.txt", folder / "dict.txt"
+            raise FairportError(f"the checkpoint does not name its languages and {folder} does not show them; "
+                                f"pass --src-dict and --tgt-dict")
     names = [f.format(src=src, tgt=tgt) for f in TASKS[task].files]
-    if ("None" in names[0] or "None" in names[1]) and (folder / "dict.txt").exists():
-        names = ["dict.txt", "dict.txt"]
     return folder / names[0], folder / names[1]
+
+
+def infer_language_pair(folder: Path) -> tuple[str | None, str | None]:
+    """fairseq data_utils.infer_language_pair: from binarized file names such as train.de-en.de.bin."""
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        parts = p.name.split(".")
+        if len(parts) >= 3 and len(parts[1].split("-")) == 2:
+            src, tgt = parts[1].split("-")
+            return src, tgt
+    return None, None
 
 
 def task_additions(task: str, options: dict) -> list[str]:

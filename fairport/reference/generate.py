@@ -179,6 +179,8 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
              opts: GenerationOptions | None = None, **kwargs) -> list[list[dict]]:
     """Generate for each source row (left-padded ids). Returns, per sentence, hypotheses best first:
     {"tokens" (ending in EOS, no start token), "score", "positional_scores"} as fairseq returns them."""
+    if isinstance(models, Ensemble):
+        models = list(models.members)
     models = models if isinstance(models, list) else [models]
     opts = opts or GenerationOptions(**kwargs)
     cfg = models[0].config
@@ -296,6 +298,27 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
         order = torch.sort(torch.tensor([float(h["score"].item()) for h in finalized[sent]]), descending=True)[1]
         finalized[sent] = [finalized[sent][i] for i in order]
     return finalized
+
+
+class Ensemble(torch.nn.Module):
+    """Models that share dictionaries, decoded together as fairseq's EnsembleModel does."""
+
+    def __init__(self, models: list[EncoderDecoder]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+        self.config = models[0].config
+        self.fairport_meta = getattr(models[0], "fairport_meta", {})
+        self.folder = getattr(models[0], "folder", None)
+
+    def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) log of the members' mean probabilities (what the ensemble scores tokens with)."""
+        lps = [torch.log_softmax(m(src_tokens, prev_output_tokens).float(), dim=-1) for m in self.members]
+        return torch.logsumexp(torch.stack(lps), dim=0) - math.log(len(lps))
+
+    def generate(self, src_tokens: torch.Tensor, seed: int | None = None, **opts) -> list[list[dict]]:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return generate(list(self.members), src_tokens, **opts)
 
 
 def _finalize(step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, beam, src_lengths, max_len,

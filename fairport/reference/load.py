@@ -94,13 +94,23 @@ def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dt
     return model.eval()
 
 
-def load(path: str | Path, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None) -> EncoderDecoder:
-    """`fairport.reference.load('out/bart-cnn')` -> the reference model (eval mode)."""
-    folder = Path(path)
+def load_one(folder: Path, device=None, dtype=None) -> EncoderDecoder:
     cfg, meta = read_config(folder)
-    sd = reference_state_dict(folder, meta.get("weight_names", "fairport"))
-    model = build(cfg, sd, device=device, dtype=dtype)
+    model = build(cfg, reference_state_dict(folder, meta.get("weight_names", "fairport")), device=device,
+                  dtype=dtype)
     model.fairport_meta = meta
     model.folder = folder
     return model
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """`fairport.reference.load('out/bart-cnn')` -> the reference model (eval mode). A folder converted from
+    an ensemble gives an `Ensemble` of its members, which generates as fairseq's EnsembleModel does."""
+    from fairport.reference.generate import Ensemble
+
+    folder = Path(path)
+    model = load_one(folder, device, dtype)
+    extra = model.fairport_meta.get("ensemble") or []
+    if not extra:
+        return model
+    return Ensemble([model] + [load_one(folder / sub, device, dtype) for sub in extra])

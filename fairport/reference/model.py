@@ -346,6 +346,16 @@ class EncoderDecoder(nn.Module):
         """(B, S) left-padded source ids, (B, T) decoder input ids -> (B, T, V) logits."""
         return self.decoder(prev_output_tokens, self.encoder(src_tokens))
 
+    def generate(self, src_tokens: torch.Tensor, seed: int | None = None, **opts) -> list[list[dict]]:
+        """fairseq SequenceGenerator with fairseq's option names (see fairport.reference.generate):
+        beam, lenpen, max_len_a, max_len_b, min_len, no_repeat_ngram_size, unkpen, temperature,
+        prefix_tokens, match_source_len, sampling, sampling_topk, sampling_topp; `seed` seeds sampling."""
+        from fairport.reference.generate import generate
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        return generate(self, src_tokens, **opts)
+
     def predict(self, head: str, src_tokens: torch.Tensor) -> torch.Tensor:
         """fairseq BART hub `predict(head, tokens, return_logits=True)`: the decoder reads the source
         shifted right (its last token first) and the head reads the state at the final </s>."""

@@ -164,6 +164,69 @@ def build(name: str, out_dir: Path, shared: Path | None = None) -> Path:
     return path
 
 
+# A fixture trained briefly with fairseq-train, so hypotheses end with EOS at varied lengths: a synthetic
+# translation task (reverse the sentence and rename every word), a joined dictionary, two checkpoints of
+# the same run (an ensemble of two).
+TRAINED = dict(arch="transformer_wmt_en_de", updates=300, flags=[
+    "--encoder-embed-dim", "48", "--encoder-ffn-embed-dim", "96", "--encoder-layers", "2",
+    "--encoder-attention-heads", "4", "--decoder-embed-dim", "48", "--decoder-ffn-embed-dim", "96",
+    "--decoder-layers", "2", "--decoder-attention-heads", "4", "--share-all-embeddings",
+    "--max-source-positions", "128", "--max-target-positions", "128"])
+
+
+def _synthetic_pairs(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    src, tgt = [], []
+    for _ in range(n):
+        words = [rng.randrange(24) for _ in range(rng.randint(1, 14))]
+        src.append(" ".join(f"s{w}" for w in words))
+        tgt.append(" ".join(f"t{w % 20}" for w in reversed(words)))
+    return src, tgt
+
+
+def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
+    """fairseq-preprocess + fairseq-train (CPU, about a minute). Writes out_dir/name/{model.pt, model2.pt,
+    dict.src.txt, dict.tgt.txt, test.src, test.tgt}."""
+    import shutil
+    import subprocess
+
+    folder = out_dir / name
+    raw = folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split, n in (("train", 4000), ("valid", 100), ("test", 60)):
+        src, tgt = _synthetic_pairs(n, rng)
+        (raw / f"{split}.src").write_text("\n".join(src) + "\n")
+        (raw / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+
+    def run(args: list[str]) -> None:
+        for attempt in range(2):  # fairseq-train on CPU has been seen to abort at start-up once in a while
+            proc = subprocess.run([sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+            if proc.returncode == 0:
+                return
+            shutil.rmtree(folder / "ckpt", ignore_errors=True)
+        raise RuntimeError(f"{args[0]} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+
+    run(["fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+         "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"), "--destdir", str(folder / "bin"),
+         "--workers", "1"])
+    half = TRAINED["updates"] // 2
+    run(["fairseq_cli.train", str(folder / "bin"), "--arch", TRAINED["arch"], *TRAINED["flags"], "-s", "src", "-t", "tgt",
+         "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "60",
+         "--max-tokens", "3000", "--max-update", str(TRAINED["updates"]), "--dropout", "0.0",
+         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--seed", "1",
+         "--save-dir", str(folder / "ckpt"), "--save-interval-updates", str(half), "--no-epoch-checkpoints",
+         "--disable-validation", "--no-progress-bar", "--log-interval", "1000", "--cpu", "--num-workers", "0"])
+    shutil.copy(folder / "ckpt" / "checkpoint_last.pt", folder / "model.pt")
+    shutil.copy(next((folder / "ckpt").glob(f"checkpoint_*_{half}.pt")), folder / "model2.pt")
+    for side in ("src", "tgt"):
+        shutil.copy(folder / "bin" / f"dict.{side}.txt", folder / f"dict.{side}.txt")
+        shutil.copy(raw / f"test.{side}", folder / f"test.{side}")
+    shutil.rmtree(folder / "ckpt")
+    return folder
+
+
 # Real architecture sizes, built by fairseq on the meta device (no memory, no weights): for shape checks.
 REAL_SIZES: dict[str, dict] = {
     "bart.large": dict(arch="bart_large", task="denoising", dict_lines=50260, flags=[]),
@@ -206,7 +269,11 @@ def main(argv=None) -> None:
     p.add_argument("names", nargs="*", help=f"fixtures to build (default: all of {list(FIXTURES)})")
     p.add_argument("--shared", default=os.environ.get("FAIRPORT_SHARED_DATA"))
     p.add_argument("--real-sizes", action="store_true", help=f"build {list(REAL_SIZES)} shape listings instead")
+    p.add_argument("--trained", action="store_true", help="train the small translation fixture instead")
     a = p.parse_args(argv)
+    if a.trained:
+        print(trained(Path(a.out)))
+        return
     if a.real_sizes:
         for name in a.names or REAL_SIZES:
             print(real_size(name, Path(a.out)))
