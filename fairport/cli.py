@@ -37,6 +37,39 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from fairport.reference import load
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    model = load(a.dst, device=a.device, dtype=dtypes[a.dtype] if a.dtype else None)
+    model.tokenizer  # fail early, before reading input, when the folder has no tokenizer
+    if a.input == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            with open(a.input, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise FairportError(f"cannot read --input {a.input}: {e.strerror}") from None
+    gen = {k: v for k, v in {"beam": a.beam, "lenpen": a.lenpen, "max_len_a": a.max_len_a, "max_len_b": a.max_len_b,
+                             "min_len": a.min_len, "no_repeat_ngram_size": a.no_repeat_ngram_size,
+                             "sampling": a.sampling or None, "sampling_topk": a.sampling_topk,
+                             "sampling_topp": a.sampling_topp, "temperature": a.temperature}.items()
+           if v is not None}
+    with tqdm(total=len(lines), unit="sent", desc="generate", disable=a.quiet, file=sys.stderr) as bar:
+        outputs = model.sample(lines, batch_size=a.batch_size, seed=a.seed, progress=bar, **gen)
+    text = "".join(o + "\n" for o in outputs)
+    if a.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(a.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fairport", description="Port fairseq checkpoints to a clean PyTorch "
                                 "reference and prove the port is right.")
@@ -63,6 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-len", type=int)
     g.add_argument("--no-repeat-ngram-size", type=int)
     c.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="text in, text out with a converted folder (fairseq-exact search)")
+    g.add_argument("dst", help="a folder written by `fairport convert`")
+    g.add_argument("--input", default="-", help="one source per line (default: stdin)")
+    g.add_argument("--output", default="-", help="one output per line (default: stdout)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
+    g.add_argument("--seed", type=int, help="seed for sampling")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    o = g.add_argument_group("generation options (default: the folder's generation_config.json)")
+    o.add_argument("--beam", type=int)
+    o.add_argument("--lenpen", type=float)
+    o.add_argument("--max-len-a", type=float)
+    o.add_argument("--max-len-b", type=int)
+    o.add_argument("--min-len", type=int)
+    o.add_argument("--no-repeat-ngram-size", type=int)
+    o.add_argument("--sampling", action="store_true")
+    o.add_argument("--sampling-topk", type=int)
+    o.add_argument("--sampling-topp", type=float)
+    o.add_argument("--temperature", type=float)
+    g.set_defaults(func=cmd_generate)
     return p
 
 

@@ -44,8 +44,8 @@ def assert_same(mine, theirs):
 
 
 def source_batch(folder, n=12):
-    d = Dictionary.load(folder / "dict.src.txt")
-    lines = (folder / "test.src").read_text().splitlines()[:n]
+    d = Dictionary.load(folder / "dict.en.txt")
+    lines = (folder / "test.en").read_text().splitlines()[:n]
     return pad_batch([[d.index(w) for w in line.split()] + [d.eos] for line in lines], d.pad, left=True)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fairport.reference.hub import HubMixin
 from fairport.reference.model import EncoderDecoder, EncoderOut, LayerCache
 
 
@@ -300,7 +301,7 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
     return finalized
 
 
-class Ensemble(torch.nn.Module):
+class Ensemble(HubMixin, torch.nn.Module):
     """Models that share dictionaries, decoded together as fairseq's EnsembleModel does."""
 
     def __init__(self, models: list[EncoderDecoder]):

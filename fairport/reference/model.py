@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fairport.reference.config import ModelConfig
+from fairport.reference.hub import HubMixin
 
 
 def gelu_accurate(x: torch.Tensor) -> torch.Tensor:
@@ -328,7 +329,7 @@ class ClassificationHead(nn.Module):
         return self.out_proj(self.act(self.dense(x)))
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(HubMixin, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg

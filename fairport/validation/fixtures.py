@@ -185,7 +185,7 @@ def _synthetic_pairs(n: int, rng: random.Random) -> tuple[list[str], list[str]]:
 
 def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
     """fairseq-preprocess + fairseq-train (CPU, about a minute). Writes out_dir/name/{model.pt, model2.pt,
-    dict.src.txt, dict.tgt.txt, test.src, test.tgt}."""
+    dict.en.txt, dict.de.txt, test.en, test.de, bpecodes}."""
     import shutil
     import subprocess
 
@@ -195,8 +195,8 @@ def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
     rng = random.Random(0)
     for split, n in (("train", 4000), ("valid", 100), ("test", 60)):
         src, tgt = _synthetic_pairs(n, rng)
-        (raw / f"{split}.src").write_text("\n".join(src) + "\n")
-        (raw / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
+        (raw / f"{split}.en").write_text("\n".join(src) + "\n")
+        (raw / f"{split}.de").write_text("\n".join(tgt) + "\n")
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
 
     def run(args: list[str]) -> None:
@@ -208,11 +208,11 @@ def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
             shutil.rmtree(folder / "ckpt", ignore_errors=True)
         raise RuntimeError(f"{args[0]} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
 
-    run(["fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+    run(["fairseq_cli.preprocess", "--source-lang", "en", "--target-lang", "de", "--joined-dictionary",
          "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"), "--destdir", str(folder / "bin"),
          "--workers", "1"])
     half = TRAINED["updates"] // 2
-    run(["fairseq_cli.train", str(folder / "bin"), "--arch", TRAINED["arch"], *TRAINED["flags"], "-s", "src", "-t", "tgt",
+    run(["fairseq_cli.train", str(folder / "bin"), "--arch", TRAINED["arch"], *TRAINED["flags"], "-s", "en", "-t", "de",
          "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "60",
          "--max-tokens", "3000", "--max-update", str(TRAINED["updates"]), "--dropout", "0.0",
          "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--seed", "1",
@@ -220,9 +220,19 @@ def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
          "--disable-validation", "--no-progress-bar", "--log-interval", "1000", "--cpu", "--num-workers", "0"])
     shutil.copy(folder / "ckpt" / "checkpoint_last.pt", folder / "model.pt")
     shutil.copy(next((folder / "ckpt").glob(f"checkpoint_*_{half}.pt")), folder / "model2.pt")
-    for side in ("src", "tgt"):
+    for side in ("en", "de"):
         shutil.copy(folder / "bin" / f"dict.{side}.txt", folder / f"dict.{side}.txt")
         shutil.copy(raw / f"test.{side}", folder / f"test.{side}")
+    # fastBPE codes that rebuild every word from its characters (right to left), so the release-style
+    # text pipeline (Moses + fastBPE) round-trips this vocabulary
+    merges: list[str] = []
+    for word in sorted({w for f in ("train.en", "train.de") for w in (raw / f).read_text().split()}):
+        suffix = word[-1] + "</w>"
+        for ch in reversed(word[:-1]):
+            if f"{ch} {suffix}" not in merges:
+                merges.append(f"{ch} {suffix}")
+            suffix = ch + suffix
+    (folder / "bpecodes").write_text("".join(f"{m} {1000 - i}\n" for i, m in enumerate(merges)))
     shutil.rmtree(folder / "ckpt")
     return folder
 

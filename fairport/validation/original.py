@@ -113,6 +113,34 @@ def _fix_ngram_blocking() -> None:
     NGramRepeatBlock._no_repeat_ngram = fixed
 
 
+def _hub(job: dict, req: dict) -> list[str]:
+    """fairseq's own hub interface, text in and text out (tokenizer and BPE included)."""
+    folder = Path(job["data"])
+    ckpt = Path(job["checkpoints"][0])
+    if req["family"] == "bart":
+        from fairseq.models.bart import BARTModel
+
+        hub = BARTModel.from_pretrained(str(folder), checkpoint_file=str(ckpt), bpe="gpt2",
+                                        gpt2_encoder_json=req["encoder_json"], gpt2_vocab_bpe=req["vocab_bpe"])
+    else:
+        from fairseq.models.transformer import TransformerModel
+
+        hub = TransformerModel.from_pretrained(str(folder), checkpoint_file=":".join(str(Path(c).name) for c in
+                                                                                   job["checkpoints"]),
+                                               data_name_or_path=str(folder), tokenizer="moses", bpe="fastbpe",
+                                               bpe_codes=str(folder / "bpecodes"))
+    hub.eval()
+    with torch.no_grad():
+        if req.get("method") == "roundtrip":
+            return [hub.decode(hub.encode(s)) for s in req["sentences"]]
+        if req.get("method") == "encode":
+            return [hub.encode(s).tolist() for s in req["sentences"]]
+        if req.get("method") == "generate":
+            hyps = hub.generate([hub.encode(s) for s in req["sentences"]], **req.get("options", {}))
+            return [h[0]["tokens"].tolist() for h in hyps]
+        return hub.sample(req["sentences"], **req.get("options", {}))
+
+
 def unpack_hypotheses(out: dict[str, torch.Tensor], key: str = "") -> list[list[dict]]:
     """The inverse of the flattening in `_generate`."""
     result: dict[int, dict[int, dict]] = {}
@@ -127,6 +155,10 @@ def unpack_hypotheses(out: dict[str, torch.Tensor], key: str = "") -> list[list[
 def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     inputs = torch.load(job["inputs"], weights_only=True)
+    if all(r["kind"] == "hub" for r in job["requests"]):
+        out = {r["key"]: _hub(job, r) for r in job["requests"]}
+        torch.save(out, job["out"])
+        return
     models, cfg, task = _load(job)
     out = {}
     for req in job["requests"]:
@@ -134,6 +166,8 @@ def main(job_path: str) -> None:
             out["logits"] = _logits(models[0], inputs)
         elif req["kind"] == "generate":
             out.update({f"{req['key']}:{k}": v for k, v in _generate(models, task, inputs, req).items()})
+        elif req["kind"] == "hub":
+            out[req["key"]] = _hub(job, req)
         elif req["kind"] == "predict":
             out[f"predict.{req['head']}"] = _predict(models[0], cfg, task, inputs, req["head"])
         else:

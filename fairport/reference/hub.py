@@ -1,0 +1,73 @@
+"""Text in, text out on a loaded model: the verbs of fairseq's hub interface."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fairport.validation.inputs import pad_batch
+
+
+class HubMixin:
+    """`encode`, `decode`, `sample`/`translate` with the folder's tokenizer and generation defaults.
+    Needs `self.folder`, `self.config` and `self.generate(src_tokens, **opts)`."""
+
+    _tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from fairport.reference.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.folder)
+        return self._tokenizer
+
+    def encode(self, text: str) -> torch.Tensor:
+        return self.tokenizer.encode(text, max_positions=self.config.max_source_positions)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def generation_defaults(self) -> dict:
+        """The folder's generation_config.json, fairseq's names (beam, lenpen, max_len_b, ...)."""
+        from fairport.reference.generate import GenerationOptions
+
+        fields = set(GenerationOptions.__dataclass_fields__)
+        path = Path(self.folder) / "generation_config.json"
+        fairseq = json.loads(path.read_text()).get("fairseq", {}) if path.exists() else {}
+        return {k: v for k, v in fairseq.items() if k in fields}
+
+    def hub_generate(self, sentences: list[str], batch_size: int = 32, seed: int | None = None, progress=None,
+                     **gen) -> list[list[dict]]:
+        """fairseq hub `generate([encode(s) for s in sentences], **gen)`: hypotheses per sentence, in input
+        order. Batches are length-sorted as fairseq's hub builds them."""
+        opts = {**self.generation_defaults(), **gen}
+        if seed is not None:
+            torch.manual_seed(seed)
+        device = next(self.parameters()).device
+        encoded = [self.encode(s) for s in sentences]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable, ascending like fairseq
+        out: list = [None] * len(encoded)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            src = pad_batch([encoded[i].tolist() for i in idx], self.config.pad, left=True).to(device)
+            prefix = None
+            if self.tokenizer.forced_prefix is not None:
+                prefix = torch.full((len(idx), 1), self.tokenizer.forced_prefix, dtype=torch.long, device=device)
+            for i, h in zip(idx, self.generate(src, prefix_tokens=prefix, **opts)):
+                out[i] = h
+            if progress is not None:
+                progress.update(len(idx))
+        return out
+
+    def sample(self, sentences: str | list[str], batch_size: int = 32, seed: int | None = None,
+               progress=None, **gen) -> str | list[str]:
+        """Generate for raw sentences (str or list); the best hypothesis of each, decoded to text."""
+        single = isinstance(sentences, str)
+        hyps = self.hub_generate([sentences] if single else list(sentences), batch_size, seed, progress, **gen)
+        out = [self.decode(h[0]["tokens"].tolist()) for h in hyps]
+        return out[0] if single else out
+
+    translate = sample
