@@ -70,6 +70,38 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fairport.validation import report as report_writer
+    from fairport.validation.verify import VerifyOptions, verify
+
+    if a.data and a.fairseq_data:
+        raise FairportError("give --data or --fairseq-data, not both")
+    opts = VerifyOptions(
+        data=Path(a.data) if a.data else None, fairseq_data=Path(a.fairseq_data) if a.fairseq_data else None,
+        split=a.split, limit=a.limit, device=a.device, dtypes=tuple(x for x in a.dtypes.split(",") if x),
+        seed=a.seed, batch_size=a.batch_size, logits_tol=a.logits_tol, exact_match=a.exact_match,
+        gpt2_encoder_json=a.gpt2_encoder_json, gpt2_vocab_bpe=a.gpt2_vocab_bpe, bpecodes=a.bpecodes)
+    if a.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FairportError("--device cuda: no CUDA device is available here")
+    out = Path(a.out) if a.out else Path(a.dst) / "verify"
+    rep = verify(a.src, a.dst, opts)
+    report_writer.write(rep, out, a.src, a.dst)
+    print(f"report: {out / 'report.md'} (and report.json)")
+    for c in rep.checks:
+        if c.passed:
+            print(f"  pass  {c.name}")
+    failed = [c for c in rep.checks if not c.passed]
+    for c in failed:
+        print(f"  FAIL  {c.name}: {c.value} (threshold {c.threshold}) {c.detail}")
+    print("verify: PASS" if not failed else f"verify: FAIL ({len(failed)} checks failed)")
+    return 0 if not failed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fairport", description="Port fairseq checkpoints to a clean PyTorch "
                                 "reference and prove the port is right.")
@@ -118,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sampling-topp", type=float)
     o.add_argument("--temperature", type=float)
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("verify", help="parity report: the fairseq original against the port, same inputs")
+    v.add_argument("src", help="the fairseq checkpoint (file, release folder, or a.pt:b.pt ensemble)")
+    v.add_argument("dst", help="the folder written by `fairport convert`")
+    v.add_argument("--data", help="text file, one source per line (optional TAB + reference)")
+    v.add_argument("--fairseq-data", help="binarized fairseq data folder (fairseq-preprocess output)")
+    v.add_argument("--split", default="test")
+    v.add_argument("--limit", type=int, default=100, help="inputs to use (default 100)")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16,float16")
+    v.add_argument("--out", help="report folder (default: DST/verify)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--logits-tol", type=float, default=1e-4, help="fp32 logits threshold")
+    v.add_argument("--exact-match", type=float, default=1.0, help="generation exact-match threshold (0-1)")
+    v.add_argument("--gpt2-encoder-json")
+    v.add_argument("--gpt2-vocab-bpe")
+    v.add_argument("--bpecodes")
+    v.set_defaults(func=cmd_verify)
     return p
 
 

@@ -91,7 +91,7 @@ def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dt
         model = model.to(device)
     else:  # buffers follow the parameters' device
         model = model.to(next(model.parameters()).device)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def load_one(folder: Path, device=None, dtype=None) -> EncoderDecoder:

@@ -246,16 +246,23 @@ class Encoder(nn.Module):
             x = self.layernorm_embedding(x)
         return x
 
-    def forward(self, src_tokens: torch.Tensor) -> EncoderOut:
+    def forward(self, src_tokens: torch.Tensor, hiddens: dict | None = None) -> EncoderOut:
+        """`hiddens`, when given, collects every stage's output (B, S, C) by name, for `fairport verify`."""
         padding_mask = src_tokens.eq(self.pad)  # (B, S)
         x = self.embed(src_tokens)
         x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))  # fairseq zeroes pad rows
         out = EncoderOut(x, padding_mask)
         mask = out.additive_mask if padding_mask.any() else None
-        for layer in self.layers:
+        if hiddens is not None:
+            hiddens["encoder.embed"] = x
+        for i, layer in enumerate(self.layers):
             x = layer(x, mask)
+            if hiddens is not None:
+                hiddens[f"encoder.layers.{i}"] = x
         if self.layer_norm is not None:
             x = self.layer_norm(x)
+            if hiddens is not None:
+                hiddens["encoder.layer_norm"] = x
         return EncoderOut(x, padding_mask)
 
 
@@ -280,7 +287,8 @@ class Decoder(nn.Module):
             self.output_projection.weight = embed_tokens.weight
 
     def features(self, prev_output_tokens: torch.Tensor, enc: EncoderOut,
-                 caches: list[LayerCache] | None = None, step: int | None = None) -> torch.Tensor:
+                 caches: list[LayerCache] | None = None, step: int | None = None,
+                 hiddens: dict | None = None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, C_out) features before the output projection.
         Incremental decoding: pass only the newest token (B, 1), its 0-based `step`, and `caches`."""
         x = self.embed_scale * self.embed_tokens(prev_output_tokens)
@@ -304,10 +312,16 @@ class Decoder(nn.Module):
                 self_mask = self_mask + torch.zeros(pads.shape, dtype=x.dtype, device=x.device).masked_fill(
                     pads, float("-inf"))[:, None, None, :]
         enc_mask = enc.additive_mask if enc.padding_mask.any() else None
+        if hiddens is not None:
+            hiddens["decoder.embed"] = x
         for i, layer in enumerate(self.layers):
             x = layer(x, enc.x, enc_mask, self_mask, caches[i] if caches is not None else None)
+            if hiddens is not None:
+                hiddens[f"decoder.layers.{i}"] = x
         if self.layer_norm is not None:
             x = self.layer_norm(x)
+            if hiddens is not None:
+                hiddens["decoder.layer_norm"] = x
         if self.project_out_dim is not None:
             x = self.project_out_dim(x)
         return x
@@ -343,9 +357,16 @@ class EncoderDecoder(HubMixin, nn.Module):
                                      cfg.pooler_activation_fn)
             for name, h in cfg.classification_heads.items()})
 
-    def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, S) left-padded source ids, (B, T) decoder input ids -> (B, T, V) logits."""
-        return self.decoder(prev_output_tokens, self.encoder(src_tokens))
+    def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor,
+                hiddens: dict | None = None) -> torch.Tensor:
+        """(B, S) left-padded source ids, (B, T) decoder input ids -> (B, T, V) logits.
+        `hiddens` (a dict) collects each stage's output by name: encoder.embed, encoder.layers.{i},
+        encoder.layer_norm, decoder.embed, decoder.layers.{i}, decoder.layer_norm, decoder.logits."""
+        enc = self.encoder(src_tokens, hiddens)
+        logits = self.decoder.output_projection(self.decoder.features(prev_output_tokens, enc, hiddens=hiddens))
+        if hiddens is not None:
+            hiddens["decoder.logits"] = logits
+        return logits
 
     def generate(self, src_tokens: torch.Tensor, seed: int | None = None, **opts) -> list[list[dict]]:
         """fairseq SequenceGenerator with fairseq's option names (see fairport.reference.generate):

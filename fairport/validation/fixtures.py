@@ -209,7 +209,8 @@ def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
         raise RuntimeError(f"{args[0]} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
 
     run(["fairseq_cli.preprocess", "--source-lang", "en", "--target-lang", "de", "--joined-dictionary",
-         "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"), "--destdir", str(folder / "bin"),
+         "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"), "--testpref", str(raw / "test"),
+         "--destdir", str(folder / "bin"),
          "--workers", "1"])
     half = TRAINED["updates"] // 2
     run(["fairseq_cli.train", str(folder / "bin"), "--arch", TRAINED["arch"], *TRAINED["flags"], "-s", "en", "-t", "de",

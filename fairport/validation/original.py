@@ -105,6 +105,9 @@ def _fix_ngram_blocking() -> None:
     CUDA kernel, which fairseq's published results used."""
     from fairseq.ngram_repeat_block import NGramRepeatBlock
 
+    if getattr(NGramRepeatBlock, "_fairport_fixed", False):
+        return
+    NGramRepeatBlock._fairport_fixed = True
     original = NGramRepeatBlock._no_repeat_ngram
 
     def fixed(self, tokens, lprobs, bsz, beam_size, step):
@@ -128,7 +131,7 @@ def _hub(job: dict, req: dict) -> list[str]:
         hub = TransformerModel.from_pretrained(str(folder), checkpoint_file=":".join(str(Path(c).name) for c in
                                                                                    job["checkpoints"]),
                                                data_name_or_path=str(folder), tokenizer="moses", bpe="fastbpe",
-                                               bpe_codes=str(folder / "bpecodes"))
+                                               bpe_codes=req.get("bpecodes") or str(folder / "bpecodes"))
     hub.eval()
     with torch.no_grad():
         if req.get("method") == "roundtrip":
@@ -141,11 +144,75 @@ def _hub(job: dict, req: dict) -> list[str]:
         return hub.sample(req["sentences"], **req.get("options", {}))
 
 
+# fairseq's intermediate outputs, by the reference's names (see EncoderDecoder.forward(hiddens=...))
+def _hiddens(model, src, prev) -> dict[str, torch.Tensor]:
+    lengths = src.ne(model.encoder.padding_idx).sum(1)
+    enc = model.encoder(src, src_lengths=lengths, return_all_hiddens=True)
+    states = enc["encoder_states"]
+    out = {"encoder.embed": states[0]}
+    out.update({f"encoder.layers.{i}": h for i, h in enumerate(states[1:])})
+    if getattr(model.encoder, "layer_norm", None) is not None:
+        out["encoder.layer_norm"] = enc["encoder_out"][0]
+    logits, extra = model.decoder(prev, encoder_out=enc, return_all_hiddens=True)
+    inner = extra["inner_states"]
+    out["decoder.embed"] = inner[0]
+    out.update({f"decoder.layers.{i}": h for i, h in enumerate(inner[1:])})
+    if getattr(model.decoder, "layer_norm", None) is not None:
+        out["decoder.layer_norm"] = model.decoder.layer_norm(inner[-1])
+    out = {k: v.transpose(0, 1) for k, v in out.items()}  # fairseq is time-major: (T, B, C) -> (B, T, C)
+    out["decoder.logits"] = logits
+    return out
+
+
+def _verify_logits(model, inputs, req) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.no_grad():
+        for i in range(req["n"]):
+            src, prev = inputs[f"src.{i}"], inputs[f"prev.{i}"]
+            if i == req.get("hiddens_batch", -1):
+                for k, v in _hiddens(model, src, prev).items():
+                    out[f"hidden.{k}"] = v
+                out[f"logits.{i}"] = out["hidden.decoder.logits"]
+            else:
+                out[f"logits.{i}"] = model(src, src.ne(model.encoder.padding_idx).sum(1), prev)[0]
+    return out
+
+
+def _verify_generate(models, task, inputs, req) -> dict[str, torch.Tensor]:
+    """Generation over batches, timed (model already loaded and warmed up by a first batch)."""
+    import time
+
+    out: dict[str, torch.Tensor] = {}
+    seen = 0
+    total = 0.0
+    ntok = 0
+    warm = {"src_tokens": inputs["gsrc.0"][:1]}
+    if req.get("prefix"):
+        warm["prefix_tokens"] = torch.full((1, 1), task.target_dictionary.bos())
+    _generate(models, task, warm, {**req, "prefix": bool(req.get("prefix"))})  # warm-up, untimed
+    for i in range(req["n"]):
+        sub = {"src_tokens": inputs[f"gsrc.{i}"]}
+        if req.get("prefix"):
+            sub["prefix_tokens"] = torch.full((sub["src_tokens"].size(0), 1), task.target_dictionary.bos())
+        t0 = time.perf_counter()
+        res = _generate(models, task, sub, {**req, "prefix": bool(req.get("prefix"))})
+        total += time.perf_counter() - t0
+        for k, v in res.items():
+            j, rest = k.split("/", 1)
+            out[f"{req['key']}:{seen + int(j)}/{rest}"] = v
+            if rest.startswith("0/tokens"):
+                ntok += v.numel()
+        seen += sub["src_tokens"].size(0)
+    out[f"{req['key']}#seconds"] = torch.tensor(total)
+    out[f"{req['key']}#tokens"] = torch.tensor(ntok)
+    return out
+
+
 def unpack_hypotheses(out: dict[str, torch.Tensor], key: str = "") -> list[list[dict]]:
     """The inverse of the flattening in `_generate`."""
     result: dict[int, dict[int, dict]] = {}
     for k, v in out.items():
-        if key and not k.startswith(key + ":"):
+        if (key and not k.startswith(key + ":")) or "#" in k:
             continue
         i, j, field = k.split(":", 1)[-1].split("/")
         result.setdefault(int(i), {}).setdefault(int(j), {})[field] = v.squeeze(0) if field == "score" else v
@@ -166,13 +233,21 @@ def main(job_path: str) -> None:
             out["logits"] = _logits(models[0], inputs)
         elif req["kind"] == "generate":
             out.update({f"{req['key']}:{k}": v for k, v in _generate(models, task, inputs, req).items()})
+        elif req["kind"] == "verify_logits":
+            out.update(_verify_logits(models[0], inputs, req))
+        elif req["kind"] == "verify_generate":
+            out.update(_verify_generate(models, task, inputs, req))
         elif req["kind"] == "hub":
             out[req["key"]] = _hub(job, req)
         elif req["kind"] == "predict":
             out[f"predict.{req['head']}"] = _predict(models[0], cfg, task, inputs, req["head"])
         else:
             raise ValueError(f"unknown request {req}")
-    torch.save({k: v.detach().cpu().contiguous() for k, v in out.items()}, job["out"])
+    import resource
+
+    out["peak_rss_mb"] = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    torch.save({k: v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()},
+               job["out"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Inputs for `fairport verify`: a text file, a binarized fairseq data folder, or random valid ids."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fairport.errors import FairportError
+
+# fairseq/data/indexed_dataset.py: MMapIndexedDataset dtype codes
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.double,
+           8: np.uint16, 9: np.uint32, 10: np.uint64}
+_MAGIC = b"MMIDIDX\x00\x00"
+
+
+def read_mmap_dataset(prefix: Path) -> list[list[int]]:
+    """Sequences of a fairseq-preprocess `mmap` dataset (PREFIX.idx + PREFIX.bin)."""
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    if not idx.exists() or not bin_.exists():
+        raise FairportError(f"binarized data not found: {idx} / {bin_}")
+    with open(idx, "rb") as f:
+        if f.read(9) != _MAGIC:
+            raise FairportError(f"{idx} is not a fairseq mmap index (only --dataset-impl mmap is read)")
+        struct.unpack("<Q", f.read(8))
+        (code,) = struct.unpack("<B", f.read(1))
+        (n,) = struct.unpack("<Q", f.read(8))
+        offset = f.tell()
+    buf = np.memmap(idx, mode="r", order="C")
+    sizes = np.frombuffer(buf, dtype=np.int32, count=n, offset=offset)
+    pointers = np.frombuffer(buf, dtype=np.int64, count=n, offset=offset + sizes.nbytes)
+    data = np.memmap(bin_, mode="r", order="C")
+    dtype = _DTYPES[code]
+    return [np.frombuffer(data, dtype=dtype, count=int(s), offset=int(p)).astype(np.int64).tolist()
+            for s, p in zip(sizes, pointers)]
+
+
+@dataclass
+class Inputs:
+    src: list[list[int]]  # source ids, each ending in </s> (and starting with <s> for BART text)
+    refs: list[list[int]] | None = None  # reference target ids (without a start token), ending in </s>
+    src_text: list[str] | None = None
+    ref_text: list[str] | None = None
+    origin: str = "random"
+    notes: list[str] = field(default_factory=list)
+
+
+def from_text_file(path: Path, tokenizer, limit: int | None, max_positions: int) -> Inputs:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise FairportError(f"cannot read --data {path}: {e.strerror}") from None
+    lines = [ln for ln in lines if ln.strip()][: limit or None]
+    if not lines:
+        raise FairportError(f"--data {path} has no lines")
+    src_text = [ln.split("\t", 1)[0] for ln in lines]
+    ref_text = [ln.split("\t", 1)[1] for ln in lines] if all("\t" in ln for ln in lines) else None
+    src = [tokenizer.encode(s, max_positions=max_positions).tolist() for s in src_text]
+    refs = None
+    if ref_text is not None:
+        refs = []
+        for r in ref_text:
+            ids = tokenizer.encode(r, max_positions=max_positions).tolist()
+            refs.append(ids[1:] if tokenizer.forced_prefix is not None else ids)  # keep <s>? BART: drop it
+    return Inputs(src, refs, src_text, ref_text, origin=f"text file {path}")
+
+
+def from_fairseq_data(folder: Path, split: str, src_lang: str | None, tgt_lang: str | None,
+                      limit: int | None) -> Inputs:
+    folder = Path(folder)
+    if src_lang is None or tgt_lang is None:
+        from fairport.converters.tasks import infer_language_pair
+
+        src_lang, tgt_lang = infer_language_pair(folder)
+    if src_lang is None:
+        raise FairportError(f"cannot tell the language pair of {folder}")
+    base = folder / f"{split}.{src_lang}-{tgt_lang}"
+    src = read_mmap_dataset(Path(f"{base}.{src_lang}"))
+    refs = read_mmap_dataset(Path(f"{base}.{tgt_lang}")) if Path(f"{base}.{tgt_lang}.idx").exists() else None
+    if limit:
+        src = src[:limit]
+        refs = refs[:limit] if refs else None
+    return Inputs(src, refs, origin=f"fairseq data {base}.*")
+
+
+def random_inputs(src_vocab: int, tgt_vocab: int, n: int, seed: int, eos: int = 2, max_len: int = 20) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    src = []
+    for _ in range(n):
+        length = int(torch.randint(3, max_len + 1, (1,), generator=g))
+        src.append(torch.randint(4, src_vocab, (length,), generator=g).tolist() + [eos])
+    return Inputs(src, None, origin=f"{n} random valid id sequences (seed {seed})")

@@ -1,0 +1,97 @@
+"""fairport verify: a correct port passes; a port with one perturbed layer fails and the report names that
+layer; a wrong tokenizer vocabulary fails the tokenizer check; a bad source fails with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, gpt2_files, needs_fairseq, needs_shared
+from fairport.converters.convert import convert
+
+
+def run_verify(*args):
+    return subprocess.run([sys.executable, "-m", "fairport.cli", "verify", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+@pytest.fixture(scope="module")
+def trained_port(trained_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "port"
+    convert(trained_dir, out)
+    return out
+
+
+@needs_fairseq
+def test_correct_port_passes_with_full_report(trained_dir, trained_port, tmp_path):
+    proc = run_verify(trained_dir, trained_port, "--fairseq-data", trained_dir / "bin", "--limit", "24",
+                      "--dtypes", "float32,bfloat16", "--out", tmp_path / "r")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "verify: PASS"
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["schema"] == "fairport.verify/1" and rep["passed"]
+    assert rep["logits"]["reference"]["max_abs"] <= 1e-4
+    assert "transformers" in rep["logits"]  # FSMT-compatible folder: the third side ran
+    assert rep["generation"]["beam"]["exact_match"] == 1.0 and rep["generation"]["greedy"]["exact_match"] == 1.0
+    assert rep["nll"]["target"] == "references"
+    assert rep["quality"]["bleu"]["original"] == rep["quality"]["bleu"]["reference"]
+    assert [p["dtype"] for p in rep["precision"]] == ["float32", "bfloat16"]
+    assert rep["speed"]["beam"]["original"]["seconds"] > 0 and rep["speed"]["beam"]["reference"]["seconds"] > 0
+    assert rep["environment"]["known_deviations"]
+    assert (tmp_path / "r" / "layers.png").stat().st_size > 0 and (tmp_path / "r" / "speed.png").exists()
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "# fairport verify: PASS" in md and "layers.png" in md
+
+
+@needs_fairseq
+def test_perturbed_layer_fails_and_is_named(trained_dir, trained_port, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(trained_port, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    key = "model.decoder.layers.1.fc2.weight"
+    weights[key] = weights[key] + 0.05 * torch.randn(weights[key].shape, generator=torch.Generator().manual_seed(0))
+    save_file(weights, str(bad / "model.safetensors"))
+    proc = run_verify(trained_dir, bad, "--limit", "8", "--out", tmp_path / "r")
+    assert proc.returncode == 1
+    assert "FAIL" in proc.stdout.splitlines()[-1]
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["layers"]["first_divergent"] == "decoder.layers.1"
+    assert "decoder.layers.1" in proc.stdout  # named among the failing checks, listed last
+
+
+@needs_fairseq
+@needs_shared
+def test_wrong_tokenizer_vocabulary_fails_tokenizer_check(fixtures_dir, converted, tmp_path):
+    port = tmp_path / "port"
+    shutil.copytree(converted("bart_base_mnli"), port)
+    vocab = json.loads((port / "vocab.json").read_text())
+    a, b = "Ġthe", "Ġand"  # swap two frequent tokens' ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (port / "vocab.json").write_text(json.dumps(vocab))
+    data = tmp_path / "in.txt"
+    data.write_text("the cat and the dog\nbread and butter and the rest\n")
+    files = gpt2_files("bart_base_mnli")
+    proc = run_verify(fixtures_dir / "bart_base_mnli", port, "--data", data, "--out", tmp_path / "r",
+                      "--gpt2-encoder-json", files["encoder_json"], "--gpt2-vocab-bpe", files["vocab_bpe"])
+    assert proc.returncode == 1
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    tok = [c for c in rep["checks"] if c["name"].startswith("tokenizer")]
+    assert tok and not tok[0]["passed"] and tok[0]["value"] == 2
+
+
+@needs_fairseq
+def test_missing_or_truncated_source_is_a_clear_error(trained_dir, trained_port, tmp_path):
+    proc = run_verify(tmp_path / "nope.pt", trained_port)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("fairport: error:") and "not found" in proc.stderr
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((trained_dir / "model.pt").read_bytes()[:5000])
+    proc = run_verify(cut, trained_port)
+    assert proc.returncode == 1 and "truncated or corrupt" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
