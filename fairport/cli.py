@@ -102,6 +102,23 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
+def cmd_card(a: argparse.Namespace) -> int:
+    from fairport.publish import write_card
+
+    path = write_card(a.dst, a.report, a.license, repo_id=a.repo_id)
+    print(f"model card: {path}")
+    return 0
+
+
+def cmd_upload(a: argparse.Namespace) -> int:
+    from fairport.publish import upload
+
+    upload(a.dst, a.repo_id, private=a.private, revision=a.revision, commit_message=a.commit_message,
+           create_pr=a.create_pr, dry_run=a.dry_run, allow_unverified=a.allow_unverified, license=a.license,
+           report_dir=a.report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fairport", description="Port fairseq checkpoints to a clean PyTorch "
                                 "reference and prove the port is right.")
@@ -169,6 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gpt2-vocab-bpe")
     v.add_argument("--bpecodes")
     v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("card", help="write DST/README.md: a model card built from the parity report")
+    c.add_argument("dst")
+    c.add_argument("--report", help="report folder (default: DST/verify)")
+    c.add_argument("--license", help="license id for the card metadata (e.g. mit)")
+    c.add_argument("--repo-id", help="name shown in the card's usage snippets")
+    c.set_defaults(func=cmd_card)
+
+    u = sub.add_parser("upload", help="push DST, with its model card, to the Hugging Face Hub")
+    u.add_argument("dst")
+    u.add_argument("repo_id")
+    u.add_argument("--private", action="store_true")
+    u.add_argument("--revision", default="main")
+    u.add_argument("--commit-message")
+    u.add_argument("--create-pr", action="store_true")
+    u.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
+    u.add_argument("--allow-unverified", action="store_true",
+                   help="upload without a passing parity report (the card says UNVERIFIED)")
+    u.add_argument("--report", help="report folder (default: DST/verify)")
+    u.add_argument("--license")
+    u.set_defaults(func=cmd_upload)
     return p
 
 

@@ -79,3 +79,18 @@ def trained_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fairseq-trained")
     run_fixture_builder(out, "--trained")
     return out / "trained_reverse"
+
+
+@pytest.fixture(scope="session")
+def verified_port(trained_dir, tmp_path_factory) -> Path:
+    """The trained fixture converted and verified (a passing report in DST/verify)."""
+    from fairport.converters.convert import convert
+    from fairport.validation import report as report_writer
+    from fairport.validation.verify import VerifyOptions, verify
+
+    dst = tmp_path_factory.mktemp("verified") / "port"
+    convert(trained_dir, dst)
+    rep = verify(trained_dir, dst, VerifyOptions(limit=8, fairseq_data=trained_dir / "bin", progress=False))
+    report_writer.write(rep, dst / "verify", str(trained_dir), str(dst))
+    assert rep.passed
+    return dst
