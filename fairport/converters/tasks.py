@@ -51,7 +51,11 @@ def dictionary_paths(task: str, options: dict, folder: Path) -> tuple[Path, Path
             raise FairportError(f"the checkpoint does not name its languages and {folder} does not show them; "
                                 f"pass --src-dict and --tgt-dict")
     names = [f.format(src=src, tgt=tgt) for f in TASKS[task].files]
-    return folder / names[0], folder / names[1]
+    paths = (folder / names[0], folder / names[1])
+    if not (paths[0].exists() and paths[1].exists()) and (folder / "dict.txt").exists():
+        # release archives of fine-tunes (e.g. BART summarisation) ship one dict.txt for both sides
+        return folder / "dict.txt", folder / "dict.txt"
+    return paths
 
 
 def infer_language_pair(folder: Path) -> tuple[str | None, str | None]:
