@@ -119,6 +119,44 @@ def cmd_upload(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fairport.validation.bench import bench, plot
+
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    sides = [x for x in a.sides.split(",") if x]
+    unknown = set(sides) - {"reference", "fairseq", "transformers"}
+    if unknown:
+        raise FairportError(f"--sides: unknown side(s) {sorted(unknown)}")
+    workdir = Path(a.workdir)
+    result = bench(a.target, sides, ints(a.batch), ints(a.beam), [x for x in a.dtype.split(",") if x], a.steps,
+                   a.repeats, a.device, workdir, a.src_len, say=lambda m: print(f"[bench] {m}", flush=True))
+    out = Path(a.out) if a.out else workdir / f"bench-{Path(a.target).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    if "runs" not in result:
+        print(f"{result['device']}: {result['status']}")
+        return 0
+    print(f"{'config':<24}{'side':<14}{'ms/step':>9}{'sent/s':>9}{'tok/s':>9}{'vs fairseq':>11}  same output")
+    for row in result["runs"]:
+        for side, r in row["sides"].items():
+            sp = r.get("speedup_vs_fairseq_fp32")
+            print(f"{row['key']:<24}{side:<14}{r['ms_per_step']:>9.2f}{r['sentences_per_s']:>9.2f}"
+                  f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}  "
+                  f"{r.get('outputs_equal_fairseq', '-')}")
+    if result.get("batch1_bound_ms_per_step"):
+        print(f"fp32 weight-read bound at batch 1: {result['batch1_bound_ms_per_step']:.2f} ms/step")
+    if "conversion" in result:
+        c = result["conversion"]
+        print(f"conversion: {c['seconds']:.1f}s, peak RSS {c['peak_rss_mb']:.0f} MB = {c['rss_over_file']:.2f}x the "
+              f"{c['checkpoint_mb']:.0f} MB checkpoint (plain read+write: {c['plain_read_write_seconds']:.1f}s)")
+    print(f"results: {out} (+ {out.with_suffix('.png').name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fairport", description="Port fairseq checkpoints to a clean PyTorch "
                                 "reference and prove the port is right.")
@@ -207,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--report", help="report folder (default: DST/verify)")
     u.add_argument("--license")
     u.set_defaults(func=cmd_upload)
+
+    b = sub.add_parser("bench", help="time reference / fairseq / transformers on the same inputs")
+    b.add_argument("target", help="a converted folder, or a preset: bart-large-cnn, bart-base, wmt19-en-de, tiny")
+    b.add_argument("--sides", default="reference,fairseq,transformers")
+    b.add_argument("--batch", default="1,8")
+    b.add_argument("--beam", default="1,5")
+    b.add_argument("--dtype", default="float32", help="reference dtypes (fairseq is always the fp32 baseline)")
+    b.add_argument("--steps", type=int, default=40, help="decoder steps per hypothesis (min_len = max_len_b)")
+    b.add_argument("--src-len", type=int, help="source length in tokens (default: the preset's)")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--workdir", default="fairport-bench", help="where presets are built and converted")
+    b.add_argument("--out", help="results JSON (a PNG plot is written beside it)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -247,6 +247,53 @@ REAL_SIZES: dict[str, dict] = {
 }
 
 
+# Benchmark presets: fairseq's published shapes, random weights, saved as real checkpoints.
+BENCH_PRESETS: dict[str, dict] = {
+    "bart-large-cnn": dict(arch="bart_large", task="translation", dict_lines=50260, src_len=512,
+                           flags=["-s", "source", "-t", "target"],
+                           gen=dict(beam=4, lenpen=2.0, min_len=55, max_len_b=140, no_repeat_ngram_size=3)),
+    "bart-base": dict(arch="bart_base", task="translation", dict_lines=50260, src_len=256,
+                      flags=["-s", "source", "-t", "target"], gen=dict(beam=4, lenpen=1.0)),
+    "wmt19-en-de": dict(arch="transformer_wmt_en_de_big", task="translation", dict_lines=42020, src_len=32,
+                        flags=["--encoder-ffn-embed-dim", "8192", "--share-all-embeddings", "-s", "en", "-t", "de"],
+                        gen=dict(beam=5, lenpen=1.0)),
+    "tiny": dict(arch="transformer_iwslt_de_en", task="translation", dict_lines=1000, src_len=24,
+                 flags=["-s", "en", "-t", "de", "--share-all-embeddings", "--encoder-embed-dim", "64",
+                        "--encoder-ffn-embed-dim", "128", "--encoder-layers", "2", "--decoder-layers", "2",
+                        "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128",
+                        "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
+                 gen=dict(beam=4, lenpen=1.0)),
+}
+
+
+def bench_checkpoint(name: str, out_dir: Path) -> Path:
+    """fairseq builds preset `name` at its real size with random weights and saves it as model.pt with
+    `args` (as the releases did), beside its dictionaries."""
+    import torch
+    from fairseq import options, tasks
+
+    spec = BENCH_PRESETS[name]
+    folder = out_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = [f"w{i}" for i in range(spec["dict_lines"])]
+    langs = [spec["flags"][spec["flags"].index("-s") + 1], spec["flags"][spec["flags"].index("-t") + 1]]
+    for lang in langs:
+        _write_dict(folder / f"dict.{lang}.txt", symbols)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(folder), "--task", spec["task"], "--arch", spec["arch"],
+                                                *spec["flags"]])
+    torch.manual_seed(0)
+    task = tasks.setup_task(args)
+    model = task.build_model(args)
+    state = {"args": args, "model": model.state_dict(),
+             "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                                    "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+             "extra_state": {"train_iterator": {"epoch": 1}}, "last_optimizer_state": None}
+    torch.save(state, folder / "model.pt")
+    (folder / "preset.json").write_text(json.dumps(spec))
+    return folder
+
+
 def real_size(name: str, out_dir: Path) -> Path:
     """fairseq builds the model at its real size on the meta device; writes the folder's dictionaries,
     `args.json` (the Namespace) and `shapes.json` (state-dict name -> shape, dtype)."""
@@ -281,7 +328,12 @@ def main(argv=None) -> None:
     p.add_argument("--shared", default=os.environ.get("FAIRPORT_SHARED_DATA"))
     p.add_argument("--real-sizes", action="store_true", help=f"build {list(REAL_SIZES)} shape listings instead")
     p.add_argument("--trained", action="store_true", help="train the small translation fixture instead")
+    p.add_argument("--bench", action="store_true", help=f"build benchmark presets {list(BENCH_PRESETS)} instead")
     a = p.parse_args(argv)
+    if a.bench:
+        for name in a.names:
+            print(bench_checkpoint(name, Path(a.out)))
+        return
     if a.trained:
         print(trained(Path(a.out)))
         return

@@ -1,0 +1,337 @@
+"""`fairport bench DST_or_PRESET`: time the reference, fairseq and transformers on the same inputs in the
+same run, checking that the reference's outputs equal fairseq's while it is timed.
+
+Presets build fairseq models at the published shapes with random weights (fixtures.BENCH_PRESETS), convert
+them with fairport (peak RSS and wall time of the conversion recorded next to a plain read+write of the
+same bytes), then time every side. Random weights rarely emit EOS, so every hypothesis runs exactly
+`--steps` decoder steps (min_len = max_len_b = steps): equal work on each side, and ms/step is exact.
+Each side runs in its own process (peak RSS per side), with a warm-up and `--repeats` timed runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fairport.errors import FairportError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _timed(fn, repeats: int):
+    fn()  # warm-up
+    times = []
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def _summary(times: list[float], sentences: int, tokens: int, steps: int) -> dict:
+    best = min(times)
+    return {"min_s": best, "median_s": statistics.median(times), "runs": len(times),
+            "sentences_per_s": sentences / best, "tokens_per_s": tokens / best, "ms_per_step": 1000 * best / steps}
+
+
+# ---- side workers (each in its own process) -------------------------------------------------------
+
+def _reference_worker(job: dict) -> dict:
+    from fairport.reference import load
+
+    inputs = torch.load(job["inputs"], weights_only=True)
+    results = {}
+    models = {}
+    for cfg in job["configs"]:
+        dtype = cfg["dtype"]
+        if dtype not in models:
+            models[dtype] = load(job["folder"], device=job["device"], dtype=DTYPES[dtype])
+        m = models[dtype]
+        src = inputs[f"src.{cfg['batch']}"].to(job["device"])
+        hyps, times = _timed(lambda: m.generate(src, **cfg["options"]), job["repeats"])
+        toks = [h[0]["tokens"].tolist() for h in hyps]
+        results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
+    return results
+
+
+def _transformers_worker(job: dict) -> dict:
+    import transformers
+    from transformers import AutoModelForSeq2SeqLM
+
+    transformers.logging.set_verbosity_error()
+    inputs = torch.load(job["inputs"], weights_only=True)
+    results = {}
+    for cfg in job["configs"]:
+        m = AutoModelForSeq2SeqLM.from_pretrained(job["folder"], dtype=DTYPES[cfg["dtype"]]).eval().to(job["device"])
+        src = inputs[f"src.{cfg['batch']}"].to(job["device"])
+        o = cfg["options"]
+        mask = src.ne(job["pad"])
+
+        def run():
+            with torch.no_grad():
+                return m.generate(input_ids=src, attention_mask=mask, num_beams=o["beam"], do_sample=False,
+                                  min_new_tokens=o["min_len"], max_new_tokens=o["max_len_b"] + 1,
+                                  length_penalty=o.get("lenpen", 1.0), early_stopping=True,
+                                  no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0) or 0)
+
+        out, times = _timed(run, job["repeats"])
+        toks = [[t for t in row.tolist()[1:] if t != job["pad"]] for row in out]
+        results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
+    return results
+
+
+def _fairseq_worker(job: dict) -> dict:
+    from fairseq import checkpoint_utils
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from fairport.validation.original import _fix_ngram_blocking
+
+    _fix_ngram_blocking()
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([job["checkpoint"]],
+                                                                       arg_overrides={"data": job["data"]})
+    for m in models:
+        m.eval().float().to(job["device"])
+    inputs = torch.load(job["inputs"], weights_only=True)
+    results = {}
+    for cfg in job["configs"]:
+        o = cfg["options"]
+        gen = SequenceGenerator(models, task.target_dictionary, beam_size=o["beam"], max_len_a=0,
+                                max_len_b=o["max_len_b"], min_len=o["min_len"], len_penalty=o.get("lenpen", 1.0),
+                                no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0))
+        src = inputs[f"src.{cfg['batch']}"].to(job["device"])
+        sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(job["pad"]).sum(1)}}
+
+        def run():
+            with torch.no_grad():
+                return gen.generate(models, sample)
+
+        hyps, times = _timed(run, job["repeats"])
+        toks = [h[0]["tokens"].tolist() for h in hyps]
+        results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
+    return results
+
+
+WORKERS = {"reference": _reference_worker, "fairseq": _fairseq_worker, "transformers": _transformers_worker}
+
+
+def _run_side(side: str, job: dict, tmp: Path, timeout: float) -> dict:
+    job_path = tmp / f"{side}.json"
+    job_path.write_text(json.dumps({**job, "side": side, "out": str(tmp / f"{side}.out.json")}))
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if side == "fairseq":
+        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # fairseq 0.12 under torch >= 2.6, on its own side only
+    proc = subprocess.run([sys.executable, "-m", "fairport.validation.bench", "--worker", str(job_path)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise FairportError(f"bench side {side} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-12:]))
+    return json.loads((tmp / f"{side}.out.json").read_text())
+
+
+def worker_main(job_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    torch.set_num_threads(job.get("threads") or torch.get_num_threads())
+    results = WORKERS[job["side"]](job)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    Path(job["out"]).write_text(json.dumps(results))
+
+
+# ---- roofline ---------------------------------------------------------------------------------------
+
+def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str) -> dict:
+    """Measured matmul GFLOP/s at the model's shapes and weight-read GB/s (matrix-vector products)."""
+    out = {"matmul_gflops": {}, "weight_read_gbps": {}}
+    for name in dtypes:
+        dt = DTYPES[name]
+        w = torch.randn(ffn, dim, dtype=dt, device=device)
+        for r in rows:
+            x = torch.randn(r, dim, dtype=dt, device=device)
+            _, times = _timed(lambda: torch.nn.functional.linear(x, w), 20)
+            out["matmul_gflops"][f"{name}:{r}x{dim}x{ffn}"] = 2 * r * dim * ffn / min(times) / 1e9
+        big = torch.randn(64 << 20 // (dim * w.element_size()) * 4, dim, dtype=dt, device=device)  # ~256 MB
+        v = torch.randn(1, dim, dtype=dt, device=device)
+        _, times = _timed(lambda: torch.nn.functional.linear(v, big), 10)
+        out["weight_read_gbps"][name] = big.numel() * big.element_size() / min(times) / 1e9
+    return out
+
+
+def _convert_measured(src: Path, dst: Path) -> dict:
+    code = ("import json, resource, sys, time\nfrom fairport.converters.convert import convert\n"
+            f"t0 = time.time(); convert({str(src)!r}, {str(dst)!r}, force=True)\n"
+            "print(json.dumps({'seconds': time.time() - t0, "
+            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FairportError("conversion failed:\n" + proc.stderr[-1500:])
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    ckpt = next(Path(src).glob("*.pt"))
+    size = ckpt.stat().st_size
+    t0 = time.time()
+    with open(ckpt, "rb") as f, open(dst.parent / ".copy-test", "wb") as g:
+        while chunk := f.read(1 << 24):
+            g.write(chunk)
+    plain = time.time() - t0
+    (dst.parent / ".copy-test").unlink()
+    return {**stats, "checkpoint_mb": size / 2**20, "rss_over_file": stats["peak_rss_mb"] / (size / 2**20),
+            "plain_read_write_seconds": plain}
+
+
+# ---- main --------------------------------------------------------------------------------------------
+
+def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
+          repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print) -> dict:
+    from fairport.reference.load import read_config
+    from fairport.validation.fixtures import BENCH_PRESETS
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return {"device": device, "status": "not measured: no CUDA device on this machine"}
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"target": target, "device": device, "threads": torch.get_num_threads(), "steps": steps}
+    preset_gen: dict = {}
+    if target in BENCH_PRESETS:
+        spec = BENCH_PRESETS[target]
+        src_dir = workdir / target
+        if not (src_dir / "model.pt").exists():
+            say(f"fairseq builds {target} at its published size (random weights) ...")
+            proc = subprocess.run([sys.executable, "-m", "fairport.validation.fixtures", str(workdir), target,
+                                   "--bench"], capture_output=True, text=True,
+                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            if proc.returncode != 0:
+                raise FairportError("building the preset failed:\n" + proc.stderr[-1500:])
+        folder = workdir / f"{target}-port"
+        say(f"fairport convert {src_dir} {folder} ...")
+        result["conversion"] = _convert_measured(src_dir, folder)
+        checkpoint = src_dir / "model.pt"
+        preset_gen = spec["gen"]
+        src_len = src_len or spec["src_len"]
+    else:
+        folder = Path(target)
+        prov = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").exists() else {}
+        checkpoint = Path(prov.get("source", {}).get("checkpoint", ""))
+        if "fairseq" in sides and not checkpoint.is_file():
+            raise FairportError(f"{folder}: the source checkpoint in provenance.json is not available; "
+                                f"bench the reference alone with --sides reference")
+        src_len = src_len or 32
+    cfg, meta = read_config(folder)
+    if "transformers" in sides and not meta.get("transformers"):
+        say("transformers: no compatible architecture for this folder; side skipped")
+        sides = [s for s in sides if s != "transformers"]
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for b in batches:
+        src = torch.randint(4, cfg.src_vocab_size, (b, src_len - 1), generator=g)
+        inputs[f"src.{b}"] = torch.cat([src, torch.full((b, 1), cfg.eos)], dim=1)
+    configs = []
+    for dtype in dtypes:
+        for b in batches:
+            for beam in beams:
+                o = {**preset_gen, "beam": beam, "max_len_b": steps, "min_len": steps, "max_len_a": 0}
+                configs.append({"key": f"{dtype}/b{b}/beam{beam}", "dtype": dtype, "batch": b, "beam": beam,
+                                "options": o, "steps": steps + 1})
+    result["roofline"] = roofline(cfg.decoder_embed_dim, cfg.decoder_ffn_dim,
+                                  sorted({b * k for b in batches for k in beams}), dtypes, device)
+    dec_params = sum(p.numel() for n, p in _meta_model(cfg).named_parameters() if n.startswith("decoder"))
+    result["decoder_weights_mb_fp32"] = dec_params * 4 / 2**20
+    with tempfile.TemporaryDirectory(prefix="fairport-bench-") as tmp:
+        tmp = Path(tmp)
+        torch.save(inputs, tmp / "inputs.pt")
+        job = {"folder": str(folder), "checkpoint": str(checkpoint), "data": str(checkpoint.parent),
+               "inputs": str(tmp / "inputs.pt"), "repeats": repeats, "device": device, "pad": cfg.pad}
+        runs = {}
+        for side in sides:
+            side_configs = configs
+            if side == "fairseq":  # fairseq is the fp32 baseline for every dtype the port is timed in
+                side_configs = _unique([{**c, "dtype": "float32", "key": c["key"].replace(c["dtype"], "float32", 1)}
+                                        for c in configs])
+            say(f"timing {side} on {len(side_configs)} configurations ...")
+            runs[side] = _run_side(side, {**job, "configs": side_configs}, tmp, timeout=7200)
+    result["runs"] = _compare(runs, configs)
+    bw = result["roofline"]["weight_read_gbps"].get("float32")
+    if bw:
+        result["batch1_bound_ms_per_step"] = dec_params * 4 / (bw * 1e9) * 1000
+    return result
+
+
+def _unique(configs):
+    seen, out = set(), []
+    for c in configs:
+        if c["key"] not in seen:
+            seen.add(c["key"])
+            out.append(c)
+    return out
+
+
+def _meta_model(cfg):
+    from fairport.reference.model import EncoderDecoder
+
+    with torch.device("meta"):
+        return EncoderDecoder(cfg)
+
+
+def _compare(runs: dict, configs: list[dict]) -> list[dict]:
+    rows = []
+    for c in configs:
+        base_key = c["key"].replace(c["dtype"], "float32")
+        base = runs.get("fairseq", {}).get(base_key)
+        row = {"key": c["key"], "dtype": c["dtype"], "batch": c["batch"], "beam": c["beam"], "sides": {}}
+        for side, res in runs.items():
+            r = res.get(c["key"] if side != "fairseq" else base_key)
+            if r is None:
+                continue
+            entry = {k: v for k, v in r.items() if k != "tokens"}
+            if base is not None:
+                entry["speedup_vs_fairseq_fp32"] = base["min_s"] / r["min_s"]
+                entry["outputs_equal_fairseq"] = r["tokens"] == base["tokens"]
+                entry["exact_match_rate"] = sum(a == b for a, b in zip(r["tokens"], base["tokens"])) / len(base["tokens"])
+            row["sides"][side] = entry
+        rows.append(row)
+    for side, res in runs.items():
+        for row in rows:
+            if side in row["sides"]:
+                row["sides"][side]["peak_rss_mb"] = res.get("peak_rss_mb")
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = result.get("runs", [])
+    if not rows:
+        return
+    sides = sorted({s for r in rows for s in r["sides"]})
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.1), 3.6))
+    w = 0.8 / max(len(sides), 1)
+    for i, side in enumerate(sides):
+        ax.bar([j + i * w for j in range(len(rows))], [r["sides"].get(side, {}).get("ms_per_step", 0) for r in rows],
+               w, label=side)
+    if result.get("batch1_bound_ms_per_step"):
+        ax.axhline(result["batch1_bound_ms_per_step"], ls="--", color="k", lw=1, label="fp32 weight-read bound (batch 1)")
+    ax.set_xticks([j + w * (len(sides) - 1) / 2 for j in range(len(rows))], [r["key"] for r in rows], rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_ylabel("ms per decoder step")
+    ax.set_title(f"fairport bench: {result['target']} ({result['device']}, {result['threads']} threads)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2])
+    else:
+        raise SystemExit("use `fairport bench`")
