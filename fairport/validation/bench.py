@@ -157,7 +157,7 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
             x = torch.randn(r, dim, dtype=dt, device=device)
             _, times = _timed(lambda: torch.nn.functional.linear(x, w), 20)
             out["matmul_gflops"][f"{name}:{r}x{dim}x{ffn}"] = 2 * r * dim * ffn / min(times) / 1e9
-        big = torch.randn(64 << 20 // (dim * w.element_size()) * 4, dim, dtype=dt, device=device)  # ~256 MB
+        big = torch.randn((256 << 20) // (dim * w.element_size()), dim, dtype=dt, device=device)  # 256 MB
         v = torch.randn(1, dim, dtype=dt, device=device)
         _, times = _timed(lambda: torch.nn.functional.linear(v, big), 10)
         out["weight_read_gbps"][name] = big.numel() * big.element_size() / min(times) / 1e9

@@ -1,0 +1,48 @@
+"""fairport bench on the tiny preset: all sides time the same inputs; the reference's outputs are checked
+against fairseq's while timed. (Timings themselves are measured by the benchmark, never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import pytest
+
+from conftest import ROOT, needs_fairseq
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, "-m", "fairport.cli", "bench", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+@needs_fairseq
+def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
+    out = tmp_path / "b.json"
+    proc = bench("tiny", "--workdir", tmp_path / "w", "--steps", "4", "--repeats", "1", "--batch", "1,3",
+                 "--beam", "1,3", "--dtype", "float32,bfloat16", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    keys = {r["key"] for r in res["runs"]}
+    assert keys == {f"{d}/b{b}/beam{k}" for d in ("float32", "bfloat16") for b in (1, 3) for k in (1, 3)}
+    for row in res["runs"]:
+        ref = row["sides"]["reference"]
+        assert ref["ms_per_step"] > 0 and ref["peak_rss_mb"] > 0
+        assert "fairseq" in row["sides"] and "speedup_vs_fairseq_fp32" in ref
+        if row["dtype"] == "float32":
+            assert ref["outputs_equal_fairseq"] is True, row["key"]
+    assert res["roofline"]["weight_read_gbps"]["float32"] > 0
+    assert any(k.startswith("bfloat16:") for k in res["roofline"]["matmul_gflops"])
+    assert res["conversion"]["peak_rss_mb"] > 0 and res["conversion"]["checkpoint_mb"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_cuda_says_not_measured_without_a_gpu(tmp_path):
+    proc = bench("tiny", "--device", "cuda", "--workdir", tmp_path / "w", "--out", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "not measured" in proc.stdout
+    assert json.loads((tmp_path / "b.json").read_text())["status"].startswith("not measured")
