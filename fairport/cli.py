@@ -157,6 +157,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _search_options(group):
+    """fairseq's beam-search options, shared by `convert` (defaults to record) and `generate`."""
+    group.add_argument("--beam", type=int)
+    group.add_argument("--lenpen", type=float)
+    group.add_argument("--max-len-a", type=float)
+    group.add_argument("--max-len-b", type=int)
+    group.add_argument("--min-len", type=int)
+    group.add_argument("--no-repeat-ngram-size", type=int)
+    return group
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fairport", description="Port fairseq checkpoints to a clean PyTorch "
                                 "reference and prove the port is right.")
@@ -175,13 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpt2-vocab-bpe", help="GPT-2 vocab.bpe (BART)")
     c.add_argument("--bpecodes", help="fastBPE codes (WMT19)")
     c.add_argument("--max-shard-size", default="2GB", help="shard model.safetensors above this size")
-    g = c.add_argument_group("generation defaults written to generation_config.json (fairseq names)")
-    g.add_argument("--beam", type=int)
-    g.add_argument("--lenpen", type=float)
-    g.add_argument("--max-len-a", type=float)
-    g.add_argument("--max-len-b", type=int)
-    g.add_argument("--min-len", type=int)
-    g.add_argument("--no-repeat-ngram-size", type=int)
+    _search_options(c.add_argument_group("generation defaults written to generation_config.json (fairseq names)"))
     c.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="text in, text out with a converted folder (fairseq-exact search)")
@@ -193,13 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
     g.add_argument("--seed", type=int, help="seed for sampling")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    o = g.add_argument_group("generation options (default: the folder's generation_config.json)")
-    o.add_argument("--beam", type=int)
-    o.add_argument("--lenpen", type=float)
-    o.add_argument("--max-len-a", type=float)
-    o.add_argument("--max-len-b", type=int)
-    o.add_argument("--min-len", type=int)
-    o.add_argument("--no-repeat-ngram-size", type=int)
+    o = _search_options(g.add_argument_group("generation options (default: the folder's generation_config.json)"))
     o.add_argument("--sampling", action="store_true")
     o.add_argument("--sampling-topk", type=int)
     o.add_argument("--sampling-topp", type=float)

@@ -168,26 +168,7 @@ HF_NAMES: dict[str, dict[str, str | None]] = {
         "classification_heads.{h}.out_proj.bias": "classification_heads.{h}.out_proj.bias",
         **_HF_LAYERS,
     },
-    "mbart": {
-        "encoder.embed_tokens.weight": "model.shared.weight",
-        "decoder.embed_tokens.weight": None,
-        "decoder.output_projection.weight": None,
-        "encoder.embed_positions.weight": "model.encoder.embed_positions.weight",
-        "decoder.embed_positions.weight": "model.decoder.embed_positions.weight",
-        "encoder.layernorm_embedding.weight": "model.encoder.layernorm_embedding.weight",
-        "encoder.layernorm_embedding.bias": "model.encoder.layernorm_embedding.bias",
-        "decoder.layernorm_embedding.weight": "model.decoder.layernorm_embedding.weight",
-        "decoder.layernorm_embedding.bias": "model.decoder.layernorm_embedding.bias",
-        "encoder.layer_norm.weight": "model.encoder.layer_norm.weight",
-        "encoder.layer_norm.bias": "model.encoder.layer_norm.bias",
-        "decoder.layer_norm.weight": "model.decoder.layer_norm.weight",
-        "decoder.layer_norm.bias": "model.decoder.layer_norm.bias",
-        "classification_heads.{h}.dense.weight": "classification_heads.{h}.dense.weight",
-        "classification_heads.{h}.dense.bias": "classification_heads.{h}.dense.bias",
-        "classification_heads.{h}.out_proj.weight": "classification_heads.{h}.out_proj.weight",
-        "classification_heads.{h}.out_proj.bias": "classification_heads.{h}.out_proj.bias",
-        **_HF_LAYERS,
-    },
+    "mbart": {},  # filled below: BART's names plus the final layer norms of pre-norm models
     "fsmt": {
         "encoder.embed_tokens.weight": "model.encoder.embed_tokens.weight",
         "decoder.embed_tokens.weight": "model.decoder.embed_tokens.weight",
@@ -195,6 +176,10 @@ HF_NAMES: dict[str, dict[str, str | None]] = {
         **_HF_LAYERS,
     },
 }
+
+
+HF_NAMES["mbart"] = {**HF_NAMES["bart"], **{f"{side}.layer_norm.{w}": f"model.{side}.layer_norm.{w}"
+                                            for side in ("encoder", "decoder") for w in LINEAR}}
 
 
 def _expand(pattern: str, name: str) -> dict | None:
