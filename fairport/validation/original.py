@@ -24,13 +24,13 @@ from fairport.errors import FairportError
 
 
 def run(checkpoints: list[str | Path], data: str | Path, inputs: dict[str, torch.Tensor],
-        requests: list[dict], timeout: float = 600) -> dict[str, torch.Tensor]:
+        requests: list[dict], timeout: float = 600, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Run fairseq on `inputs` in a subprocess; returns {request key: tensor}."""
     with tempfile.TemporaryDirectory(prefix="fairport-original-") as tmp:
         tmp = Path(tmp)
         torch.save(inputs, tmp / "inputs.pt")
         job = {"checkpoints": [str(c) for c in checkpoints], "data": str(data), "inputs": str(tmp / "inputs.pt"),
-               "out": str(tmp / "out.pt"), "requests": requests}
+               "out": str(tmp / "out.pt"), "requests": requests, "device": device}
         (tmp / "job.json").write_text(json.dumps(job))
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
         proc = subprocess.run([sys.executable, "-m", "fairport.validation.original", str(tmp / "job.json")],
@@ -47,7 +47,7 @@ def _load(job: dict):
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         job["checkpoints"], arg_overrides={"data": job["data"], "load_checkpoint_heads": True})
     for m in models:
-        m.eval().float()
+        m.eval().float().to(job.get("device", "cpu"))
     return models, cfg, task
 
 
@@ -188,12 +188,13 @@ def _verify_generate(models, task, inputs, req) -> dict[str, torch.Tensor]:
     ntok = 0
     warm = {"src_tokens": inputs["gsrc.0"][:1]}
     if req.get("prefix"):
-        warm["prefix_tokens"] = torch.full((1, 1), task.target_dictionary.bos())
+        warm["prefix_tokens"] = torch.full((1, 1), task.target_dictionary.bos(), device=warm["src_tokens"].device)
     _generate(models, task, warm, {**req, "prefix": bool(req.get("prefix"))})  # warm-up, untimed
     for i in range(req["n"]):
         sub = {"src_tokens": inputs[f"gsrc.{i}"]}
         if req.get("prefix"):
-            sub["prefix_tokens"] = torch.full((sub["src_tokens"].size(0), 1), task.target_dictionary.bos())
+            sub["prefix_tokens"] = torch.full((sub["src_tokens"].size(0), 1), task.target_dictionary.bos(),
+                                              device=sub["src_tokens"].device)
         t0 = time.perf_counter()
         res = _generate(models, task, sub, {**req, "prefix": bool(req.get("prefix"))})
         total += time.perf_counter() - t0
@@ -227,6 +228,7 @@ def main(job_path: str) -> None:
         torch.save(out, job["out"])
         return
     models, cfg, task = _load(job)
+    inputs = {k: v.to(job.get("device", "cpu")) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     out = {}
     for req in job["requests"]:
         if req["kind"] == "logits":

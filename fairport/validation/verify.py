@@ -171,7 +171,7 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     reqs = [{"kind": "verify_generate", "key": k, "options": o, "n": len(gbatches), "prefix": prefix_bos,
              "fixed_ngram_blocking": True} for k, o in settings.items()]
     t0 = time.time()
-    orig_gen = original.run(ckpts, src_dir, worker_inputs, reqs, timeout=3600)
+    orig_gen = original.run(ckpts, src_dir, worker_inputs, reqs, timeout=3600, device=opts.device)
     _say(opts, f"  done in {time.time() - t0:.1f}s")
     theirs = {k: original.unpack_hypotheses(orig_gen, k) for k in settings}
 
@@ -184,7 +184,8 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
         worker_inputs[f"tgt.{i}"] = pad_batch([targets[j] for j in idx], cfg.pad, left=False)
     _say(opts, "fairseq original: teacher-forced logits and per-layer outputs ...")
     orig_logits = original.run(ckpts, src_dir, worker_inputs,
-                               [{"kind": "verify_logits", "n": len(lbatches), "hiddens_batch": 0}], timeout=3600)
+                               [{"kind": "verify_logits", "n": len(lbatches), "hiddens_batch": 0}], timeout=3600,
+                               device=opts.device)
     ensemble = len(ckpts) > 1
     if ensemble:
         report.sections["notes"] = ["ensemble: logits and layer checks use the first member"]
