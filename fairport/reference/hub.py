@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fairport.validation.inputs import pad_batch
+from fairport.reference.batching import pad_batch
 
 
 class HubMixin:

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def pad_batch(seqs: list[list[int]], pad: int, left: bool) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if left:
-            out[i, width - len(s):] = torch.tensor(s)
-        else:
-            out[i, :len(s)] = torch.tensor(s)
-    return out
+from fairport.reference.batching import pad_batch  # noqa: F401  (re-exported for tests and tools)
 
 
 def random_batch(src_vocab: int, tgt_vocab: int, batch: int = 5, min_len: int = 2, max_len: int = 14,
