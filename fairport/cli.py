@@ -127,7 +127,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     sides = [x for x in a.sides.split(",") if x]
-    unknown = set(sides) - {"reference", "fairseq", "transformers"}
+    unknown = set(sides) - {"reference", "reference-unpacked", "fairseq", "transformers"}
     if unknown:
         raise FairportError(f"--sides: unknown side(s) {sorted(unknown)}")
     workdir = Path(a.workdir)
@@ -148,7 +148,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
                   f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}  "
                   f"{r.get('outputs_equal_fairseq', '-')}")
     if result.get("batch1_bound_ms_per_step"):
-        print(f"fp32 weight-read bound at batch 1: {result['batch1_bound_ms_per_step']:.2f} ms/step")
+        print(f"fp32 floor at batch 1: {result['batch1_bound_ms_per_step']:.2f} ms/step (the step's "
+              f"{result['step_weights_mb_fp32']:.0f} MB of weights at {result['roofline']['memory_read_gbps']:.0f} GB/s "
+              f"memory read)")
     if "conversion" in result:
         c = result["conversion"]
         print(f"conversion: {c['seconds']:.1f}s, peak RSS {c['peak_rss_mb']:.0f} MB = {c['rss_over_file']:.2f}x the "
@@ -247,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time reference / fairseq / transformers on the same inputs")
     b.add_argument("target", help="a converted folder, or a preset: bart-large-cnn, bart-base, wmt19-en-de, tiny")
-    b.add_argument("--sides", default="reference,fairseq,transformers")
+    b.add_argument("--sides", default="reference,fairseq,transformers",
+                   help="any of reference, reference-unpacked (without the oneDNN-packed weights), fairseq, "
+                        "transformers")
     b.add_argument("--batch", default="1,8")
     b.add_argument("--beam", default="1,5")
     b.add_argument("--dtype", default="float32", help="reference dtypes (fairseq is always the fp32 baseline)")

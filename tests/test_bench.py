@@ -34,8 +34,11 @@ def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
         assert "fairseq" in row["sides"] and "speedup_vs_fairseq_fp32" in ref
         if row["dtype"] == "float32":
             assert ref["outputs_equal_fairseq"] is True, row["key"]
-    assert res["roofline"]["weight_read_gbps"]["float32"] > 0
-    assert any(k.startswith("bfloat16:") for k in res["roofline"]["matmul_gflops"])
+    roof = res["roofline"]
+    assert roof["memory_read_gbps"] > 0 and roof["weight_read_gbps"]["torch:float32"] > 0
+    assert roof["weight_read_gbps"]["packed:float32"] > 0 and roof["weight_read_gbps"]["packed:bfloat16"] > 0
+    assert any(k.startswith("torch:bfloat16:") for k in roof["matmul_gflops"])
+    assert 0 < res["batch1_bound_ms_per_step"] < min(r["sides"]["reference"]["ms_per_step"] for r in res["runs"])
     assert res["conversion"]["peak_rss_mb"] > 0 and res["conversion"]["checkpoint_mb"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
 

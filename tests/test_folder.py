@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,46 @@ assert not any(k.startswith('fairseq') and sys.modules[k] is not None for k in s
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"
+
+
+def test_streaming_safetensors_writer_round_trips(tmp_path):
+    from safetensors.torch import load_file
+
+    from fairport.converters.convert import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=g)
+    tensors = {"a": base[:3], "b": base[3:].t(), "half": torch.randn(5, 3, generator=g).half(),
+               "bf": torch.randn(7, generator=g).bfloat16(), "ids": torch.arange(5), "flag": torch.tensor(True),
+               "empty": torch.zeros(0, 3)}
+    want = {k: v.clone() for k, v in tensors.items()}
+    dtypes = {k: v.dtype for k, v in tensors.items()} | {"a": torch.bfloat16}
+    write_safetensors(tmp_path / "x.safetensors", tensors, dtypes, {"producer": "test"})
+    assert tensors == {}  # consumed, so the writer holds one tensor at a time
+    got = load_file(str(tmp_path / "x.safetensors"))
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == dtypes[k] and torch.equal(got[k], v.to(dtypes[k])), k
+
+
+@needs_fairseq
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_zip_checkpoint_tensors_are_file_mappings(fixtures_dir):
+    """Each tensor of a zip checkpoint is a private memory map of the file (read on use, returned when
+    dropped), and equals what torch.load reads."""
+    from fairport.converters.checkpoint import load_checkpoint, restricted_pickle
+
+    ckpt = next(p for p in sorted(fixtures_dir.glob("*/model.pt")) if p.read_bytes()[:2] == b"PK")
+    sd = load_checkpoint(ckpt)["model"]
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and Path(fields[5]) == ckpt.resolve():
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((lo, hi))
+    want = torch.load(ckpt, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)["model"]
+    assert set(sd) == set(want)
+    for k, t in sd.items():
+        assert torch.equal(t, want[k]), k
+        if t.numel():
+            assert any(lo <= t.data_ptr() < hi for lo, hi in spans), f"{k} is not mapped from {ckpt}"

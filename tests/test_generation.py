@@ -153,3 +153,38 @@ def test_cached_decoding_equals_full_recompute(trained_converted, trained_dir):
     for i, h in enumerate(hyps):
         toks = prev[i, 1:][prev[i, 1:].ne(model.config.pad)].tolist()
         assert toks == h[0]["tokens"].tolist()
+
+
+@needs_fairseq
+@pytest.mark.parametrize("case", ["greedy", "beam5", "ngram", "sampling_topk"])
+def test_unpacked_path_matches_fairseq(case, trained_converted, fairseq_generations):
+    """torch's default matrix products (CUDA, fp16, or load(pack=False)) give fairseq's output too."""
+    src, out = fairseq_generations
+    model = load(trained_converted / "single", pack=False)
+    assert model.decoder.layers[0].fc1.packed is None
+    assert_same(model.generate(src, seed=SEED, **CASES[case]), original.unpack_hypotheses(out, case))
+
+
+@needs_fairseq
+def test_packed_weights_are_used_only_while_valid(trained_converted):
+    import torch.nn.functional as F
+
+    from fairport.reference.model import PackedWeight
+
+    model = load(trained_converted / "single")
+    layer = model.decoder.layers[0]
+    fc1, attn = layer.fc1, layer.self_attn
+    assert isinstance(fc1.packed, PackedWeight) and isinstance(attn.qkv_packed, PackedWeight)
+    assert attn.q_proj.packed is None  # covered by the fused q/k/v copy, not packed twice
+    x = torch.randn(5, fc1.in_features, generator=torch.Generator().manual_seed(0))
+    assert fc1.packed.fits(x, fc1.weight)
+    assert torch.allclose(fc1(x), F.linear(x, fc1.weight, fc1.bias), atol=1e-5)
+    q, k, v = attn.project_qkv(x[None])
+    assert torch.allclose(k, attn.split(attn.k_proj(x[None])), atol=1e-5)
+    with torch.no_grad():
+        fc1.weight.mul_(2.0)  # an in-place edit: the packed copy is stale and must not be used
+    assert not fc1.packed.fits(x, fc1.weight)
+    assert torch.allclose(fc1(x), F.linear(x, fc1.weight, fc1.bias), atol=1e-5)
+    model.to(torch.bfloat16)  # moving the model re-packs for the new dtype
+    assert fc1.packed is not None and fc1.packed.fits(x.bfloat16(), fc1.weight)
+    assert model.unpack().decoder.layers[0].fc1.packed is None

@@ -7,7 +7,8 @@ A fairseq checkpoint is a torch pickle: a dict with `model` (the state dict), `a
 Unpickling is restricted. Only the globals in `ALLOWED_GLOBALS` may be called; classes from the
 modules in `STUB_MODULES` (fairseq's own meters and configs, omegaconf containers) are replaced by inert
 stand-ins that only record their state, so no fairseq or omegaconf code runs. Any other global is refused
-with an error that names it. Zip checkpoints are memory-mapped, so optimizer state is never read from disk.
+with an error that names it. Zip checkpoints are memory-mapped tensor by tensor, so optimizer state is
+never read from disk and conversion holds only the tensors it is writing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import _compat_pickle
 import argparse
 import collections
+import io
 import pickle
 import re
 import types
@@ -163,8 +165,63 @@ restricted_pickle = types.SimpleNamespace(
 )
 
 
+def _storage_type(name: str):
+    """torch.FloatStorage & co. as torch.load resolves them (they only carry a dtype)."""
+    try:
+        return torch.serialization.StorageType(name)
+    except KeyError:
+        return None
+
+
+class _ZipTensorUnpickler(RestrictedUnpickler):
+    """Reads `data.pkl` of a zip checkpoint; each storage becomes its own copy-on-write memory map of the
+    file, so a tensor's bytes are read only when used and its pages are returned when it is dropped
+    (conversion streams one tensor at a time: peak memory is a few tensors, not the checkpoint)."""
+
+    def __init__(self, file, reader, prefix: str, path: Path):
+        super().__init__(file)
+        self.reader, self.prefix, self.path = reader, prefix, path
+        self.storages: dict[str, torch.storage.TypedStorage] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and name.endswith("Storage") and _storage_type(name) is not None:
+            return _storage_type(name)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        import numpy as np
+
+        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        if key not in self.storages:
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            nbytes = int(numel) * torch._utils._element_size(dtype)
+            record = f"{self.prefix}data/{key}"
+            if nbytes:
+                offset = self.reader.get_record_offset(record)
+                if offset + nbytes > self.path.stat().st_size:
+                    raise EOFError(f"tensor data {record} runs past the end of the file")
+                array = np.memmap(self.path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
+                untyped = torch.from_numpy(array).untyped_storage()
+            else:
+                untyped = torch.UntypedStorage(0)
+            self.storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return self.storages[key]
+
+
+def _load_zip(path: Path) -> Any:
+    reader = torch._C.PyTorchFileReader(str(path))
+    pickles = [n for n in reader.get_all_records() if n.endswith("data.pkl")]
+    prefix = min(pickles, key=len)[: -len("data.pkl")]
+    return _ZipTensorUnpickler(io.BytesIO(reader.get_record(f"{prefix}data.pkl")), reader, prefix, path).load()
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a fairseq checkpoint dict safely (CPU, memory-mapped when the file is a zip checkpoint)."""
+    """Load a fairseq checkpoint dict safely, on the CPU. Zip checkpoints (torch >= 1.6) are memory-mapped
+    per tensor, so optimizer state is never read from disk; legacy ones are read by torch.load with the
+    restricted unpickler."""
     path = Path(path)
     if not path.is_file():
         raise FairportError(f"checkpoint not found: {path}")
@@ -182,8 +239,10 @@ def load_checkpoint(path: str | Path) -> dict:
     elif not head or head[0] != 0x80:  # legacy torch files start with a pickle PROTO opcode
         raise FairportError(f"{path} is not a PyTorch checkpoint (it does not start like one; is it a text file?)")
     try:
-        state = torch.load(path, map_location="cpu", pickle_module=restricted_pickle,
-                           weights_only=False, mmap=is_zip)
+        if is_zip:
+            state = _load_zip(path)
+        else:
+            state = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except FairportError:
         raise
     except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,

@@ -12,12 +12,13 @@ import datetime
 import hashlib
 import json
 import shutil
+import struct
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from fairport import __version__
 from fairport.converters import hf, options as opts, tasks, weights
@@ -264,12 +265,14 @@ def sha256(path: Path) -> str:
 
 
 def _stored_tensors(conv: Converted, naming: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Output name -> tensor, as stored. Takes the tensors out of `conv.state_dict` (it is left empty) and
+    leaves the dtype cast to the writer, so each tensor is materialised only while it is written."""
     out = {}
-    for k, t in conv.state_dict.items():
+    for k in list(conv.state_dict):
+        t = conv.state_dict.pop(k)
         name = k if naming == "fairport" else weights.to_hf_name(naming, k)
-        if name is None:
-            continue
-        out[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+        if name is not None:
+            out[name] = t
     if naming in ("bart", "mbart"):
         out["final_logits_bias"] = torch.zeros(1, conv.config.tgt_vocab_size, dtype=dtype or torch.float32)
     if naming == "fsmt":  # transformers' FSMT keeps its sinusoidal tables as weights
@@ -278,8 +281,8 @@ def _stored_tensors(conv: Converted, naming: str, dtype: torch.dtype | None) -> 
         c = conv.config
         for side, n, dim in (("encoder", c.max_source_positions, c.encoder_embed_dim),
                              ("decoder", c.max_target_positions, c.decoder_embed_dim)):
-            # kept in fp32 whatever the weights' dtype: fairseq computes them in fp32, and rounding
-            # them to fp16 here would change an fp32 run's logits
+            # kept in fp32 whatever the weights' dtype (KEEP_FP32): fairseq computes them in fp32, and
+            # rounding them to fp16 here would change an fp32 run's logits
             out[f"model.{side}.embed_positions.weight"] = sinusoidal_table(n + c.pad + 1, dim, c.pad)
     if naming == "fsmt" and not conv.config.share_all_embeddings and conv.config.share_decoder_input_output_embed:
         # transformers' FSMT cannot tie only the decoder's input and output: store the projection too
@@ -288,34 +291,68 @@ def _stored_tensors(conv: Converted, naming: str, dtype: torch.dtype | None) -> 
     return out
 
 
-def write_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
-    # tensors stored twice under two names must be distinct storages for safetensors
-    seen: dict[int, str] = {}
-    for k in list(tensors):
-        ptr = tensors[k].data_ptr()
-        if ptr in seen:
-            tensors[k] = tensors[k].clone()
-        seen[ptr] = k
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+KEEP_FP32 = ("embed_positions.weight",)  # stored names ending so keep fp32 in FSMT folders (sinusoids)
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _stored_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None, naming: str) -> torch.dtype:
+    if dtype is None or not t.is_floating_point() or (naming == "fsmt" and name.endswith(KEEP_FP32)):
+        return t.dtype
+    return dtype
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
+                      metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time, popping each from `tensors` once written: memory holds
+    one converted tensor at a time (the format: 8-byte header length, JSON header, then the raw bytes)."""
+    if sys.byteorder != "little":
+        raise FairportError("writing safetensors needs a little-endian machine")
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * dtypes[name].itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtypes[name]], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in list(tensors):
+            t = tensors.pop(name).to(dtypes[name]).contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+
+
+def write_weights(out: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, naming: str,
+                  max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or shards of at most `max_shard_bytes` with model.safetensors.index.json.
+    Consumes `tensors`."""
+    dtypes = {k: _stored_dtype(k, t, dtype, naming) for k, t in tensors.items()}
+    sizes = {k: t.numel() * dtypes[k].itemsize for k, t in tensors.items()}
+    total = sum(sizes.values())
     meta = {"format": "pt", "producer": f"fairport {__version__}"}
     if total <= max_shard_bytes:
-        save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+        write_safetensors(out / "model.safetensors", tensors, dtypes, meta)
         return ["model.safetensors"]
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
+    for k in tensors:
+        if shards[-1] and size + sizes[k] > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][k] = t
-        size += n
+        shards[-1].append(k)
+        size += sizes[k]
     names, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
+    for i, keys in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata=meta)
+        write_safetensors(out / name, {k: tensors.pop(k) for k in keys}, dtypes, meta)
         names.append(name)
-        weight_map.update({k: name for k in shard})
+        weight_map.update({k: name for k in keys})
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return names + ["model.safetensors.index.json"]
@@ -346,7 +383,7 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
     conv.tgt_dict.write(out / "dict.tgt.txt")
     files += ["dict.src.txt", "dict.tgt.txt"]
 
-    files += write_weights(out, _stored_tensors(conv, naming, torch_dtype), max_shard_bytes)
+    files += write_weights(out, _stored_tensors(conv, naming, torch_dtype), torch_dtype, naming, max_shard_bytes)
     gen = generation_config(conv, generation_overrides)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     files.append("generation_config.json")

@@ -75,8 +75,10 @@ def tied_names(cfg: ModelConfig) -> set[str]:
     return names
 
 
-def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dtype=None) -> EncoderDecoder:
-    """Reference model from a reference-named state dict, without a random init pass."""
+def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dtype=None,
+          pack: bool = True) -> EncoderDecoder:
+    """Reference model from a reference-named state dict, without a random init pass. Self-attention q/k/v
+    are fused; on the CPU (fp32/bf16) weights are also packed for oneDNN unless `pack` is False."""
     with torch.device("meta"):
         model = EncoderDecoder(cfg)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -94,26 +96,29 @@ def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dt
         model = model.to(device)
     else:  # buffers follow the parameters' device
         model = model.to(next(model.parameters()).device)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False).fuse_qkv()
+    return model.pack() if pack else model
 
 
-def load_one(folder: Path, device=None, dtype=None) -> EncoderDecoder:
+def load_one(folder: Path, device=None, dtype=None, pack: bool = True) -> EncoderDecoder:
     cfg, meta = read_config(folder)
     model = build(cfg, reference_state_dict(folder, meta.get("weight_names", "fairport")), device=device,
-                  dtype=dtype)
+                  dtype=dtype, pack=pack)
     model.fairport_meta = meta
     model.folder = folder
     return model
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         pack: bool = True):
     """`fairport.reference.load('out/bart-cnn')` -> the reference model (eval mode). A folder converted from
-    an ensemble gives an `Ensemble` of its members, which generates as fairseq's EnsembleModel does."""
+    an ensemble gives an `Ensemble` of its members, which generates as fairseq's EnsembleModel does.
+    `pack=False` skips the oneDNN copies of the weights on the CPU (half the memory, slower matrix products)."""
     from fairport.reference.generate import Ensemble
 
     folder = Path(path)
-    model = load_one(folder, device, dtype)
+    model = load_one(folder, device, dtype, pack)
     extra = model.fairport_meta.get("ensemble") or []
     if not extra:
         return model
-    return Ensemble([model] + [load_one(folder / sub, device, dtype) for sub in extra])
+    return Ensemble([model] + [load_one(folder / sub, device, dtype, pack) for sub in extra])

@@ -46,7 +46,7 @@ def _summary(times: list[float], sentences: int, tokens: int, steps: int) -> dic
 
 # ---- side workers (each in its own process) -------------------------------------------------------
 
-def _reference_worker(job: dict) -> dict:
+def _reference_worker(job: dict, pack: bool = True) -> dict:
     from fairport.reference import load
 
     inputs = torch.load(job["inputs"], weights_only=True)
@@ -55,7 +55,7 @@ def _reference_worker(job: dict) -> dict:
     for cfg in job["configs"]:
         dtype = cfg["dtype"]
         if dtype not in models:
-            models[dtype] = load(job["folder"], device=job["device"], dtype=DTYPES[dtype])
+            models[dtype] = load(job["folder"], device=job["device"], dtype=DTYPES[dtype], pack=pack)
         m = models[dtype]
         src = inputs[f"src.{cfg['batch']}"].to(job["device"])
         hyps, times = _timed(lambda: m.generate(src, **cfg["options"]), job["repeats"])
@@ -121,7 +121,8 @@ def _fairseq_worker(job: dict) -> dict:
     return results
 
 
-WORKERS = {"reference": _reference_worker, "fairseq": _fairseq_worker, "transformers": _transformers_worker}
+WORKERS = {"reference": _reference_worker, "reference-unpacked": lambda job: _reference_worker(job, pack=False),
+           "fairseq": _fairseq_worker, "transformers": _transformers_worker}
 
 
 def _run_side(side: str, job: dict, tmp: Path, timeout: float) -> dict:
@@ -148,20 +149,47 @@ def worker_main(job_path: str) -> None:
 # ---- roofline ---------------------------------------------------------------------------------------
 
 def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str) -> dict:
-    """Measured matmul GFLOP/s at the model's shapes and weight-read GB/s (matrix-vector products)."""
-    out = {"matmul_gflops": {}, "weight_read_gbps": {}}
+    """This machine's limits at the model's shapes: memory read bandwidth (a 256 MB reduction), and for each
+    dtype the matmul GFLOP/s and weight-read GB/s (256 MB matrix times one row) of torch's default path
+    (`F.linear`, what fairseq and transformers use) and of the reference's packed oneDNN path (CPU)."""
+    from fairport.reference.model import PACKABLE_DTYPES, PackedWeight, _onednn_linear_available, linear
+
+    big = torch.randn(64 << 20, device=device)  # 256 MB
+    _, times = _timed(lambda: big.sum(), 10)
+    out = {"memory_read_gbps": big.numel() * 4 / min(times) / 1e9, "matmul_gflops": {}, "weight_read_gbps": {}}
+    del big
     for name in dtypes:
         dt = DTYPES[name]
-        w = torch.randn(ffn, dim, dtype=dt, device=device)
-        for r in rows:
-            x = torch.randn(r, dim, dtype=dt, device=device)
-            _, times = _timed(lambda: torch.nn.functional.linear(x, w), 20)
-            out["matmul_gflops"][f"{name}:{r}x{dim}x{ffn}"] = 2 * r * dim * ffn / min(times) / 1e9
-        big = torch.randn((256 << 20) // (dim * w.element_size()), dim, dtype=dt, device=device)  # 256 MB
-        v = torch.randn(1, dim, dtype=dt, device=device)
-        _, times = _timed(lambda: torch.nn.functional.linear(v, big), 10)
-        out["weight_read_gbps"][name] = big.numel() * big.element_size() / min(times) / 1e9
+        paths = {"torch": lambda w: None}
+        if device == "cpu" and dt in PACKABLE_DTYPES and _onednn_linear_available():
+            paths["packed"] = PackedWeight
+        for path, make in paths.items():
+            w = torch.randn(ffn, dim, dtype=dt, device=device)
+            pw = make(w)
+            for r in rows:
+                x = torch.randn(r, dim, dtype=dt, device=device)
+                _, times = _timed(lambda: linear(x, w, None, pw), 20)
+                out["matmul_gflops"][f"{path}:{name}:{r}x{dim}x{ffn}"] = 2 * r * dim * ffn / min(times) / 1e9
+            big = torch.randn((256 << 20) // (dim * w.element_size()), dim, dtype=dt, device=device)
+            pb = make(big)
+            v = torch.randn(1, dim, dtype=dt, device=device)
+            _, times = _timed(lambda: linear(v, big, None, pb), 10)
+            out["weight_read_gbps"][f"{path}:{name}"] = big.numel() * big.element_size() / min(times) / 1e9
+            del big, pb
     return out
+
+
+def step_weight_bytes(cfg, bytes_per_value: int = 4) -> int:
+    """Bytes of weights one incremental decoder step reads: every decoder matrix and vector except the
+    token/position tables (a row each) and the cross-attention k/v projections (once per source)."""
+    model = _meta_model(cfg)
+    total = 0
+    for name, p in model.decoder.named_parameters(remove_duplicate=False):
+        if name.startswith(("embed_tokens", "embed_positions")) or ".encoder_attn.k_proj." in name \
+                or ".encoder_attn.v_proj." in name:
+            continue
+        total += p.numel() * bytes_per_value
+    return total
 
 
 def _convert_measured(src: Path, dst: Path) -> dict:
@@ -239,8 +267,8 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
                                 "options": o, "steps": steps + 1})
     result["roofline"] = roofline(cfg.decoder_embed_dim, cfg.decoder_ffn_dim,
                                   sorted({b * k for b in batches for k in beams}), dtypes, device)
-    dec_params = sum(p.numel() for n, p in _meta_model(cfg).named_parameters() if n.startswith("decoder"))
-    result["decoder_weights_mb_fp32"] = dec_params * 4 / 2**20
+    step_bytes = step_weight_bytes(cfg)
+    result["step_weights_mb_fp32"] = step_bytes / 2**20
     with tempfile.TemporaryDirectory(prefix="fairport-bench-") as tmp:
         tmp = Path(tmp)
         torch.save(inputs, tmp / "inputs.pt")
@@ -255,9 +283,8 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
             say(f"timing {side} on {len(side_configs)} configurations ...")
             runs[side] = _run_side(side, {**job, "configs": side_configs}, tmp, timeout=7200)
     result["runs"] = _compare(runs, configs)
-    bw = result["roofline"]["weight_read_gbps"].get("float32")
-    if bw:
-        result["batch1_bound_ms_per_step"] = dec_params * 4 / (bw * 1e9) * 1000
+    # the fp32 floor of one decoder step at batch 1: its weights read once at the memory's bandwidth
+    result["batch1_bound_ms_per_step"] = step_bytes / (result["roofline"]["memory_read_gbps"] * 1e9) * 1000
     return result
 
 
