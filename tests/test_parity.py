@@ -28,15 +28,17 @@ def test_reference_logits_match_fairseq(name, fixtures_dir, converted):
     batch = random_batch(cfg.src_vocab_size, cfg.tgt_vocab_size, batch=5, seed=len(name))
     assert batch["src_tokens"].eq(cfg.pad).any(), "the batch must exercise left padding"
     ref = fairseq_outputs(fixtures_dir, name, batch, heads=list(cfg.classification_heads))
-    with torch.no_grad():
-        mine = model(batch["src_tokens"], batch["prev_output_tokens"])
-    assert mine.shape == ref["logits"].shape
-    keep = batch["prev_output_tokens"].ne(cfg.pad)
-    assert (mine - ref["logits"]).abs()[keep].max().item() <= TOL
-    for head in cfg.classification_heads:
+    packed = load(converted(name), dtype=torch.float32, pack=False).pack(min_numel=0)  # the oneDNN path
+    for m in (model, packed):
         with torch.no_grad():
-            pred = model.predict(head, batch["src_tokens"])
-        assert (pred - ref[f"predict.{head}"]).abs().max().item() <= TOL
+            mine = m(batch["src_tokens"], batch["prev_output_tokens"])
+        assert mine.shape == ref["logits"].shape
+        keep = batch["prev_output_tokens"].ne(cfg.pad)
+        assert (mine - ref["logits"]).abs()[keep].max().item() <= TOL
+        for head in cfg.classification_heads:
+            with torch.no_grad():
+                pred = m.predict(head, batch["src_tokens"])
+            assert (pred - ref[f"predict.{head}"]).abs().max().item() <= TOL
 
 
 @needs_fairseq
@@ -84,13 +86,14 @@ def test_reduced_precision_paths_run_close_to_fp32(dtype, tol, converted):
     """The fp16/bf16 paths run on CPU and stay near the fp32 logits (tolerances per dtype)."""
     folder = converted("wmt_big_joined")
     fp32 = load(folder, dtype=torch.float32)
-    low = load(folder, dtype=dtype)
-    assert next(low.parameters()).dtype == dtype
     batch = random_batch(fp32.config.src_vocab_size, fp32.config.tgt_vocab_size, seed=3)
+    keep = batch["prev_output_tokens"].ne(fp32.config.pad)
     with torch.no_grad():
         a = fp32(batch["src_tokens"], batch["prev_output_tokens"])
-        b = low(batch["src_tokens"], batch["prev_output_tokens"])
-    assert b.dtype == dtype
-    keep = batch["prev_output_tokens"].ne(fp32.config.pad)
-    err = (a - b.float()).abs()[keep]
-    assert torch.isfinite(err).all() and err.max().item() <= tol * a.abs()[keep].max().item()
+    for low in (load(folder, dtype=dtype), load(folder, dtype=dtype, pack=False).pack(min_numel=0)):
+        assert next(low.parameters()).dtype == dtype
+        with torch.no_grad():
+            b = low(batch["src_tokens"], batch["prev_output_tokens"])
+        assert b.dtype == dtype
+        err = (a - b.float()).abs()[keep]
+        assert torch.isfinite(err).all() and err.max().item() <= tol * a.abs()[keep].max().item()

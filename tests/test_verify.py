@@ -42,7 +42,10 @@ def test_correct_port_passes_with_full_report(trained_dir, trained_port, tmp_pat
     assert rep["generation"]["beam"]["exact_match"] == 1.0 and rep["generation"]["greedy"]["exact_match"] == 1.0
     assert rep["nll"]["target"] == "references"
     assert rep["quality"]["bleu"]["original"] == rep["quality"]["bleu"]["reference"]
-    assert [p["dtype"] for p in rep["precision"]] == ["float32", "bfloat16"]
+    fp32, bf16 = rep["precision"]
+    assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    assert fp32["beam_exact_match"] == 1.0 and fp32["score_max_abs_delta"] <= 1e-4 and fp32["bleu_delta_vs_original"] == 0
+    assert 0 <= bf16["beam_exact_match"] <= 1 and "bleu_delta_vs_original" in bf16 and bf16["score_mean_abs_delta"] >= 0
     assert rep["speed"]["beam"]["original"]["seconds"] > 0 and rep["speed"]["beam"]["reference"]["seconds"] > 0
     assert rep["environment"]["known_deviations"]
     assert (tmp_path / "r" / "layers.png").stat().st_size > 0 and (tmp_path / "r" / "speed.png").exists()

@@ -304,9 +304,10 @@ def _stored_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None, naming:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
-                      metadata: dict[str, str]) -> None:
+                      metadata: dict[str, str]) -> str:
     """Write a safetensors file one tensor at a time, popping each from `tensors` once written: memory holds
-    one converted tensor at a time (the format: 8-byte header length, JSON header, then the raw bytes)."""
+    one converted tensor at a time (the format: 8-byte header length, JSON header, then the raw bytes).
+    Returns the file's sha256, computed while writing."""
     if sys.byteorder != "little":
         raise FairportError("writing safetensors needs a little-endian machine")
     header: dict = {"__metadata__": metadata}
@@ -318,27 +319,31 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtypes: dict
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            f.write(chunk)
+            digest.update(chunk)
         for name in list(tensors):
             t = tensors.pop(name).to(dtypes[name]).contiguous()
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                data = t.reshape(-1).view(torch.uint8).numpy().data
+                f.write(data)
+                digest.update(data)
             del t
+    return digest.hexdigest()
 
 
 def write_weights(out: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, naming: str,
-                  max_shard_bytes: int) -> list[str]:
+                  max_shard_bytes: int) -> dict[str, str]:
     """model.safetensors, or shards of at most `max_shard_bytes` with model.safetensors.index.json.
-    Consumes `tensors`."""
+    Consumes `tensors`. Returns {file name: sha256} of the weight files."""
     dtypes = {k: _stored_dtype(k, t, dtype, naming) for k, t in tensors.items()}
     sizes = {k: t.numel() * dtypes[k].itemsize for k, t in tensors.items()}
     total = sum(sizes.values())
     meta = {"format": "pt", "producer": f"fairport {__version__}"}
     if total <= max_shard_bytes:
-        write_safetensors(out / "model.safetensors", tensors, dtypes, meta)
-        return ["model.safetensors"]
+        return {"model.safetensors": write_safetensors(out / "model.safetensors", tensors, dtypes, meta)}
     shards: list[list[str]] = [[]]
     size = 0
     for k in tensors:
@@ -347,15 +352,14 @@ def write_weights(out: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
             size = 0
         shards[-1].append(k)
         size += sizes[k]
-    names, weight_map = [], {}
+    digests, weight_map = {}, {}
     for i, keys in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(out / name, {k: tensors.pop(k) for k in keys}, dtypes, meta)
-        names.append(name)
+        digests[name] = write_safetensors(out / name, {k: tensors.pop(k) for k in keys}, dtypes, meta)
         weight_map.update({k: name for k in keys})
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return names + ["model.safetensors.index.json"]
+    return digests | {"model.safetensors.index.json": sha256(out / "model.safetensors.index.json")}
 
 
 def _source_dtype(conv: Converted) -> torch.dtype:
@@ -383,7 +387,8 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
     conv.tgt_dict.write(out / "dict.tgt.txt")
     files += ["dict.src.txt", "dict.tgt.txt"]
 
-    files += write_weights(out, _stored_tensors(conv, naming, torch_dtype), torch_dtype, naming, max_shard_bytes)
+    digests = write_weights(out, _stored_tensors(conv, naming, torch_dtype), torch_dtype, naming, max_shard_bytes)
+    files += list(digests)
     gen = generation_config(conv, generation_overrides)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     files.append("generation_config.json")
@@ -409,7 +414,7 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
                                                          "bpecodes") if getattr(sources, k)},
         "dtype": config["torch_dtype"], "arch": cfg.arch, "task": conv.options.get("task"),
         "dropped": conv.dropped, "notes": conv.notes,
-        "files": {f: sha256(out / f) for f in sorted(files)},
+        "files": {f: digests.get(f) or sha256(out / f) for f in sorted(files)},
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
     return {"family": family, "unmet": unmet, "files": files + ["provenance.json"], "dtype": str(torch_dtype)}

@@ -224,9 +224,10 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
                 s.reorder(reorder_state)
         lprobs = ensemble_lprobs(states, tokens[:, step:step + 1], step, opts.temperature)
 
-        lprobs[lprobs != lprobs] = -math.inf
+        lprobs.masked_fill_(lprobs.isnan(), -math.inf)
         lprobs[:, pad] = -math.inf
-        lprobs[:, unk] -= opts.unkpen
+        if opts.unkpen:
+            lprobs[:, unk] -= opts.unkpen
         if step >= max_len:  # only EOS may follow at the last step
             lprobs[:, :eos] = -math.inf
             lprobs[:, eos + 1:] = -math.inf
@@ -315,6 +316,16 @@ class Ensemble(HubMixin, torch.nn.Module):
         """(B, T, V) log of the members' mean probabilities (what the ensemble scores tokens with)."""
         lps = [torch.log_softmax(m(src_tokens, prev_output_tokens).float(), dim=-1) for m in self.members]
         return torch.logsumexp(torch.stack(lps), dim=0) - math.log(len(lps))
+
+    def pack(self, **kwargs) -> "Ensemble":
+        for m in self.members:
+            m.pack(**kwargs)
+        return self
+
+    def unpack(self) -> "Ensemble":
+        for m in self.members:
+            m.unpack()
+        return self
 
     def generate(self, src_tokens: torch.Tensor, seed: int | None = None, **opts) -> list[list[dict]]:
         if seed is not None:

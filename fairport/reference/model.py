@@ -7,6 +7,7 @@ Parameter names follow fairseq's (upgraded) state-dict names, so the weight map 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -82,6 +83,8 @@ class PackedWeight:
 
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+# below this many weights a oneDNN call's fixed cost (~13 us measured) outweighs its faster product
+PACK_MIN_NUMEL = 1 << 18
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -97,8 +100,8 @@ class Linear(nn.Linear):
 
     packed: PackedWeight | None = None
 
-    def pack(self) -> None:
-        self.packed = PackedWeight(self.weight)
+    def pack(self, min_numel: int = PACK_MIN_NUMEL) -> None:
+        self.packed = PackedWeight(self.weight) if self.weight.numel() >= min_numel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
@@ -147,9 +150,9 @@ class Attention(nn.Module):
 
     qkv_packed: PackedWeight | None = None
 
-    def pack_qkv(self) -> None:
+    def pack_qkv(self, min_numel: int = PACK_MIN_NUMEL) -> None:
         w = self._fused("weight")
-        self.qkv_packed = PackedWeight(w) if w is not None else None
+        self.qkv_packed = PackedWeight(w) if w is not None and w.numel() >= min_numel else None
 
     def fuse_qkv(self) -> None:
         """Self-attention: put the q, k and v projections in one (3C, C) matrix (and one bias) that the three
@@ -189,13 +192,10 @@ class Attention(nn.Module):
         q = self.split((self.q_proj(x) if q is None else q) * self.scaling)  # (B, H, T, D)
         if G > 1:
             q = q.view(Bk, G, H, T, D).transpose(1, 2).reshape(Bk, H, G * T, D)
-        scores = q @ k.transpose(-1, -2)  # (Bk, H, G*T, S)
-        if mask is not None:
-            scores = scores + mask
-        probs = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        # softmax(q k^T + mask) v with q already scaled, as fairseq computes it; one fused kernel
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (Bk, H, G*T, D)
         if mask is not None and mask.dim() == 4 and mask.size(-2) > 1:
-            probs = probs.nan_to_num(0.0)  # a query whose keys are all padding attends to nothing (fairseq/torch)
-        out = probs @ v  # (Bk, H, G*T, D)
+            out = out.nan_to_num(0.0)  # a query whose keys are all padding attends to nothing (fairseq/torch)
         if G > 1:
             out = out.view(Bk, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
@@ -302,8 +302,12 @@ class EncoderOut:
     x: torch.Tensor  # (B, S, C)
     padding_mask: torch.Tensor  # (B, S) bool, True at pads
 
-    @property
-    def additive_mask(self) -> torch.Tensor:  # (B, 1, 1, S): 0 or -inf
+    @functools.cached_property
+    def attn_mask(self) -> torch.Tensor | None:
+        """(B, 1, 1, S) additive mask, 0 or -inf at pads; None when nothing is padded. Computed once: the
+        decoder reads it at every step."""
+        if not self.padding_mask.any():
+            return None
         m = torch.zeros(self.padding_mask.shape, dtype=self.x.dtype, device=self.x.device)
         return m.masked_fill(self.padding_mask, float("-inf"))[:, None, None, :]
 
@@ -335,7 +339,7 @@ class Encoder(nn.Module):
         x = self.embed(src_tokens)
         x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))  # fairseq zeroes pad rows
         out = EncoderOut(x, padding_mask)
-        mask = out.additive_mask if padding_mask.any() else None
+        mask = out.attn_mask
         if hiddens is not None:
             hiddens["encoder.embed"] = x
         for i, layer in enumerate(self.layers):
@@ -394,7 +398,7 @@ class Decoder(nn.Module):
             if pads.any():  # fairseq also masks padded target keys
                 self_mask = self_mask + torch.zeros(pads.shape, dtype=x.dtype, device=x.device).masked_fill(
                     pads, float("-inf"))[:, None, None, :]
-        enc_mask = enc.additive_mask if enc.padding_mask.any() else None
+        enc_mask = enc.attn_mask
         if hiddens is not None:
             hiddens["decoder.embed"] = x
         for i, layer in enumerate(self.layers):
@@ -447,10 +451,11 @@ class EncoderDecoder(HubMixin, nn.Module):
             layer.self_attn.fuse_qkv()
         return self
 
-    def pack(self) -> "EncoderDecoder":
-        """CPU, fp32/bf16: hold each linear layer's weight also in oneDNN's blocked layout (PackedWeight), a
-        fused self-attention's q/k/v as one. load() does this on the CPU unless asked not to; other devices
-        and dtypes: nothing to do. Moving the model (`.to(...)`) re-packs for where it lands."""
+    def pack(self, min_numel: int = PACK_MIN_NUMEL) -> "EncoderDecoder":
+        """CPU, fp32/bf16: hold each linear layer's weight of at least `min_numel` values also in oneDNN's
+        blocked layout (PackedWeight), a fused self-attention's q/k/v as one. load() does this on the CPU
+        unless asked not to; other devices and dtypes: nothing to do. Moving the model (`.to(...)`) re-packs
+        for where it lands."""
         self.unpack()
         p = next(self.parameters())
         if p.device.type != "cpu" or p.dtype not in PACKABLE_DTYPES or not _onednn_linear_available():
@@ -458,13 +463,13 @@ class EncoderDecoder(HubMixin, nn.Module):
         covered: set[int] = set()
         for m in self.modules():
             if isinstance(m, Attention):
-                m.pack_qkv()
-                if m.qkv_packed is not None:
+                m.pack_qkv(min_numel)
+                if m._fused("weight") is not None:  # q/k/v run as one product, packed or not
                     covered |= {id(m.q_proj), id(m.k_proj), id(m.v_proj)}
         for m in self.modules():
             if isinstance(m, Linear) and id(m) not in covered:
-                m.pack()
-        self.packed = True
+                m.pack(min_numel)
+        self.packed = min_numel
         return self
 
     def unpack(self) -> "EncoderDecoder":
@@ -474,15 +479,15 @@ class EncoderDecoder(HubMixin, nn.Module):
                 m.packed = None
             elif isinstance(m, Attention):
                 m.qkv_packed = None
-        self.packed = False
+        self.packed: int | bool = False  # or the min_numel it was packed with
         return self
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): packed copies follow the weights
-        was_packed = getattr(self, "packed", False)
+        packed = getattr(self, "packed", False)
         self.unpack()
         out = super()._apply(fn, recurse)
-        if was_packed:
-            self.pack()
+        if packed is not False:
+            self.pack(packed)
         return out
 
     def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor,

@@ -223,7 +223,8 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
     if device.startswith("cuda") and not torch.cuda.is_available():
         return {"device": device, "status": "not measured: no CUDA device on this machine"}
     workdir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"target": target, "device": device, "threads": torch.get_num_threads(), "steps": steps}
+    result: dict = {"target": target, "device": device, "threads": torch.get_num_threads(), "steps": steps,
+                    "environment": {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")}}
     preset_gen: dict = {}
     if target in BENCH_PRESETS:
         spec = BENCH_PRESETS[target]

@@ -249,7 +249,7 @@ REAL_SIZES: dict[str, dict] = {
 
 # Benchmark presets: fairseq's published shapes, random weights, saved as real checkpoints.
 BENCH_PRESETS: dict[str, dict] = {
-    "bart-large-cnn": dict(arch="bart_large", task="translation", dict_lines=50260, src_len=512,
+    "bart-large-cnn": dict(arch="bart_large", task="translation", dict_lines=50260, src_len=512, fp16=True,
                            flags=["-s", "source", "-t", "target"],
                            gen=dict(beam=4, lenpen=2.0, min_len=55, max_len_b=140, no_repeat_ngram_size=3)),
     "bart-base": dict(arch="bart_base", task="translation", dict_lines=50260, src_len=256,
@@ -285,7 +285,10 @@ def bench_checkpoint(name: str, out_dir: Path) -> Path:
     torch.manual_seed(0)
     task = tasks.setup_task(args)
     model = task.build_model(args)
-    state = {"args": args, "model": model.state_dict(),
+    weights = model.state_dict()
+    if spec.get("fp16"):  # saved as fairseq's fp16 training saves its checkpoints
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    state = {"args": args, "model": weights,
              "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
                                     "lr_scheduler_state": {"best": None}, "num_updates": 0}],
              "extra_state": {"train_iterator": {"epoch": 1}}, "last_optimizer_state": None}

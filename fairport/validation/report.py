@@ -62,10 +62,12 @@ def _markdown(doc: dict) -> str:
         t = doc["tokenizer"]
         L += ["", f"## Tokenizer", "", f"{len(t['mismatches'])} of {t['sentences']} sentences encode differently."]
     L += ["", "## Precision matrix (port in each dtype vs the fp32 original)", "",
-          "| dtype | logits max abs Δ | tolerance | beam exact match | BLEU |", "|---|---|---|---|---|"]
+          "| dtype | logits max abs Δ | tolerance | beam exact match | top score mean abs Δ | BLEU | BLEU Δ |",
+          "|---|---|---|---|---|---|---|"]
     for p in doc["precision"]:
         L.append(f"| {p['dtype']} | {_fmt(p['logits_max_abs'])} | {_fmt(p['tolerance'])} | "
-                 f"{p['beam_exact_match']:.1%} | {_fmt(p.get('bleu', '-'))} |")
+                 f"{p['beam_exact_match']:.1%} | {_fmt(p.get('score_mean_abs_delta', '-'))} | "
+                 f"{_fmt(p.get('bleu', '-'))} | {_fmt(p.get('bleu_delta_vs_original', '-'))} |")
     sp = doc["speed"]
     L += ["", "## Speed and memory (same inputs, this run)", ""]
     if "speed" in doc.get("plots", {}):

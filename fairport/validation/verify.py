@@ -337,13 +337,20 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
             diffs.append((lg.float() - orig_logits[f"logits.{i}"]).abs()[keep])
         d = torch.cat(diffs)
         hyps, _ = _port_generate(m, worker_inputs, len(gbatches), settings["beam"], prefix_bos, cfg, opts.device)
-        same = sum(a[0]["tokens"].tolist() == b[0]["tokens"].tolist() for a, b in zip(hyps, theirs["beam"])) / max(n, 1)
+        pairs = list(zip(hyps, theirs["beam"]))
+        same = sum(a[0]["tokens"].tolist() == b[0]["tokens"].tolist() for a, b in pairs) / max(n, 1)
+        # how far the top hypothesis' score moves (fp32 original -> this dtype), over all sentences
+        score_d = [abs(float(a[0]["score"]) - float(b[0]["score"])) for a, b in pairs]
         tol = opts.logits_tol if DTYPE_TOL[name] is None else DTYPE_TOL[name] * max_ref
         entry = {"dtype": name, "logits_max_abs": float(d.max()), "logits_mean_abs": float(d.mean()),
-                 "tolerance": tol, "beam_exact_match": same}
-        if tok is not None and inputs.refs is not None:
+                 "tolerance": tol, "beam_exact_match": same,
+                 "score_mean_abs_delta": sum(score_d) / max(len(score_d), 1), "score_max_abs_delta": max(score_d, default=0.0)}
+        if tok is not None and (inputs.ref_text or inputs.refs):
             refs = inputs.ref_text or [_text(tok, torch.tensor(r)) for r in inputs.refs]
             entry["bleu"] = _bleu([_text(tok, h[0]["tokens"]) for h in hyps], refs)
+            base = _bleu([_text(tok, h[0]["tokens"]) for h in theirs["beam"]], refs)
+            if entry["bleu"] is not None and base is not None:
+                entry["bleu_delta_vs_original"] = round(entry["bleu"] - base, 4)
         precision.append(entry)
         report.add(f"precision {name}: logits vs fp32 original", float(d.max()) <= tol, float(d.max()), tol,
                    f"beam exact match {same:.1%}")
