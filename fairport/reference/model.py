@@ -149,34 +149,43 @@ class Attention(nn.Module):
         return self.split(self.k_proj(kv)), self.split(self.v_proj(kv))
 
     qkv_packed: PackedWeight | None = None
+    qkv: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused (3C, C) weight and (3C,) bias
 
     def pack_qkv(self, min_numel: int = PACK_MIN_NUMEL) -> None:
-        w = self._fused("weight")
+        w = self.fused_qkv()[0]
         self.qkv_packed = PackedWeight(w) if w is not None and w.numel() >= min_numel else None
 
     def fuse_qkv(self) -> None:
         """Self-attention: put the q, k and v projections in one (3C, C) matrix (and one bias) that the three
         parameters become views of, so `project_qkv` is one matrix product. No memory is duplicated; if the
-        parameters are later replaced (model.to(dtype), load_state_dict), the separate path is used again."""
+        parameters are later replaced (load_state_dict(assign=True), .data = ...), the separate path is used
+        again (EncoderDecoder re-fuses after .to())."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
+        fused = []
         for name in ("weight", "bias"):
-            fused = torch.cat([getattr(p, name).detach() for p in projs])
-            for p, part in zip(projs, fused.chunk(3)):
+            whole = torch.cat([getattr(p, name).detach() for p in projs])
+            for p, part in zip(projs, whole.chunk(3)):
                 getattr(p, name).data = part
+            fused.append(whole)
+        self.qkv = (fused[0], fused[1])
 
-    def _fused(self, name: str) -> torch.Tensor | None:
-        q, k, v = (getattr(p, name) for p in (self.q_proj, self.k_proj, self.v_proj))
-        n = q.numel()
-        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-                and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-                and k.storage_offset() == q.storage_offset() + n and v.storage_offset() == q.storage_offset() + 2 * n):
-            return None
-        return q.as_strided((3 * q.size(0), *q.shape[1:]), (q.stride(0), *q.stride()[1:]) if q.dim() > 1 else (1,))
+    def fused_qkv(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The fused weight and bias while the three projections are still views of them, else (None, None)."""
+        if self.qkv is None:
+            return None, None
+        w, b = self.qkv
+        ws, bs = w.numel() // 3 * w.element_size(), b.numel() // 3 * b.element_size()
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        if (q.weight.data_ptr(), k.weight.data_ptr(), v.weight.data_ptr(), q.bias.data_ptr(), k.bias.data_ptr(),
+                v.bias.data_ptr()) != (w.data_ptr(), w.data_ptr() + ws, w.data_ptr() + 2 * ws, b.data_ptr(),
+                                       b.data_ptr() + bs, b.data_ptr() + 2 * bs):
+            return None, None
+        return w, b
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention projections of x (B, T, C): q (B, T, C) unscaled; k, v (B, H, T, D)."""
-        w, b = self._fused("weight"), self._fused("bias")
-        if w is None or b is None:
+        w, b = self.fused_qkv()
+        if w is None:
             return (self.q_proj(x), *self.project_kv(x))
         q, k, v = linear(x, w, b, self.qkv_packed).chunk(3, dim=-1)
         return q, self.split(k), self.split(v)
@@ -464,7 +473,7 @@ class EncoderDecoder(HubMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.pack_qkv(min_numel)
-                if m._fused("weight") is not None:  # q/k/v run as one product, packed or not
+                if m.fused_qkv()[0] is not None:  # q/k/v run as one product, packed or not
                     covered |= {id(m.q_proj), id(m.k_proj), id(m.v_proj)}
         for m in self.modules():
             if isinstance(m, Linear) and id(m) not in covered:
@@ -484,8 +493,13 @@ class EncoderDecoder(HubMixin, nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): packed copies follow the weights
         packed = getattr(self, "packed", False)
+        fused = [layer.self_attn.fused_qkv()[0] is not None for layer in [*self.encoder.layers, *self.decoder.layers]]
         self.unpack()
+        for layer in [*self.encoder.layers, *self.decoder.layers]:
+            layer.self_attn.qkv = None
         out = super()._apply(fn, recurse)
+        if all(fused):
+            self.fuse_qkv()
         if packed is not False:
             self.pack(packed)
         return out
