@@ -194,3 +194,27 @@ def test_packed_weights_are_used_only_while_valid(trained_converted):
     model.to(torch.bfloat16)  # moving the model re-packs for the new dtype, with the same size rule
     assert fc1.packed is not None and fc1.packed.fits(x.bfloat16(), fc1.weight)
     assert model.unpack().decoder.layers[0].fc1.packed is None
+
+
+def test_layer_cache_equals_concatenate_and_reorder():
+    """The preallocated cache (in-place writes, spare-buffer reorders, growth, batch shrinking) holds what
+    fairseq's concatenate-then-index_select holds."""
+    from fairport.reference.model import LayerCache
+
+    g = torch.Generator().manual_seed(0)
+    cache, k_ref, v_ref = LayerCache(), None, None
+    rows = 6
+    for step in range(75):
+        if step and step % 3 == 0:
+            order = torch.randint(0, rows, (rows,), generator=g)
+            if step == 45:  # sentences leave the batch
+                rows = 4
+                order = order[:rows]
+            cache.reorder(order)
+            k_ref, v_ref = k_ref.index_select(0, order), v_ref.index_select(0, order)
+        T = 2 if step == 10 else 1
+        k, v = torch.randn(rows, 3, T, 5, generator=g), torch.randn(rows, 3, T, 5, generator=g)
+        k_ref = k if k_ref is None else torch.cat([k_ref, k], dim=2)
+        v_ref = v if v_ref is None else torch.cat([v_ref, v], dim=2)
+        got_k, got_v = cache.append(k, v)
+        assert torch.equal(got_k, k_ref) and torch.equal(got_v, v_ref), step

@@ -241,26 +241,59 @@ class EncoderLayer(nn.Module):
 
 
 class LayerCache:
-    """One decoder layer's incremental state: self-attention keys/values grow by one step per call;
-    cross-attention keys/values are computed once per source sentence."""
+    """One decoder layer's incremental state. Self-attention keys/values live in preallocated time-major
+    buffers (capacity, B, H, D): the first t steps are one contiguous block, a step writes its rows in place,
+    and a beam reorder gathers rows into a spare buffer (one copy per step, no allocation; fairseq's
+    concatenate-then-reorder copies twice). Cross-attention keys/values are computed once per source."""
 
     def __init__(self) -> None:
-        self.self_k: torch.Tensor | None = None  # (B, H, t, D)
-        self.self_v: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None  # (capacity, B, H, D)
+        self.v: torch.Tensor | None = None
+        self.spare: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.len = 0
         self.cross_k: torch.Tensor | None = None  # (B, H, S, D)
         self.cross_v: torch.Tensor | None = None
 
+    def _grow(self, need: int) -> None:
+        cap = max(32, 2 * need)
+        new = [self.k.new_empty((cap, *self.k.shape[1:])) for _ in range(2)]
+        for buf, old in zip(new, (self.k, self.v)):
+            buf[: self.len] = old[: self.len]
+        self.k, self.v = new
+        self.spare = None
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.self_k is not None:
-            k, v = torch.cat([self.self_k, k], dim=2), torch.cat([self.self_v, v], dim=2)
-        self.self_k, self.self_v = k, v
-        return k, v
+        """Add the newest steps' k, v (B, H, T, D); returns all steps' (B, H, t, D), as views."""
+        T = k.size(2)
+        if self.k is None:
+            self.k = k.new_empty((max(32, 2 * T), k.size(0), k.size(1), k.size(3)))
+            self.v = torch.empty_like(self.k)
+        elif self.len + T > self.k.size(0):
+            self._grow(self.len + T)
+        self.k[self.len: self.len + T] = k.permute(2, 0, 1, 3)
+        self.v[self.len: self.len + T] = v.permute(2, 0, 1, 3)
+        self.len += T
+        return self.k[: self.len].permute(1, 2, 0, 3), self.v[: self.len].permute(1, 2, 0, 3)
 
     def reorder(self, order: torch.Tensor) -> None:
         """Beam search: keep the rows in `order` (self-attention only; cross k/v are per source)."""
-        if self.self_k is not None:
-            self.self_k = self.self_k.index_select(0, order)
-            self.self_v = self.self_v.index_select(0, order)
+        if self.k is None:
+            return
+        t = self.len
+        if order.numel() != self.k.size(1):  # finished sentences left the batch: buffers of the new size
+            self.k = torch.cat([self.k[:t].index_select(1, order), self.k.new_empty((self.k.size(0) - t,
+                                                                                        order.numel(), *self.k.shape[2:]))])
+            self.v = torch.cat([self.v[:t].index_select(1, order), self.v.new_empty((self.v.size(0) - t,
+                                                                                        order.numel(), *self.v.shape[2:]))])
+            self.spare = None
+            return
+        if self.spare is None:
+            self.spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        sk, sv = self.spare
+        torch.index_select(self.k[:t], 1, order, out=sk[:t])
+        torch.index_select(self.v[:t], 1, order, out=sv[:t])
+        self.spare = (self.k, self.v)
+        self.k, self.v = sk, sv
 
 
 class DecoderLayer(nn.Module):
