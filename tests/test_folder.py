@@ -152,22 +152,37 @@ def test_streaming_safetensors_writer_round_trips(tmp_path):
 
 @needs_fairseq
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
-def test_zip_checkpoint_tensors_are_file_mappings(fixtures_dir):
-    """Each tensor of a zip checkpoint is a private memory map of the file (read on use, returned when
-    dropped), and equals what torch.load reads."""
+def test_checkpoint_tensors_are_file_mappings(fixtures_dir):
+    """Each tensor of a checkpoint, zip or legacy format, is a private memory map of the file (read on use,
+    returned when dropped), and every tensor in it (model and training state) equals what torch.load reads."""
     from fairport.converters.checkpoint import load_checkpoint, restricted_pickle
 
-    ckpt = next(p for p in sorted(fixtures_dir.glob("*/model.pt")) if p.read_bytes()[:2] == b"PK")
-    sd = load_checkpoint(ckpt)["model"]
-    spans = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and Path(fields[5]) == ckpt.resolve():
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            spans.append((lo, hi))
-    want = torch.load(ckpt, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)["model"]
-    assert set(sd) == set(want)
-    for k, t in sd.items():
-        assert torch.equal(t, want[k]), k
-        if t.numel():
-            assert any(lo <= t.data_ptr() < hi for lo, hi in spans), f"{k} is not mapped from {ckpt}"
+    def tensors(obj, path=""):
+        if isinstance(obj, torch.Tensor):
+            yield path, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(v, f"{path}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{path}/{i}")
+
+    formats = set()
+    for ckpt in sorted(fixtures_dir.glob("*/model.pt")):
+        formats.add("zip" if ckpt.read_bytes()[:2] == b"PK" else "legacy")
+        state = load_checkpoint(ckpt)
+        spans = []
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and Path(fields[5]) == ckpt.resolve():
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((lo, hi))
+        want = dict(tensors(torch.load(ckpt, map_location="cpu", pickle_module=restricted_pickle,
+                                       weights_only=False)))
+        got = dict(tensors(state))
+        assert set(got) == set(want) and any(k.startswith("/model/") for k in got), ckpt
+        for k, t in got.items():
+            assert t.dtype == want[k].dtype and torch.equal(t, want[k]), (ckpt, k)
+            if t.numel():
+                assert any(lo <= t.data_ptr() < hi for lo, hi in spans), f"{ckpt} {k} is not mapped from the file"
+    assert formats == {"zip", "legacy"}

@@ -7,8 +7,8 @@ A fairseq checkpoint is a torch pickle: a dict with `model` (the state dict), `a
 Unpickling is restricted. Only the globals in `ALLOWED_GLOBALS` may be called; classes from the
 modules in `STUB_MODULES` (fairseq's own meters and configs, omegaconf containers) are replaced by inert
 stand-ins that only record their state, so no fairseq or omegaconf code runs. Any other global is refused
-with an error that names it. Zip checkpoints are memory-mapped tensor by tensor, so optimizer state is
-never read from disk and conversion holds only the tensors it is writing.
+with an error that names it. Checkpoints (zip and legacy formats) are memory-mapped tensor by tensor, so
+optimizer state is never read from disk and conversion holds only the tensors it is writing.
 """
 
 from __future__ import annotations
@@ -173,15 +173,31 @@ def _storage_type(name: str):
         return None
 
 
-class _ZipTensorUnpickler(RestrictedUnpickler):
-    """Reads `data.pkl` of a zip checkpoint; each storage becomes its own copy-on-write memory map of the
-    file, so a tensor's bytes are read only when used and its pages are returned when it is dropped
-    (conversion streams one tensor at a time: peak memory is a few tensors, not the checkpoint)."""
+def _mapped_storage(path: Path, offset: int, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
+    """`numel` values of `dtype` at byte `offset` of the file, as a private copy-on-write memory map: read
+    from disk only when used, returned to the system when the last tensor on it is dropped."""
+    import numpy as np
 
-    def __init__(self, file, reader, prefix: str, path: Path):
+    nbytes = int(numel) * torch._utils._element_size(dtype)
+    if nbytes == 0:
+        untyped = torch.UntypedStorage(0)
+    else:
+        if offset + nbytes > path.stat().st_size:
+            raise EOFError(f"tensor data at byte {offset} runs past the end of the file")
+        untyped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=offset,
+                                             shape=(nbytes,))).untyped_storage()
+    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+class _TensorUnpickler(RestrictedUnpickler):
+    """The restricted unpickler plus torch's persistent ids for storages. `storage(key, dtype, numel)` makes
+    each root storage (memory-mapped, or on the meta device while only shapes are wanted)."""
+
+    def __init__(self, file, storage):
         super().__init__(file)
-        self.reader, self.prefix, self.path = reader, prefix, path
-        self.storages: dict[str, torch.storage.TypedStorage] = {}
+        self.storage = storage
+        self.roots: dict[str, torch.storage.TypedStorage] = {}
+        self.views: dict[str, torch.storage.TypedStorage] = {}
 
     def find_class(self, module: str, name: str):
         if module == "torch" and name.endswith("Storage") and _storage_type(name) is not None:
@@ -189,39 +205,97 @@ class _ZipTensorUnpickler(RestrictedUnpickler):
         return super().find_class(module, name)
 
     def persistent_load(self, pid):
-        import numpy as np
-
-        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
+        # zip format: ('storage', type, key, location, numel)
+        # legacy format: ('storage', type, root_key, location, numel, view_metadata) or ('module', cls, ...)
+        kind = pid[0].decode() if isinstance(pid, tuple) and isinstance(pid[0], bytes) else (
+            pid[0] if isinstance(pid, tuple) else None)
+        if kind == "module" and len(pid) >= 2:
+            return pid[1]  # a class already resolved through find_class
+        if kind != "storage" or len(pid) not in (5, 6):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
+        storage_type, key, _location, numel = pid[1:5]
+        view = pid[5] if len(pid) == 6 else None
         key = key.decode() if isinstance(key, bytes) else str(key)
-        if key not in self.storages:
-            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-            nbytes = int(numel) * torch._utils._element_size(dtype)
-            record = f"{self.prefix}data/{key}"
-            if nbytes:
-                offset = self.reader.get_record_offset(record)
-                if offset + nbytes > self.path.stat().st_size:
-                    raise EOFError(f"tensor data {record} runs past the end of the file")
-                array = np.memmap(self.path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
-                untyped = torch.from_numpy(array).untyped_storage()
-            else:
-                untyped = torch.UntypedStorage(0)
-            self.storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-        return self.storages[key]
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        if key not in self.roots:
+            self.roots[key] = self.storage(key, dtype, int(numel))
+        root = self.roots[key]
+        if view is None:
+            return root
+        view_key, offset, size = view
+        if view_key not in self.views:
+            es = torch._utils._element_size(dtype)
+            self.views[view_key] = torch.storage.TypedStorage(
+                wrap_storage=root._untyped_storage[offset * es: (offset + size) * es], dtype=dtype, _internal=True)
+        return self.views[view_key]
 
 
 def _load_zip(path: Path) -> Any:
+    """torch >= 1.6 zip checkpoints: each storage is a record of the (uncompressed) archive."""
     reader = torch._C.PyTorchFileReader(str(path))
     pickles = [n for n in reader.get_all_records() if n.endswith("data.pkl")]
     prefix = min(pickles, key=len)[: -len("data.pkl")]
-    return _ZipTensorUnpickler(io.BytesIO(reader.get_record(f"{prefix}data.pkl")), reader, prefix, path).load()
+
+    def storage(key, dtype, numel):
+        offset = reader.get_record_offset(f"{prefix}data/{key}") if numel else 0
+        return _mapped_storage(path, offset, dtype, numel)
+
+    return _TensorUnpickler(io.BytesIO(reader.get_record(f"{prefix}data.pkl")), storage).load()
+
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+
+def _load_legacy(path: Path) -> Any:
+    """torch < 1.6 (and `_use_new_zipfile_serialization=False`) checkpoints, as the 2019-2020 fairseq
+    releases are: magic, protocol and system-info pickles, the main pickle, the list of storage keys, then
+    each storage as an 8-byte element count and its raw bytes. The main pickle is read twice: once with
+    shape-only (meta) storages to learn the keys and where the data starts, then with each storage
+    memory-mapped at its offset."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if RestrictedUnpickler(f).load() != LEGACY_MAGIC:
+            raise pickle.UnpicklingError("not a torch checkpoint (bad magic number)")
+        if RestrictedUnpickler(f).load() != LEGACY_PROTOCOL:
+            raise pickle.UnpicklingError("unsupported torch serialization protocol")
+        RestrictedUnpickler(f).load()  # system info
+        start = f.tell()
+        described: dict[str, tuple[torch.dtype, int]] = {}
+
+        def shape_only(key, dtype, numel):
+            described[key] = (dtype, numel)
+            return torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(
+                numel * torch._utils._element_size(dtype), device="meta"), dtype=dtype, _internal=True)
+
+        _TensorUnpickler(f, shape_only).load()
+        keys = RestrictedUnpickler(f).load()
+        offsets = {}
+        pos = f.tell()
+        for key in keys:
+            key = key.decode() if isinstance(key, bytes) else str(key)
+            f.seek(pos)
+            head = f.read(8)
+            if len(head) < 8:
+                raise EOFError("the file ends inside its tensor data")
+            count = struct.unpack("<q", head)[0]
+            if key not in described or count != described[key][1]:
+                raise pickle.UnpicklingError(f"storage {key} does not match the pickle's description")
+            offsets[key] = pos + 8
+            pos += 8 + count * torch._utils._element_size(described[key][0])
+        if pos > size:
+            raise EOFError("the file ends inside its tensor data")
+        f.seek(start)
+        return _TensorUnpickler(f, lambda key, dtype, numel: _mapped_storage(path, offsets[key], dtype,
+                                                                             numel)).load()
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a fairseq checkpoint dict safely, on the CPU. Zip checkpoints (torch >= 1.6) are memory-mapped
-    per tensor, so optimizer state is never read from disk; legacy ones are read by torch.load with the
-    restricted unpickler."""
+    """Load a fairseq checkpoint dict safely, on the CPU. Tensors are memory-mapped one by one from the file
+    (zip checkpoints of torch >= 1.6 and the legacy format before it), so training state is never read
+    from disk and a tensor's memory is returned when it is dropped."""
     path = Path(path)
     if not path.is_file():
         raise FairportError(f"checkpoint not found: {path}")
@@ -239,10 +313,7 @@ def load_checkpoint(path: str | Path) -> dict:
     elif not head or head[0] != 0x80:  # legacy torch files start with a pickle PROTO opcode
         raise FairportError(f"{path} is not a PyTorch checkpoint (it does not start like one; is it a text file?)")
     try:
-        if is_zip:
-            state = _load_zip(path)
-        else:
-            state = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+        state = _load_zip(path) if is_zip else _load_legacy(path)
     except FairportError:
         raise
     except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
