@@ -44,7 +44,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from fairport.reference import load
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    model = load(a.dst, device=a.device, dtype=dtypes[a.dtype] if a.dtype else None)
+    model = load(a.dst, device=a.device, dtype=dtypes[a.dtype] if a.dtype else None, pack=not a.no_pack)
     model.tokenizer  # fail early, before reading input, when the folder has no tokenizer
     if a.input == "-":
         lines = sys.stdin.read().splitlines()
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
     g.add_argument("--seed", type=int, help="seed for sampling")
+    g.add_argument("--no-pack", action="store_true",
+                   help="CPU: no oneDNN-packed copy of the weights (half the weight memory, slower decoding)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     o = _search_options(g.add_argument_group("generation options (default: the folder's generation_config.json)"))
     o.add_argument("--sampling", action="store_true")
