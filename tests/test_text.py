@@ -150,3 +150,8 @@ def test_generate_cli_writes_one_line_per_input(trained_dir, tmp_path):
     assert "9/9" in proc.stderr  # the progress bar
     lines = out.read_text().splitlines()
     assert lines == load(tmp_path / "m").translate(inp.read_text().splitlines(), beam=2)
+    proc = subprocess.run([sys.executable, "-m", "fairport.cli", "generate", str(tmp_path / "m"), "--input", str(inp),
+                           "--output", str(tmp_path / "out2.txt"), "--beam", "2", "--no-pack", "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out2.txt").read_text().splitlines() == lines
