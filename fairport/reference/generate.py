@@ -225,7 +225,7 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
         lprobs = ensemble_lprobs(states, tokens[:, step:step + 1], step, opts.temperature)
 
         lprobs.masked_fill_(lprobs.isnan(), -math.inf)
-        lprobs[:, pad] = -math.inf
+        lprobs[:, pad].fill_(-math.inf)  # in place on a column view (no temporary scalar tensor)
         if opts.unkpen:
             lprobs[:, unk] -= opts.unkpen
         if step >= max_len:  # only EOS may follow at the last step
@@ -234,7 +234,7 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
         if prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len:
             lprobs, tokens, scores = force_prefix(step, lprobs, scores, tokens, prefix_tokens, beam, pad, eos)
         elif step < opts.min_len:
-            lprobs[:, eos] = -math.inf
+            lprobs[:, eos].fill_(-math.inf)
         scores = scores.type_as(lprobs)
         if opts.no_repeat_ngram_size > 0:
             block_repeated_ngrams(tokens[:, : step + 1], lprobs, opts.no_repeat_ngram_size, step)
@@ -250,7 +250,7 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
 
         # finalise hypotheses that end in EOS among the top `beam` candidates
         eos_mask = cand_indices.eq(eos) & cand_scores.ne(-math.inf)
-        eos_mask[:, :beam][cands_to_ignore] = False
+        eos_mask[:, :beam].masked_fill_(cands_to_ignore, False)
         eos_bbsz_idx = torch.masked_select(cand_bbsz_idx[:, :beam], mask=eos_mask[:, :beam])
         finalized_sents: list[int] = []
         if eos_bbsz_idx.numel() > 0:

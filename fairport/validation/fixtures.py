@@ -197,10 +197,12 @@ def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
         src, tgt = _synthetic_pairs(n, rng)
         (raw / f"{split}.en").write_text("\n".join(src) + "\n")
         (raw / f"{split}.de").write_text("\n".join(tgt) + "\n")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    # fairseq's own training needs none of fairport's allocator setting (see fairport/__init__.py)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2", THP_MEM_ALLOC_ENABLE="0")
 
     def run(args: list[str]) -> None:
-        for attempt in range(2):  # fairseq-train on CPU has been seen to abort at start-up once in a while
+        for attempt in range(4):  # fairseq-train on CPU aborts now and then ("terminate called without an
+            # active exception", no traceback); a fresh start succeeds
             proc = subprocess.run([sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
             if proc.returncode == 0:
