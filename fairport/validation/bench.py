@@ -347,7 +347,8 @@ def plot(result: dict, path: Path) -> None:
         ax.bar([j + i * w for j in range(len(rows))], [r["sides"].get(side, {}).get("ms_per_step", 0) for r in rows],
                w, label=side)
     if result.get("batch1_bound_ms_per_step"):
-        ax.axhline(result["batch1_bound_ms_per_step"], ls="--", color="k", lw=1, label="fp32 floor, batch 1 (step weights at memory bandwidth)")
+        ax.axhline(result["batch1_bound_ms_per_step"], ls="--", color="k", lw=1,
+                   label="fp32 floor, batch 1 (step weights at memory bandwidth)")
     ax.set_xticks([j + w * (len(sides) - 1) / 2 for j in range(len(rows))], [r["key"] for r in rows], rotation=30,
                   ha="right", fontsize=8)
     ax.set_ylabel("ms per decoder step")
