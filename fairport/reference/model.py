@@ -281,10 +281,13 @@ class LayerCache:
             return
         t = self.len
         if order.numel() != self.k.size(1):  # finished sentences left the batch: buffers of the new size
-            self.k = torch.cat([self.k[:t].index_select(1, order), self.k.new_empty((self.k.size(0) - t,
-                                                                                        order.numel(), *self.k.shape[2:]))])
-            self.v = torch.cat([self.v[:t].index_select(1, order), self.v.new_empty((self.v.size(0) - t,
-                                                                                        order.numel(), *self.v.shape[2:]))])
+            cap, _, H, D = self.k.shape
+            resized = []
+            for buf in (self.k, self.v):
+                new = buf.new_empty((cap, order.numel(), H, D))
+                torch.index_select(buf[:t], 1, order, out=new[:t])
+                resized.append(new)
+            self.k, self.v = resized
             self.spare = None
             return
         if self.spare is None:
