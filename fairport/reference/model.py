@@ -57,7 +57,8 @@ def sinusoidal_table(num: int, dim: int, pad: int) -> torch.Tensor:
 
 def _onednn_linear_available() -> bool:
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     except (AttributeError, RuntimeError):
         return False
 
@@ -506,14 +507,17 @@ class EncoderDecoder(HubMixin, nn.Module):
         if p.device.type != "cpu" or p.dtype not in PACKABLE_DTYPES or not _onednn_linear_available():
             return self
         covered: set[int] = set()
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.pack_qkv(min_numel)
-                if m.fused_qkv()[0] is not None:  # q/k/v run as one product, packed or not
-                    covered |= {id(m.q_proj), id(m.k_proj), id(m.v_proj)}
-        for m in self.modules():
-            if isinstance(m, Linear) and id(m) not in covered:
-                m.pack(min_numel)
+        try:
+            for m in self.modules():
+                if isinstance(m, Attention):
+                    m.pack_qkv(min_numel)
+                    if m.fused_qkv()[0] is not None:  # q/k/v run as one product, packed or not
+                        covered |= {id(m.q_proj), id(m.k_proj), id(m.v_proj)}
+            for m in self.modules():
+                if isinstance(m, Linear) and id(m) not in covered:
+                    m.pack(min_numel)
+        except RuntimeError:  # this oneDNN build cannot pack this dtype here: torch's default path it is
+            return self.unpack()
         self.packed = min_numel
         return self
 
