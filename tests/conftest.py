@@ -29,23 +29,24 @@ def run_fixture_builder(out: Path, *args: str) -> None:
         raise RuntimeError("fairseq fixture builder failed:\n" + proc.stderr[-3000:])
 
 
+def built_by_fairseq(tmp_path_factory, name: str, *args: str) -> Path:
+    """A fresh folder the fixture builder filled (skips when fairseq is not installed)."""
+    if not HAVE_FAIRSEQ:
+        pytest.skip("fairseq (the original) is not installed")
+    out = tmp_path_factory.mktemp(name)
+    run_fixture_builder(out, *args)
+    return out
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir(tmp_path_factory) -> Path:
     """All fixtures from fairport.validation.fixtures.FIXTURES, built by fairseq."""
-    if not HAVE_FAIRSEQ:
-        pytest.skip("fairseq (the original) is not installed")
-    out = tmp_path_factory.mktemp("fairseq-fixtures")
-    run_fixture_builder(out)
-    return out
+    return built_by_fairseq(tmp_path_factory, "fairseq-fixtures")
 
 
 @pytest.fixture(scope="session")
 def real_sizes_dir(tmp_path_factory) -> Path:
-    if not HAVE_FAIRSEQ:
-        pytest.skip("fairseq (the original) is not installed")
-    out = tmp_path_factory.mktemp("fairseq-real-sizes")
-    run_fixture_builder(out, "--real-sizes")
-    return out
+    return built_by_fairseq(tmp_path_factory, "fairseq-real-sizes", "--real-sizes")
 
 
 def gpt2_files(name: str) -> dict:
@@ -74,11 +75,7 @@ def converted(fixtures_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory) -> Path:
     """A small translation model trained by fairseq-train (two checkpoints of one run)."""
-    if not HAVE_FAIRSEQ:
-        pytest.skip("fairseq (the original) is not installed")
-    out = tmp_path_factory.mktemp("fairseq-trained")
-    run_fixture_builder(out, "--trained")
-    return out / "trained_reverse"
+    return built_by_fairseq(tmp_path_factory, "fairseq-trained", "--trained") / "trained_reverse"
 
 
 @pytest.fixture(scope="session")

@@ -173,6 +173,11 @@ def _storage_type(name: str):
         return None
 
 
+def _text(value) -> str:
+    """Pickled storage keys and persistent-id tags: str, or bytes from protocol-2 pickles."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _mapped_storage(path: Path, offset: int, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
     """`numel` values of `dtype` at byte `offset` of the file, as a private copy-on-write memory map: read
     from disk only when used, returned to the system when the last tensor on it is dropped."""
@@ -207,15 +212,14 @@ class _TensorUnpickler(RestrictedUnpickler):
     def persistent_load(self, pid):
         # zip format: ('storage', type, key, location, numel)
         # legacy format: ('storage', type, root_key, location, numel, view_metadata) or ('module', cls, ...)
-        kind = pid[0].decode() if isinstance(pid, tuple) and isinstance(pid[0], bytes) else (
-            pid[0] if isinstance(pid, tuple) else None)
+        kind = _text(pid[0]) if isinstance(pid, tuple) and pid else None
         if kind == "module" and len(pid) >= 2:
             return pid[1]  # a class already resolved through find_class
         if kind != "storage" or len(pid) not in (5, 6):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
         storage_type, key, _location, numel = pid[1:5]
         view = pid[5] if len(pid) == 6 else None
-        key = key.decode() if isinstance(key, bytes) else str(key)
+        key = _text(key)
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         if key not in self.roots:
             self.roots[key] = self.storage(key, dtype, int(numel))
@@ -274,8 +278,7 @@ def _load_legacy(path: Path) -> Any:
         keys = RestrictedUnpickler(f).load()
         offsets = {}
         pos = f.tell()
-        for key in keys:
-            key = key.decode() if isinstance(key, bytes) else str(key)
+        for key in map(_text, keys):
             f.seek(pos)
             head = f.read(8)
             if len(head) < 8:

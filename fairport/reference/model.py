@@ -396,7 +396,8 @@ class Encoder(nn.Module):
             x = self.layer_norm(x)
             if hiddens is not None:
                 hiddens["encoder.layer_norm"] = x
-        return EncoderOut(x, padding_mask)
+        out.x = x  # same padding, dtype and device: the mask computed above serves the decoder too
+        return out
 
 
 class Decoder(nn.Module):
@@ -491,10 +492,13 @@ class EncoderDecoder(HubMixin, nn.Module):
                                      cfg.pooler_activation_fn)
             for name, h in cfg.classification_heads.items()})
 
+    def self_attentions(self) -> list[Attention]:
+        return [layer.self_attn for layer in [*self.encoder.layers, *self.decoder.layers]]
+
     def fuse_qkv(self) -> "EncoderDecoder":
         """One matrix product for each self-attention's q, k, v (see Attention.fuse_qkv); load() does this."""
-        for layer in [*self.encoder.layers, *self.decoder.layers]:
-            layer.self_attn.fuse_qkv()
+        for attn in self.self_attentions():
+            attn.fuse_qkv()
         return self
 
     def pack(self, min_numel: int = PACK_MIN_NUMEL) -> "EncoderDecoder":
@@ -533,12 +537,12 @@ class EncoderDecoder(HubMixin, nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): packed copies follow the weights
         packed = getattr(self, "packed", False)
-        fused = [layer.self_attn.fused_qkv()[0] is not None for layer in [*self.encoder.layers, *self.decoder.layers]]
+        fused = all(attn.fused_qkv()[0] is not None for attn in self.self_attentions())
         self.unpack()
-        for layer in [*self.encoder.layers, *self.decoder.layers]:
-            layer.self_attn.qkv = None
+        for attn in self.self_attentions():
+            attn.qkv = None
         out = super()._apply(fn, recurse)
-        if all(fused):
+        if fused:
             self.fuse_qkv()
         if packed is not False:
             self.pack(packed)
