@@ -38,13 +38,11 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from fairport.reference import load
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    model = load(a.dst, device=a.device, dtype=dtypes[a.dtype] if a.dtype else None, pack=not a.no_pack)
+    model = load(a.dst, device=a.device, dtype=a.dtype, pack=not a.no_pack)
     model.tokenizer  # fail early, before reading input, when the folder has no tokenizer
     if a.input == "-":
         lines = sys.stdin.read().splitlines()
@@ -144,13 +142,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
     for row in result["runs"]:
         for side, r in row["sides"].items():
             sp = r.get("speedup_vs_fairseq_fp32")
+            same = r.get("outputs_equal_fairseq")
+            same = "-" if same is None else "True" if same else f"False ({r['exact_match_rate']:.0%} of sentences)"
             print(f"{row['key']:<24}{side:<14}{r['ms_per_step']:>9.2f}{r['sentences_per_s']:>9.2f}"
-                  f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}  "
-                  f"{r.get('outputs_equal_fairseq', '-')}")
+                  f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}  {same}")
     if result.get("batch1_bound_ms_per_step"):
         print(f"fp32 floor at batch 1: {result['batch1_bound_ms_per_step']:.2f} ms/step (the step's "
               f"{result['step_weights_mb_fp32']:.0f} MB of weights at {result['roofline']['memory_read_gbps']:.0f} GB/s "
               f"memory read)")
+    if result.get("batch1_int8_bound_ms_per_step"):
+        print(f"int8 floor at batch 1: {result['batch1_int8_bound_ms_per_step']:.2f} ms/step (its matrices at one "
+              f"byte a value)")
     if "conversion" in result:
         c = result["conversion"]
         print(f"conversion: {c['seconds']:.1f}s, peak RSS {c['peak_rss_mb']:.0f} MB = {c['rss_over_file']:.2f}x the "
@@ -197,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="-", help="one output per line (default: stdout)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"],
+                   help="default: as stored; int8: float32 with int8 linear layers (CPU; outputs move, "
+                        "`fairport verify --dtypes int8` measures how much)")
     g.add_argument("--seed", type=int, help="seed for sampling")
     g.add_argument("--no-pack", action="store_true",
                    help="CPU: no oneDNN-packed copy of the weights (half the weight memory, slower decoding)")
@@ -217,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default="test")
     v.add_argument("--limit", type=int, default=100, help="inputs to use (default 100)")
     v.add_argument("--device", default="cpu")
-    v.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16,float16")
+    v.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16,float16,int8")
     v.add_argument("--out", help="report folder (default: DST/verify)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--batch-size", type=int, default=16)
@@ -256,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformers")
     b.add_argument("--batch", default="1,8")
     b.add_argument("--beam", default="1,5")
-    b.add_argument("--dtype", default="float32", help="reference dtypes (fairseq is always the fp32 baseline)")
+    b.add_argument("--dtype", default="float32", help="reference dtypes, comma list of float32,bfloat16,float16,int8 "
+                        "(fairseq is always the fp32 baseline)")
     b.add_argument("--steps", type=int, default=40, help="decoder steps per hypothesis (min_len = max_len_b)")
     b.add_argument("--src-len", type=int, help="source length in tokens (default: the preset's)")
     b.add_argument("--repeats", type=int, default=3)

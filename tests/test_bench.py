@@ -23,21 +23,25 @@ def bench(*args):
 def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
     out = tmp_path / "b.json"
     proc = bench("tiny", "--workdir", tmp_path / "w", "--steps", "4", "--repeats", "1", "--batch", "1,3",
-                 "--beam", "1,3", "--dtype", "float32,bfloat16", "--out", out)
+                 "--beam", "1,3", "--dtype", "float32,bfloat16,int8", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     keys = {r["key"] for r in res["runs"]}
-    assert keys == {f"{d}/b{b}/beam{k}" for d in ("float32", "bfloat16") for b in (1, 3) for k in (1, 3)}
+    assert keys == {f"{d}/b{b}/beam{k}" for d in ("float32", "bfloat16", "int8") for b in (1, 3) for k in (1, 3)}
     for row in res["runs"]:
         ref = row["sides"]["reference"]
         assert ref["ms_per_step"] > 0 and ref["peak_rss_mb"] > 0
         assert "fairseq" in row["sides"] and "speedup_vs_fairseq_fp32" in ref
         if row["dtype"] == "float32":
             assert ref["outputs_equal_fairseq"] is True, row["key"]
+        if row["dtype"] == "int8":  # the reference's alone; its agreement with fairseq is measured, not assumed
+            assert "transformers" not in row["sides"] and 0 <= ref["exact_match_rate"] <= 1
     roof = res["roofline"]
     assert roof["memory_read_gbps"] > 0 and roof["weight_read_gbps"]["torch:float32"] > 0
     assert roof["weight_read_gbps"]["packed:float32"] > 0 and roof["weight_read_gbps"]["packed:bfloat16"] > 0
     assert any(k.startswith("torch:bfloat16:") for k in roof["matmul_gflops"])
+    assert roof["weight_read_gbps"]["int8:int8"] > 0
+    assert 0 < res["batch1_int8_bound_ms_per_step"] < res["batch1_bound_ms_per_step"]
     assert 0 < res["batch1_bound_ms_per_step"] < min(r["sides"]["reference"]["ms_per_step"] for r in res["runs"])
     assert res["conversion"]["peak_rss_mb"] > 0 and res["conversion"]["checkpoint_mb"] > 0
     assert out.with_suffix(".png").stat().st_size > 0

@@ -196,6 +196,43 @@ def test_packed_weights_are_used_only_while_valid(trained_converted):
     assert model.unpack().decoder.layers[0].fc1.packed is None
 
 
+def test_int8_weights(trained_converted, trained_dir):
+    """quantize(): every linear layer multiplies through an int8 copy (used only while valid), the product
+    stays within int8's error of the fp32 one, and a model that cannot hold int8 says so."""
+    import torch.nn.functional as F
+
+    from fairport.errors import FairportError
+    from fairport.reference.model import Int8Weight, Linear
+
+    fp32 = load(trained_converted / "single")
+    model = load(trained_converted / "single", dtype="int8")
+    assert model.quantized and not model.packed
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and not name.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+            assert isinstance(m.packed, Int8Weight), name
+    layer = model.decoder.layers[0]
+    assert isinstance(layer.self_attn.qkv_packed, Int8Weight)
+    fc1 = layer.fc1
+    x = torch.randn(7, fc1.in_features, generator=torch.Generator().manual_seed(0))
+    exact = F.linear(x, fc1.weight, fc1.bias)
+    err = (fc1(x) - exact).abs().max().item()
+    assert 0 < err <= 0.02 * exact.abs().max().item()  # quantized (not the fp32 product), and close to it
+    src = source_batch(trained_dir, n=6)
+    prev = torch.cat([torch.full((6, 1), 2), src[:, :-1].clamp(min=4)], dim=1)
+    with torch.no_grad():
+        a, b = fp32(src, prev), model(src, prev)
+    assert (a - b).abs().max().item() <= 0.1 * a.abs().max().item()
+    assert len(model.generate(src, beam=3)) == 6
+    with torch.no_grad():
+        fc1.weight.mul_(2.0)  # an in-place edit: the int8 copy is stale and must not be used
+    assert not fc1.packed.fits(x, fc1.weight, fc1.bias)
+    assert torch.equal(fc1(x), F.linear(x, fc1.weight, fc1.bias))
+    model.to(torch.bfloat16)  # int8 is float32-only: moving the model drops it
+    assert not model.quantized and not isinstance(fc1.packed, Int8Weight)
+    with pytest.raises(FairportError, match="int8 needs the model on the CPU in float32"):
+        model.quantize()
+
+
 def test_layer_cache_equals_concatenate_and_reorder():
     """The preallocated cache (in-place writes, spare-buffer reorders, growth, batch shrinking) holds what
     fairseq's concatenate-then-index_select holds."""

@@ -32,7 +32,7 @@ def trained_port(trained_dir, tmp_path_factory):
 @needs_fairseq
 def test_correct_port_passes_with_full_report(trained_dir, trained_port, tmp_path):
     proc = run_verify(trained_dir, trained_port, "--fairseq-data", trained_dir / "bin", "--limit", "24",
-                      "--dtypes", "float32,bfloat16", "--out", tmp_path / "r")
+                      "--dtypes", "float32,bfloat16,int8", "--out", tmp_path / "r")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "verify: PASS"
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -42,8 +42,10 @@ def test_correct_port_passes_with_full_report(trained_dir, trained_port, tmp_pat
     assert rep["generation"]["beam"]["exact_match"] == 1.0 and rep["generation"]["greedy"]["exact_match"] == 1.0
     assert rep["nll"]["target"] == "references"
     assert rep["quality"]["bleu"]["original"] == rep["quality"]["bleu"]["reference"]
-    fp32, bf16 = rep["precision"]
-    assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    fp32, bf16, int8 = rep["precision"]
+    assert (fp32["dtype"], bf16["dtype"], int8["dtype"]) == ("float32", "bfloat16", "int8")
+    assert 0 < int8["logits_max_abs"] <= int8["tolerance"] and 0 <= int8["beam_exact_match"] <= 1
+    assert "bleu_delta_vs_original" in int8
     assert fp32["beam_exact_match"] == 1.0 and fp32["score_max_abs_delta"] <= 1e-4 and fp32["bleu_delta_vs_original"] == 0
     assert 0 <= bf16["beam_exact_match"] <= 1 and "bleu_delta_vs_original" in bf16 and bf16["score_mean_abs_delta"] >= 0
     assert rep["speed"]["beam"]["original"]["seconds"] > 0 and rep["speed"]["beam"]["reference"]["seconds"] > 0

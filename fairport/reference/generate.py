@@ -327,6 +327,11 @@ class Ensemble(HubMixin, torch.nn.Module):
             m.unpack()
         return self
 
+    def quantize(self, **kwargs) -> "Ensemble":
+        for m in self.members:
+            m.quantize(**kwargs)
+        return self
+
     def generate(self, src_tokens: torch.Tensor, seed: int | None = None, **opts) -> list[list[dict]]:
         if seed is not None:
             torch.manual_seed(seed)

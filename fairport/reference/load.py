@@ -76,9 +76,10 @@ def tied_names(cfg: ModelConfig) -> set[str]:
 
 
 def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dtype=None,
-          pack: bool = True) -> EncoderDecoder:
+          pack: bool = True, int8: bool = False) -> EncoderDecoder:
     """Reference model from a reference-named state dict, without a random init pass. Self-attention q/k/v
-    are fused; on the CPU (fp32/bf16) weights are also packed for oneDNN unless `pack` is False."""
+    are fused; on the CPU (fp32/bf16) weights are also packed for oneDNN unless `pack` is False, or held
+    in int8 (`int8`: fp32 model, dynamically quantized linear layers)."""
     with torch.device("meta"):
         model = EncoderDecoder(cfg)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -97,28 +98,41 @@ def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dt
     else:  # buffers follow the parameters' device
         model = model.to(next(model.parameters()).device)
     model = model.eval().requires_grad_(False).fuse_qkv()
+    if int8:
+        return model.quantize()
     return model.pack() if pack else model
 
 
-def load_one(folder: Path, device=None, dtype=None, pack: bool = True) -> EncoderDecoder:
+def load_one(folder: Path, device=None, dtype=None, pack: bool = True, int8: bool = False) -> EncoderDecoder:
     cfg, meta = read_config(folder)
     model = build(cfg, reference_state_dict(folder, meta.get("weight_names", "fairport")), device=device,
-                  dtype=dtype, pack=pack)
+                  dtype=dtype, pack=pack, int8=int8)
     model.fairport_meta = meta
     model.folder = folder
     return model
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+# what --dtype / --dtypes accept: a torch dtype, or "int8" (fp32 model, int8 linear layers)
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
          pack: bool = True):
     """`fairport.reference.load('out/bart-cnn')` -> the reference model (eval mode). A folder converted from
     an ensemble gives an `Ensemble` of its members, which generates as fairseq's EnsembleModel does.
+    `dtype`: a torch dtype or one of PRECISIONS' names; "int8" is a float32 model whose linear layers run
+    through int8 weights with activations quantized per call (CPU only; see EncoderDecoder.quantize).
     `pack=False` skips the oneDNN copies of the weights on the CPU (half the memory, slower matrix products)."""
     from fairport.reference.generate import Ensemble
 
+    int8 = dtype == "int8"
+    if isinstance(dtype, str):
+        if dtype not in PRECISIONS:
+            raise FairportError(f"unknown dtype {dtype!r} (choose from {', '.join(PRECISIONS)})")
+        dtype = PRECISIONS[dtype]
     folder = Path(path)
-    model = load_one(folder, device, dtype, pack)
+    model = load_one(folder, device, dtype, pack, int8)
     extra = model.fairport_meta.get("ensemble") or []
     if not extra:
         return model
-    return Ensemble([model] + [load_one(folder / sub, device, dtype, pack) for sub in extra])
+    return Ensemble([model] + [load_one(folder / sub, device, dtype, pack, int8) for sub in extra])

@@ -25,6 +25,8 @@ import torch
 from fairport.errors import FairportError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "int8" (float32 model, int8 linear layers) is the reference's alone: no other side has it
+REFERENCE_ONLY = {"int8"}
 
 
 def _timed(fn, repeats: int):
@@ -55,7 +57,7 @@ def _reference_worker(job: dict, pack: bool = True) -> dict:
     for cfg in job["configs"]:
         dtype = cfg["dtype"]
         if dtype not in models:
-            models[dtype] = load(job["folder"], device=job["device"], dtype=DTYPES[dtype], pack=pack)
+            models[dtype] = load(job["folder"], device=job["device"], dtype=dtype, pack=pack)
         m = models[dtype]
         src = inputs[f"src.{cfg['batch']}"].to(job["device"])
         hyps, times = _timed(lambda: m.generate(src, **cfg["options"]), job["repeats"])
@@ -151,17 +153,21 @@ def worker_main(job_path: str) -> None:
 def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str) -> dict:
     """This machine's limits at the model's shapes: memory read bandwidth (a 256 MB reduction), and for each
     dtype the matmul GFLOP/s and weight-read GB/s (256 MB matrix times one row) of torch's default path
-    (`F.linear`, what fairseq and transformers use) and of the reference's packed oneDNN path (CPU)."""
-    from fairport.reference.model import PACKABLE_DTYPES, PackedWeight, _onednn_linear_available, linear
+    (`F.linear`, what fairseq and transformers use) and of the reference's packed oneDNN path (CPU); for
+    int8, of the int8 product (weight bytes counted at one byte a value)."""
+    from fairport.reference.model import (PACKABLE_DTYPES, Int8Weight, PackedWeight, _int8_linear_available,
+                                          _onednn_linear_available, linear)
 
     big = torch.randn(64 << 20, device=device)  # 256 MB
     _, times = _timed(lambda: big.sum(), 10)
     out = {"memory_read_gbps": big.numel() * 4 / min(times) / 1e9, "matmul_gflops": {}, "weight_read_gbps": {}}
     del big
     for name in dtypes:
-        dt = DTYPES[name]
+        dt = DTYPES.get(name, torch.float32)
         paths = {"torch": lambda w: None}
-        if device == "cpu" and dt in PACKABLE_DTYPES and _onednn_linear_available():
+        if name == "int8":
+            paths = {"int8": Int8Weight} if device == "cpu" and _int8_linear_available() else {}
+        elif device == "cpu" and dt in PACKABLE_DTYPES and _onednn_linear_available():
             paths["packed"] = PackedWeight
         for path, make in paths.items():
             w = torch.randn(ffn, dim, dtype=dt, device=device)
@@ -174,21 +180,24 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
             pb = make(big)
             v = torch.randn(1, dim, dtype=dt, device=device)
             _, times = _timed(lambda: linear(v, big, None, pb), 10)
-            out["weight_read_gbps"][f"{path}:{name}"] = big.numel() * big.element_size() / min(times) / 1e9
+            value_bytes = 1 if path == "int8" else big.element_size()
+            out["weight_read_gbps"][f"{path}:{name}"] = big.numel() * value_bytes / min(times) / 1e9
             del big, pb
     return out
 
 
-def step_weight_bytes(cfg, bytes_per_value: int = 4) -> int:
+def step_weight_bytes(cfg, bytes_per_value: int = 4, matrix_bytes_per_value: int | None = None) -> int:
     """Bytes of weights one incremental decoder step reads: every decoder matrix and vector except the
-    token/position tables (a row each) and the cross-attention k/v projections (once per source)."""
+    token/position tables (a row each) and the cross-attention k/v projections (once per source).
+    `matrix_bytes_per_value`: the linear layers' matrices at another width (int8: 1)."""
     model = _meta_model(cfg)
     total = 0
     for name, p in model.decoder.named_parameters(remove_duplicate=False):
         if name.startswith(("embed_tokens", "embed_positions")) or ".encoder_attn.k_proj." in name \
                 or ".encoder_attn.v_proj." in name:
             continue
-        total += p.numel() * bytes_per_value
+        width = matrix_bytes_per_value if matrix_bytes_per_value and p.dim() == 2 else bytes_per_value
+        total += p.numel() * width
     return total
 
 
@@ -281,11 +290,18 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
             if side == "fairseq":  # fairseq is the fp32 baseline for every dtype the port is timed in
                 side_configs = _unique([{**c, "dtype": "float32", "key": c["key"].replace(c["dtype"], "float32", 1)}
                                         for c in configs])
+            elif side != "reference":
+                side_configs = [c for c in configs if c["dtype"] not in REFERENCE_ONLY]
+            if not side_configs:
+                continue
             say(f"timing {side} on {len(side_configs)} configurations ...")
             runs[side] = _run_side(side, {**job, "configs": side_configs}, tmp, timeout=7200)
     result["runs"] = _compare(runs, configs)
     # the fp32 floor of one decoder step at batch 1: its weights read once at the memory's bandwidth
     result["batch1_bound_ms_per_step"] = step_bytes / (result["roofline"]["memory_read_gbps"] * 1e9) * 1000
+    if "int8" in dtypes:  # the same step with its matrices at one byte a value
+        int8_bytes = step_weight_bytes(cfg, matrix_bytes_per_value=1)
+        result["batch1_int8_bound_ms_per_step"] = int8_bytes / (result["roofline"]["memory_read_gbps"] * 1e9) * 1000
     return result
 
 
