@@ -235,7 +235,6 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
             lprobs, tokens, scores = force_prefix(step, lprobs, scores, tokens, prefix_tokens, beam, pad, eos)
         elif step < opts.min_len:
             lprobs[:, eos].fill_(-math.inf)
-        scores = scores.type_as(lprobs)
         if opts.no_repeat_ngram_size > 0:
             block_repeated_ngrams(tokens[:, : step + 1], lprobs, opts.no_repeat_ngram_size, step)
 
@@ -284,17 +283,19 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
             batch_idxs = None
 
         # keep the best `beam` candidates that do not end in EOS
-        eos_mask[:, :beam] = ~((~cands_to_ignore) & (~eos_mask[:, :beam]))
+        eos_mask[:, :beam].logical_or_(cands_to_ignore)  # fairseq writes it ~(~ignore & ~eos)
         active_mask = torch.add(eos_mask.type_as(cand_offsets) * cand_size, cand_offsets[: eos_mask.size(1)])
         new_cands_to_ignore, active_hypos = torch.topk(active_mask, k=beam, dim=1, largest=False)
         cands_to_ignore = new_cands_to_ignore.ge(cand_size)[:, :beam]
         active_bbsz_idx = torch.gather(cand_bbsz_idx, dim=1, index=active_hypos).view(-1)
-        tokens[:, : step + 1] = torch.index_select(tokens[:, : step + 1], dim=0, index=active_bbsz_idx)
+        if beam > 1:  # with one beam every row continues itself: nothing to reorder
+            # whole rows: the columns past `step` are still pad (tokens) and 0 (scores) in every row
+            tokens = tokens.index_select(0, active_bbsz_idx)
+            scores = scores.index_select(0, active_bbsz_idx)
         tokens.view(bsz, beam, -1)[:, :, step + 1] = torch.gather(cand_indices, dim=1, index=active_hypos)
-        if step > 0:
-            scores[:, :step] = torch.index_select(scores[:, :step], dim=0, index=active_bbsz_idx)
         scores.view(bsz, beam, -1)[:, :, step] = torch.gather(cand_scores, dim=1, index=active_hypos)
-        reorder_state = active_bbsz_idx
+        # decoder caches follow the surviving hypotheses (one beam: only when sentences left the batch)
+        reorder_state = active_bbsz_idx if beam > 1 or batch_idxs is not None else None
 
     for sent in range(len(finalized)):
         order = torch.sort(torch.tensor([float(h["score"].item()) for h in finalized[sent]]), descending=True)[1]

@@ -152,6 +152,9 @@ class LearnedPositions(nn.Embedding):
     def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
         return F.embedding(positions, self.weight, self.padding_idx)
 
+    def at(self, position: int) -> torch.Tensor:  # one position's (C,) row, a view
+        return self.weight[position]
+
 
 class SinusoidalPositions(nn.Module):
     def __init__(self, max_positions: int, dim: int, pad: int):
@@ -165,6 +168,11 @@ class SinusoidalPositions(nn.Module):
             self.table = sinusoidal_table(needed, self.dim, self.pad).to(self.table)
         return self.table[positions]  # the buffer follows model.to(dtype), as fairseq's does
 
+    def at(self, position: int) -> torch.Tensor:  # one position's (C,) row, a view
+        if position >= self.table.size(0):
+            self.table = sinusoidal_table(position + 1, self.dim, self.pad).to(self.table)
+        return self.table[position]
+
 
 class Attention(nn.Module):
     """fairseq MultiheadAttention at inference: q scaled before q.k, softmax in fp32."""
@@ -174,6 +182,9 @@ class Attention(nn.Module):
         kv_dim = kv_dim or dim
         self.heads, self.head_dim = heads, dim // heads
         self.scaling = self.head_dim**-0.5
+        # fairseq scales q before q.k; when the scale is a power of two (head width 16, 64, 256, ...) the kernel
+        # scaling q.k instead gives the same bits (checked by the tests), one multiplication fewer per call
+        self.scale_in_kernel = math.frexp(self.scaling)[0] == 0.5
         self.q_proj = Linear(dim, dim)
         self.k_proj = Linear(kv_dim, dim)
         self.v_proj = Linear(kv_dim, dim)
@@ -236,16 +247,19 @@ class Attention(nn.Module):
         B, T, C = x.shape
         Bk, H, D = k.size(0), self.heads, self.head_dim
         G = B // Bk
-        q = self.split((self.q_proj(x) if q is None else q) * self.scaling)  # (B, H, T, D)
-        if G > 1:
-            q = q.view(Bk, G, H, T, D).transpose(1, 2).reshape(Bk, H, G * T, D)
-        # softmax(q k^T + mask) v with q already scaled, as fairseq computes it; one fused kernel
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (Bk, H, G*T, D)
+        q = self.q_proj(x) if q is None else q
+        if not self.scale_in_kernel:
+            q = q * self.scaling
+        # (B, T, C) -> (Bk, H, G*T, D): row b = bk*G + g of x is query g*T + t of key row bk (G = 1: the usual
+        # (B, H, T, D)); a view when T == 1, as in incremental decoding
+        q = q.view(Bk, G, T, H, D).permute(0, 3, 1, 2, 4).reshape(Bk, H, G * T, D)
+        # softmax(q k^T + mask) v with q scaled as fairseq scales it; one fused kernel
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             scale=self.scaling if self.scale_in_kernel else 1.0)  # (Bk, H, G*T, D)
         if mask is not None and mask.dim() == 4 and mask.size(-2) > 1:
             out = out.nan_to_num(0.0)  # a query whose keys are all padding attends to nothing (fairseq/torch)
-        if G > 1:
-            out = out.view(Bk, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        out = out.view(Bk, H, G, T, D).permute(0, 2, 3, 1, 4).reshape(B, T, C)
+        return self.out_proj(out)  # (B, T, C)
 
 
 def residual_block(x, norm: nn.LayerNorm, pre_norm: bool, fn):
@@ -376,6 +390,10 @@ class DecoderLayer(nn.Module):
         return residual_block(x, self.final_layer_norm, self.pre_norm, self.ffn)
 
 
+def scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1.0 else scale * x  # times 1.0 changes nothing: one operation fewer per step
+
+
 def _positions_module(learned: bool, max_positions: int, dim: int, pad: int) -> nn.Module:
     return (LearnedPositions if learned else SinusoidalPositions)(max_positions, dim, pad)
 
@@ -409,7 +427,7 @@ class Encoder(nn.Module):
         self.layer_norm = nn.LayerNorm(C) if cfg.encoder_final_norm else None
 
     def embed(self, src_tokens: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, S, C)
-        x = self.embed_scale * self.embed_tokens(src_tokens)
+        x = scaled(self.embed_tokens(src_tokens), self.embed_scale)
         if self.embed_positions is not None:
             x = x + self.embed_positions(make_positions(src_tokens, self.pad))
         if self.layernorm_embedding is not None:
@@ -462,15 +480,14 @@ class Decoder(nn.Module):
                  hiddens: dict | None = None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, C_out) features before the output projection.
         Incremental decoding: pass only the newest token (B, 1), its 0-based `step`, and `caches`."""
-        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
+        x = scaled(self.embed_tokens(prev_output_tokens), self.embed_scale)
         if self.project_in_dim is not None:
             x = self.project_in_dim(x)
         if self.embed_positions is not None:
             if step is None:
-                positions = make_positions(prev_output_tokens, self.pad)
-            else:  # fairseq: the step's position is pad + 1 + step (targets carry no padding)
-                positions = torch.full_like(prev_output_tokens, self.pad + 1 + step)
-            x = x + self.embed_positions(positions)
+                x = x + self.embed_positions(make_positions(prev_output_tokens, self.pad))
+            else:  # fairseq: the step's position is pad + 1 + step for every row (targets carry no padding)
+                x = x + self.embed_positions.at(self.pad + 1 + step)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
 
