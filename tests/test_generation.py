@@ -185,8 +185,8 @@ def test_packed_weights_are_used_only_while_valid(trained_converted):
     x = torch.randn(5, fc1.in_features, generator=torch.Generator().manual_seed(0))
     assert fc1.packed.fits(x, fc1.weight)
     assert torch.allclose(fc1(x), F.linear(x, fc1.weight, fc1.bias), atol=1e-5)
-    q, k, v = attn.project_qkv(x[None])
-    assert torch.allclose(k, attn.split(attn.k_proj(x[None])), atol=1e-5)
+    q, kv = attn.project_qkv(x[None])
+    assert torch.allclose(attn.heads_first(kv)[0], attn.split(attn.k_proj(x[None])), atol=1e-5)
     with torch.no_grad():
         fc1.weight.mul_(2.0)  # an in-place edit: the packed copy is stale and must not be used
     assert not fc1.packed.fits(x, fc1.weight)
@@ -233,6 +233,29 @@ def test_int8_weights(trained_converted, trained_dir):
         model.quantize()
 
 
+def test_attention_scale_inside_the_kernel_gives_fairseqs_bits():
+    """fairseq multiplies q by the scale before q.k; for a power-of-two scale the reference lets SDPA scale
+    q.k instead (one multiplication fewer): the same bits, in fp32 and bf16, masked or not."""
+    import torch.nn.functional as F
+
+    from fairport.reference.model import Attention
+
+    g = torch.Generator().manual_seed(0)
+    for dim, heads, power_of_two in ((64, 4, True), (256, 4, True), (128, 4, False), (96, 3, False)):
+        attn = Attention(dim, heads)
+        assert attn.scale_in_kernel == power_of_two
+        if not power_of_two:
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(6, heads, n, dim // heads, generator=g).to(dtype) for n in (3, 9, 9))
+            mask = torch.zeros(6, 1, 1, 9, dtype=dtype)
+            mask[:2, ..., :4] = float("-inf")
+            for m in (None, mask):
+                fairseq_way = F.scaled_dot_product_attention(q * attn.scaling, k, v, attn_mask=m, scale=1.0)
+                assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=attn.scaling),
+                                   fairseq_way)
+
+
 def test_layer_cache_equals_concatenate_and_reorder():
     """The preallocated cache (in-place writes, spare-buffer reorders, growth, batch shrinking) holds what
     fairseq's concatenate-then-index_select holds."""
@@ -253,5 +276,5 @@ def test_layer_cache_equals_concatenate_and_reorder():
         k, v = torch.randn(rows, 3, T, 5, generator=g), torch.randn(rows, 3, T, 5, generator=g)
         k_ref = k if k_ref is None else torch.cat([k_ref, k], dim=2)
         v_ref = v if v_ref is None else torch.cat([v_ref, v], dim=2)
-        got_k, got_v = cache.append(k, v)
+        got_k, got_v = cache.append(torch.stack([k, v], dim=2).transpose(1, 3))  # (rows, T, 2, 3, 5)
         assert torch.equal(got_k, k_ref) and torch.equal(got_v, v_ref), step

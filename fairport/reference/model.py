@@ -231,13 +231,22 @@ class Attention(nn.Module):
             return None, None
         return w, b
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention projections of x (B, T, C): q (B, T, C) unscaled; k, v (B, H, T, D)."""
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention projections of x (B, T, C): q (B, T, C) unscaled, and keys and values side by side
+        (B, T, 2, H, D), as LayerCache stores them (a view of the fused product: no copy)."""
+        B, T, C = x.shape
         w, b = self.fused_qkv()
         if w is None:
-            return (self.q_proj(x), *self.project_kv(x))
-        q, k, v = linear(x, w, b, self.qkv_packed).chunk(3, dim=-1)
-        return q, self.split(k), self.split(v)
+            q, kv = self.q_proj(x), torch.stack([self.k_proj(x), self.v_proj(x)], dim=2)
+        else:
+            qkv = linear(x, w, b, self.qkv_packed)  # (B, T, 3C)
+            q, kv = qkv[..., :C], qkv[..., C:]
+        return q, kv.reshape(B, T, 2, self.heads, self.head_dim)
+
+    @staticmethod
+    def heads_first(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, 2, H, D) -> k, v (B, H, T, D), views."""
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None, q: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,70 +294,59 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # (B, S, C)
         def attend(h):
-            q, k, v = self.self_attn.project_qkv(h)
-            return self.self_attn(h, k, v, mask, q)
+            q, kv = self.self_attn.project_qkv(h)
+            return self.self_attn(h, *Attention.heads_first(kv), mask, q)
 
         x = residual_block(x, self.self_attn_layer_norm, self.pre_norm, attend)
         return residual_block(x, self.final_layer_norm, self.pre_norm, self.ffn)
 
 
 class LayerCache:
-    """One decoder layer's incremental state. Self-attention keys/values live in preallocated time-major
-    buffers (capacity, B, H, D): the first t steps are one contiguous block, a step writes its rows in place,
-    and a beam reorder gathers rows into a spare buffer (one copy per step, no allocation; fairseq's
-    concatenate-then-reorder copies twice). Cross-attention keys/values are computed once per source."""
+    """One decoder layer's incremental state. Self-attention keys and values live side by side in one
+    preallocated time-major buffer (capacity, 2, B, H, D): the first t steps are one contiguous block, a step
+    writes its rows in place (one copy for both), and a beam reorder gathers rows into a spare buffer (one
+    gather per step, no allocation; fairseq's concatenate-then-reorder copies k and v twice each).
+    Cross-attention keys/values are computed once per source."""
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None  # (capacity, B, H, D)
-        self.v: torch.Tensor | None = None
-        self.spare: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kv: torch.Tensor | None = None  # (capacity, 2, B, H, D)
+        self.spare: torch.Tensor | None = None
         self.len = 0
         self.cross_k: torch.Tensor | None = None  # (B, H, S, D)
         self.cross_v: torch.Tensor | None = None
 
     def _grow(self, need: int) -> None:
-        cap = max(32, 2 * need)
-        new = [self.k.new_empty((cap, *self.k.shape[1:])) for _ in range(2)]
-        for buf, old in zip(new, (self.k, self.v)):
-            buf[: self.len] = old[: self.len]
-        self.k, self.v = new
-        self.spare = None
+        new = self.kv.new_empty((max(32, 2 * need), *self.kv.shape[1:]))
+        new[: self.len] = self.kv[: self.len]
+        self.kv, self.spare = new, None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the newest steps' k, v (B, H, T, D); returns all steps' (B, H, t, D), as views."""
-        T = k.size(2)
-        if self.k is None:
-            self.k = k.new_empty((max(32, 2 * T), k.size(0), k.size(1), k.size(3)))
-            self.v = torch.empty_like(self.k)
-        elif self.len + T > self.k.size(0):
+    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the newest steps' keys and values (B, T, 2, H, D); returns all steps' k, v (B, H, t, D), views."""
+        B, T, _, H, D = kv.shape
+        if self.kv is None:
+            self.kv = kv.new_empty((max(32, 2 * T), 2, B, H, D))
+        elif self.len + T > self.kv.size(0):
             self._grow(self.len + T)
-        self.k[self.len: self.len + T] = k.permute(2, 0, 1, 3)
-        self.v[self.len: self.len + T] = v.permute(2, 0, 1, 3)
+        self.kv[self.len: self.len + T] = kv.permute(1, 2, 0, 3, 4)
         self.len += T
-        return self.k[: self.len].permute(1, 2, 0, 3), self.v[: self.len].permute(1, 2, 0, 3)
+        kv = self.kv[: self.len]  # (t, 2, B, H, D)
+        return kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3)
 
     def reorder(self, order: torch.Tensor) -> None:
         """Beam search: keep the rows in `order` (self-attention only; cross k/v are per source)."""
-        if self.k is None:
+        if self.kv is None:
             return
         t = self.len
-        if order.numel() != self.k.size(1):  # finished sentences left the batch: buffers of the new size
-            cap, _, H, D = self.k.shape
-            resized = []
-            for buf in (self.k, self.v):
-                new = buf.new_empty((cap, order.numel(), H, D))
-                torch.index_select(buf[:t], 1, order, out=new[:t])
-                resized.append(new)
-            self.k, self.v = resized
-            self.spare = None
+        if order.numel() != self.kv.size(2):  # finished sentences left the batch: a buffer of the new size
+            cap, _, _, H, D = self.kv.shape
+            new = self.kv.new_empty((cap, 2, order.numel(), H, D))
+            torch.index_select(self.kv[:t], 2, order, out=new[:t])
+            self.kv, self.spare = new, None
             return
         if self.spare is None:
-            self.spare = (torch.empty_like(self.k), torch.empty_like(self.v))
-        sk, sv = self.spare
-        torch.index_select(self.k[:t], 1, order, out=sk[:t])
-        torch.index_select(self.v[:t], 1, order, out=sv[:t])
-        self.spare = (self.k, self.v)
-        self.k, self.v = sk, sv
+            self.spare = torch.empty_like(self.kv)
+        torch.index_select(self.kv[:t], 2, order, out=self.spare[:t])
+        self.kv, self.spare = self.spare, self.kv
 
 
 class DecoderLayer(nn.Module):
@@ -371,9 +369,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, enc, enc_mask, self_mask, cache: LayerCache | None = None):
         # x (B, T, C); enc (B, S, C); enc_mask additive (B, 1, 1, S); self_mask additive (T, T) or None
         def self_attend(h):
-            q, k, v = self.self_attn.project_qkv(h)
-            if cache is not None:
-                k, v = cache.append(k, v)
+            q, kv = self.self_attn.project_qkv(h)
+            k, v = cache.append(kv) if cache is not None else Attention.heads_first(kv)
             return self.self_attn(h, k, v, self_mask, q)
 
         def cross_attend(h):
