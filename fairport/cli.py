@@ -146,13 +146,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
             same = "-" if same is None else "True" if same else f"False ({r['exact_match_rate']:.0%} of sentences)"
             print(f"{row['key']:<24}{side:<14}{r['ms_per_step']:>9.2f}{r['sentences_per_s']:>9.2f}"
                   f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}  {same}")
+    over = {(row["dtype"], side): r["over_batch1_bound"] for row in result["runs"]
+            for side, r in row["sides"].items() if "over_batch1_bound" in r}
+    over_text = lambda dtype: ", ".join(f"{side} {x:.2f}x" for (d, side), x in over.items() if d == dtype)  # noqa: E731
     if result.get("batch1_bound_ms_per_step"):
         print(f"fp32 floor at batch 1: {result['batch1_bound_ms_per_step']:.2f} ms/step (the step's "
               f"{result['step_weights_mb_fp32']:.0f} MB of weights at {result['roofline']['memory_read_gbps']:.0f} GB/s "
-              f"memory read)")
+              f"memory read); greedy batch-1 step over it: {over_text('float32') or '-'}")
     if result.get("batch1_int8_bound_ms_per_step"):
         print(f"int8 floor at batch 1: {result['batch1_int8_bound_ms_per_step']:.2f} ms/step (its matrices at one "
-              f"byte a value)")
+              f"byte a value); greedy batch-1 step over it: {over_text('int8') or '-'}")
     if "conversion" in result:
         c = result["conversion"]
         print(f"conversion: {c['seconds']:.1f}s, peak RSS {c['peak_rss_mb']:.0f} MB = {c['rss_over_file']:.2f}x the "

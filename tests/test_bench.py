@@ -42,6 +42,10 @@ def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
     assert any(k.startswith("torch:bfloat16:") for k in roof["matmul_gflops"])
     assert roof["weight_read_gbps"]["int8:int8"] > 0
     assert 0 < res["batch1_int8_bound_ms_per_step"] < res["batch1_bound_ms_per_step"]
+    greedy1 = {r["key"]: r["sides"] for r in res["runs"]}
+    assert greedy1["float32/b1/beam1"]["reference"]["over_batch1_bound"] > 1
+    assert greedy1["int8/b1/beam1"]["reference"]["over_batch1_bound"] > 1
+    assert "over_batch1_bound" not in greedy1["int8/b1/beam1"]["fairseq"]  # fairseq's is its fp32 run
     assert 0 < res["batch1_bound_ms_per_step"] < min(r["sides"]["reference"]["ms_per_step"] for r in res["runs"])
     assert res["conversion"]["peak_rss_mb"] > 0 and res["conversion"]["checkpoint_mb"] > 0
     assert out.with_suffix(".png").stat().st_size > 0

@@ -302,6 +302,13 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
     if "int8" in dtypes:  # the same step with its matrices at one byte a value
         int8_bytes = step_weight_bytes(cfg, matrix_bytes_per_value=1)
         result["batch1_int8_bound_ms_per_step"] = int8_bytes / (result["roofline"]["memory_read_gbps"] * 1e9) * 1000
+    # how far each side's batch-1 greedy step is from its floor (1.0 = at the floor)
+    bounds = {"float32": result["batch1_bound_ms_per_step"], "int8": result.get("batch1_int8_bound_ms_per_step")}
+    for row in result["runs"]:
+        if row["batch"] == 1 and row["beam"] == 1 and bounds.get(row["dtype"]):
+            for side, r in row["sides"].items():
+                if side != "fairseq" or row["dtype"] == "float32":  # fairseq's row is its fp32 run
+                    r["over_batch1_bound"] = r["ms_per_step"] / bounds[row["dtype"]]
     return result
 
 
