@@ -210,6 +210,7 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
     cand_size = 2 * beam
     bbsz_offsets = (torch.arange(0, bsz) * beam).unsqueeze(1).to(tokens)
     cand_offsets = torch.arange(0, cand_size).to(tokens)
+    pad_only, pad_eos = torch.tensor([pad], device=device), torch.tensor([pad, eos], device=device)
     reorder_state: torch.Tensor | None = None  # decoder rows are sentences x beams
     batch_idxs: torch.Tensor | None = None  # encoder rows stay one per sentence
 
@@ -224,17 +225,17 @@ def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Te
                 s.reorder(reorder_state)
         lprobs = ensemble_lprobs(states, tokens[:, step:step + 1], step, opts.temperature)
 
-        lprobs.masked_fill_(lprobs.isnan(), -math.inf)
-        lprobs[:, pad].fill_(-math.inf)  # in place on a column view (no temporary scalar tensor)
+        lprobs.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN -> -inf, one kernel
+        forcing = prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len
+        # pad is never generated; nor is EOS before min_len (unless a prefix is being forced)
+        lprobs.index_fill_(1, pad_eos if not forcing and step < opts.min_len else pad_only, -math.inf)
         if opts.unkpen:
             lprobs[:, unk] -= opts.unkpen
         if step >= max_len:  # only EOS may follow at the last step
             lprobs[:, :eos] = -math.inf
             lprobs[:, eos + 1:] = -math.inf
-        if prefix_tokens is not None and step < prefix_tokens.size(1) and step < max_len:
+        if forcing:
             lprobs, tokens, scores = force_prefix(step, lprobs, scores, tokens, prefix_tokens, beam, pad, eos)
-        elif step < opts.min_len:
-            lprobs[:, eos].fill_(-math.inf)
         if opts.no_repeat_ngram_size > 0:
             block_repeated_ngrams(tokens[:, : step + 1], lprobs, opts.no_repeat_ngram_size, step)
 
