@@ -130,7 +130,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise FairportError(f"--sides: unknown side(s) {sorted(unknown)}")
     workdir = Path(a.workdir)
     result = bench(a.target, sides, ints(a.batch), ints(a.beam), [x for x in a.dtype.split(",") if x], a.steps,
-                   a.repeats, a.device, workdir, a.src_len, say=lambda m: print(f"[bench] {m}", flush=True))
+                   a.repeats, a.device, workdir, a.src_len, say=lambda m: print(f"[bench] {m}", flush=True),
+                   warmup_s=a.warmup)
     out = Path(a.out) if a.out else workdir / f"bench-{Path(a.target).name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=40, help="decoder steps per hypothesis (min_len = max_len_b)")
     b.add_argument("--src-len", type=int, help="source length in tokens (default: the preset's)")
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--warmup", type=float, default=1.0,
+                   help="seconds of untimed runs per configuration and side before timing (at least one run)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--workdir", default="fairport-bench", help="where presets are built and converted")
     b.add_argument("--out", help="results JSON (a PNG plot is written beside it)")

@@ -23,7 +23,7 @@ def bench(*args):
 def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
     out = tmp_path / "b.json"
     proc = bench("tiny", "--workdir", tmp_path / "w", "--steps", "4", "--repeats", "1", "--batch", "1,3",
-                 "--beam", "1,3", "--dtype", "float32,bfloat16,int8", "--out", out)
+                 "--beam", "1,3", "--dtype", "float32,bfloat16,int8", "--warmup", "0", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     keys = {r["key"] for r in res["runs"]}

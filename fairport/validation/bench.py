@@ -29,8 +29,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 REFERENCE_ONLY = {"int8"}
 
 
-def _timed(fn, repeats: int):
-    fn()  # warm-up
+def _timed(fn, repeats: int, warmup_s: float = 1.0):
+    """Warm up for at least one call and `warmup_s` seconds (a fresh process's first fraction of a second
+    runs slow here: page faults, thread start-up), then time `repeats` calls."""
+    end = time.perf_counter() + warmup_s
+    fn()
+    while time.perf_counter() < end:
+        fn()
     times = []
     out = None
     for _ in range(repeats):
@@ -60,7 +65,7 @@ def _reference_worker(job: dict, pack: bool = True) -> dict:
             models[dtype] = load(job["folder"], device=job["device"], dtype=dtype, pack=pack)
         m = models[dtype]
         src = inputs[f"src.{cfg['batch']}"].to(job["device"])
-        hyps, times = _timed(lambda: m.generate(src, **cfg["options"]), job["repeats"])
+        hyps, times = _timed(lambda: m.generate(src, **cfg["options"]), job["repeats"], job.get("warmup_s", 1.0))
         toks = [h[0]["tokens"].tolist() for h in hyps]
         results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
     return results
@@ -86,7 +91,7 @@ def _transformers_worker(job: dict) -> dict:
                                   length_penalty=o.get("lenpen", 1.0), early_stopping=True,
                                   no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0) or 0)
 
-        out, times = _timed(run, job["repeats"])
+        out, times = _timed(run, job["repeats"], job.get("warmup_s", 1.0))
         toks = [[t for t in row.tolist()[1:] if t != job["pad"]] for row in out]
         results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
     return results
@@ -117,7 +122,7 @@ def _fairseq_worker(job: dict) -> dict:
             with torch.no_grad():
                 return gen.generate(models, sample)
 
-        hyps, times = _timed(run, job["repeats"])
+        hyps, times = _timed(run, job["repeats"], job.get("warmup_s", 1.0))
         toks = [h[0]["tokens"].tolist() for h in hyps]
         results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
     return results
@@ -159,7 +164,7 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
                                           _onednn_linear_available, linear)
 
     big = torch.randn(64 << 20, device=device)  # 256 MB
-    _, times = _timed(lambda: big.sum(), 10)
+    _, times = _timed(lambda: big.sum(), 10, warmup_s=0.2)
     out = {"memory_read_gbps": big.numel() * 4 / min(times) / 1e9, "matmul_gflops": {}, "weight_read_gbps": {}}
     del big
     for name in dtypes:
@@ -174,12 +179,12 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
             pw = make(w)
             for r in rows:
                 x = torch.randn(r, dim, dtype=dt, device=device)
-                _, times = _timed(lambda: linear(x, w, None, pw), 20)
+                _, times = _timed(lambda: linear(x, w, None, pw), 20, warmup_s=0.2)
                 out["matmul_gflops"][f"{path}:{name}:{r}x{dim}x{ffn}"] = 2 * r * dim * ffn / min(times) / 1e9
             big = torch.randn((256 << 20) // (dim * w.element_size()), dim, dtype=dt, device=device)
             pb = make(big)
             v = torch.randn(1, dim, dtype=dt, device=device)
-            _, times = _timed(lambda: linear(v, big, None, pb), 10)
+            _, times = _timed(lambda: linear(v, big, None, pb), 10, warmup_s=0.2)
             value_bytes = 1 if path == "int8" else big.element_size()
             out["weight_read_gbps"][f"{path}:{name}"] = big.numel() * value_bytes / min(times) / 1e9
             del big, pb
@@ -225,7 +230,8 @@ def _convert_measured(src: Path, dst: Path) -> dict:
 # ---- main --------------------------------------------------------------------------------------------
 
 def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
-          repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print) -> dict:
+          repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print,
+          warmup_s: float = 1.0) -> dict:
     from fairport.reference.load import read_config
     from fairport.validation.fixtures import BENCH_PRESETS
 
@@ -283,7 +289,8 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
         tmp = Path(tmp)
         torch.save(inputs, tmp / "inputs.pt")
         job = {"folder": str(folder), "checkpoint": str(checkpoint), "data": str(checkpoint.parent),
-               "inputs": str(tmp / "inputs.pt"), "repeats": repeats, "device": device, "pad": cfg.pad}
+               "inputs": str(tmp / "inputs.pt"), "repeats": repeats, "warmup_s": warmup_s, "device": device,
+               "pad": cfg.pad}
         runs = {}
         for side in sides:
             side_configs = configs
