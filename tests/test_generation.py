@@ -233,6 +233,14 @@ def test_int8_weights(trained_converted, trained_dir):
         model.quantize()
 
 
+def test_generate_returns_ordinary_tensors(trained_converted, trained_dir):
+    """generate() runs under inference_mode, but what it returns can be edited and used like any tensor."""
+    hyps = load(trained_converted / "single").generate(source_batch(trained_dir, n=3), beam=2)
+    for h in (h for sentence in hyps for h in sentence):
+        assert not any(v.is_inference() for v in h.values())
+        h["positional_scores"].add_(0.0)  # in place: refused on an inference tensor outside inference mode
+
+
 def test_attention_scale_inside_the_kernel_gives_fairseqs_bits():
     """fairseq multiplies q by the scale before q.k; for a power-of-two scale the reference lets SDPA scale
     q.k instead (one multiplication fewer): the same bits, in fp32 and bf16, masked or not."""
