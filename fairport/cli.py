@@ -121,6 +121,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from fairport.reference.load import PRECISIONS
     from fairport.validation.bench import bench, plot
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
@@ -128,8 +129,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     unknown = set(sides) - {"reference", "reference-unpacked", "fairseq", "transformers"}
     if unknown:
         raise FairportError(f"--sides: unknown side(s) {sorted(unknown)}")
+    dtypes = [x for x in a.dtype.split(",") if x]
+    unknown = set(dtypes) - set(PRECISIONS)
+    if unknown:
+        raise FairportError(f"--dtype: unknown dtype(s) {sorted(unknown)} (choose from {', '.join(PRECISIONS)})")
     workdir = Path(a.workdir)
-    result = bench(a.target, sides, ints(a.batch), ints(a.beam), [x for x in a.dtype.split(",") if x], a.steps,
+    result = bench(a.target, sides, ints(a.batch), ints(a.beam), dtypes, a.steps,
                    a.repeats, a.device, workdir, a.src_len, say=lambda m: print(f"[bench] {m}", flush=True),
                    warmup_s=a.warmup)
     out = Path(a.out) if a.out else workdir / f"bench-{Path(a.target).name}.json"

@@ -154,3 +154,8 @@ def test_restricted_unpickler_allows_plain_data():
     data = {"a": argparse.Namespace(x=1), "n": np.float64(2.5), "s": {1, 2}}
     out = RestrictedUnpickler(io.BytesIO(pickle.dumps(data, protocol=2))).load()
     assert out["a"].x == 1 and out["n"] == 2.5 and out["s"] == {1, 2}
+
+
+def test_bench_unknown_dtype_is_one_line_and_builds_nothing(tmp_path):
+    work = tmp_path / "bench-work"
+    assert_clean_failure(fairport("bench", "tiny", "--dtype", "float32,fp8", "--workdir", work), work, "fp8")

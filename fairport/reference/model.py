@@ -162,15 +162,16 @@ class SinusoidalPositions(nn.Module):
         self.dim, self.pad = dim, pad
         self.register_buffer("table", sinusoidal_table(max_positions + pad + 1, dim, pad), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+    def _cover(self, needed: int) -> None:
         if needed > self.table.size(0):  # fairseq grows the table on demand, computed in fp32
             self.table = sinusoidal_table(needed, self.dim, self.pad).to(self.table)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        self._cover(int(positions.max()) + 1 if positions.numel() else 0)
         return self.table[positions]  # the buffer follows model.to(dtype), as fairseq's does
 
     def at(self, position: int) -> torch.Tensor:  # one position's (C,) row, a view
-        if position >= self.table.size(0):
-            self.table = sinusoidal_table(position + 1, self.dim, self.pad).to(self.table)
+        self._cover(position + 1)
         return self.table[position]
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from fairport.errors import FairportError
+from fairport.reference.load import PRECISIONS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # "int8" (float32 model, int8 linear layers) is the reference's alone: no other side has it
 REFERENCE_ONLY = {"int8"}
 
@@ -79,7 +79,7 @@ def _transformers_worker(job: dict) -> dict:
     inputs = torch.load(job["inputs"], weights_only=True)
     results = {}
     for cfg in job["configs"]:
-        m = AutoModelForSeq2SeqLM.from_pretrained(job["folder"], dtype=DTYPES[cfg["dtype"]]).eval().to(job["device"])
+        m = AutoModelForSeq2SeqLM.from_pretrained(job["folder"], dtype=PRECISIONS[cfg["dtype"]]).eval().to(job["device"])
         src = inputs[f"src.{cfg['batch']}"].to(job["device"])
         o = cfg["options"]
         mask = src.ne(job["pad"])
@@ -168,7 +168,7 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
     out = {"memory_read_gbps": big.numel() * 4 / min(times) / 1e9, "matmul_gflops": {}, "weight_read_gbps": {}}
     del big
     for name in dtypes:
-        dt = DTYPES.get(name, torch.float32)
+        dt = PRECISIONS[name]  # int8: float32 activations
         paths = {"torch": lambda w: None}
         if name == "int8":
             paths = {"int8": Int8Weight} if device == "cpu" and _int8_linear_available() else {}
