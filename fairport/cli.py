@@ -24,7 +24,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
            "min_len": a.min_len, "no_repeat_ngram_size": a.no_repeat_ngram_size}
     r = convert(a.src, a.dst, force=a.force, dtype=a.dtype, max_shard_bytes=_size(a.max_shard_size),
                 generation_overrides=gen, src_dict=a.src_dict, tgt_dict=a.tgt_dict,
-                encoder_json=a.gpt2_encoder_json, vocab_bpe=a.gpt2_vocab_bpe, bpecodes=a.bpecodes)
+                encoder_json=a.gpt2_encoder_json, vocab_bpe=a.gpt2_vocab_bpe, bpecodes=a.bpecodes,
+                sentencepiece_model=a.sentencepiece_model, bpe=a.bpe, tokenizer=a.tokenizer)
     c = r["config"]
     print(f"converted {c.arch} ({c.family}: {c.encoder_layers}+{c.decoder_layers} layers, "
           f"d{c.encoder_embed_dim}, {c.src_vocab_size}/{c.tgt_vocab_size} ids, {r['dtype']}) -> {r['dst']}")
@@ -80,7 +81,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         data=Path(a.data) if a.data else None, fairseq_data=Path(a.fairseq_data) if a.fairseq_data else None,
         split=a.split, limit=a.limit, device=a.device, dtypes=tuple(x for x in a.dtypes.split(",") if x),
         seed=a.seed, batch_size=a.batch_size, logits_tol=a.logits_tol, exact_match=a.exact_match,
-        gpt2_encoder_json=a.gpt2_encoder_json, gpt2_vocab_bpe=a.gpt2_vocab_bpe, bpecodes=a.bpecodes)
+        gpt2_encoder_json=a.gpt2_encoder_json, gpt2_vocab_bpe=a.gpt2_vocab_bpe, bpecodes=a.bpecodes,
+        sentencepiece_model=a.sentencepiece_model)
     if a.device.startswith("cuda"):
         import torch
 
@@ -197,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tgt-dict", help="target dictionary (default: found beside the checkpoint)")
     c.add_argument("--gpt2-encoder-json", help="GPT-2 encoder.json (BART)")
     c.add_argument("--gpt2-vocab-bpe", help="GPT-2 vocab.bpe (BART)")
-    c.add_argument("--bpecodes", help="fastBPE codes (WMT19)")
+    c.add_argument("--bpecodes", help="fastBPE / subword-nmt codes (WMT19)")
+    c.add_argument("--sentencepiece-model", help="sentencepiece model (mBART's sentence.bpe.model)")
+    c.add_argument("--bpe", help="fairseq --bpe of the text pipeline (default: as the checkpoint records, "
+                   "else from the files found): gpt2, fastbpe, subword_nmt, sentencepiece, none")
+    c.add_argument("--tokenizer", help="fairseq --tokenizer (default: as the checkpoint records; Moses with "
+                   "fastBPE codes otherwise): moses, space, none")
     c.add_argument("--max-shard-size", default="2GB", help="shard model.safetensors above this size")
     _search_options(c.add_argument_group("generation defaults written to generation_config.json (fairseq names)"))
     c.set_defaults(func=cmd_convert)
@@ -239,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gpt2-encoder-json")
     v.add_argument("--gpt2-vocab-bpe")
     v.add_argument("--bpecodes")
+    v.add_argument("--sentencepiece-model")
     v.set_defaults(func=cmd_verify)
 
     c = sub.add_parser("card", help="write DST/README.md: a model card built from the parity report")

@@ -115,13 +115,15 @@ def build_card(folder: str | Path, report_dir: str | Path | None = None, license
           f"shared embeddings {model['share_all_embeddings']}, dtype `{config.get('torch_dtype')}`.", ""]
     L += ["## Usage", ""]
     if family:
-        L += ["With transformers:", "", "```python", "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
-              f'tok = AutoTokenizer.from_pretrained("{name}")',
+        hf_tok = (folder / "tokenizer_config.json").exists()
+        L += ["With transformers:", "", "```python",
+              "from transformers import AutoModelForSeq2SeqLM" + (", AutoTokenizer" if hf_tok else ""),
+              *([f'tok = AutoTokenizer.from_pretrained("{name}")'] if hf_tok else []),
               f'model = AutoModelForSeq2SeqLM.from_pretrained("{name}")', "```", ""]
     L += ["With fairport (fairseq-exact generation and tokenization):", "", "```python",
           "from huggingface_hub import snapshot_download", "from fairport.reference import load",
           f'model = load(snapshot_download("{name}"))', 'print(model.translate(["Hello world!"]))' if meta.get(
-              "tokenizer") else "hyps = model.generate(src_tokens)  # fairseq dictionary ids", "```", ""]
+              "text") or meta.get("tokenizer") else "hyps = model.generate(src_tokens)  # fairseq dictionary ids", "```", ""]
     if gen:
         L += ["## Generation defaults (fairseq names)", "", "| option | value |", "|---|---|"]
         L += [f"| {k} | {v} |" for k, v in gen.items()] + [""]

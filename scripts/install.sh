@@ -11,6 +11,6 @@ python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0
 python -c "import fairseq" 2>/dev/null || $PIP --no-deps "ve-fairseq==0.12.3"
 $PIP "numpy<2" "hydra-core>=1.3.2" "omegaconf>=2.1" cffi cython regex sacrebleu tqdm bitarray scikit-learn packaging \
      "safetensors>=0.4" "transformers>=5.0,<6" "huggingface_hub>=1.0" sacremoses tokenizers "pytest>=7" \
-     subword-nmt matplotlib rouge-score
+     subword-nmt sentencepiece matplotlib rouge-score
 python -c "import fastBPE" 2>/dev/null || $PIP --no-build-isolation fastbpe || echo "note: fastBPE not built (optional)"
 $PIP --no-deps -e .

@@ -50,7 +50,9 @@ def real_sizes_dir(tmp_path_factory) -> Path:
 
 
 def gpt2_files(name: str) -> dict:
-    if "bart" in name and (SHARED / "gpt2" / "encoder.json").exists():
+    from fairport.validation.fixtures import FIXTURES
+
+    if FIXTURES.get(name, {}).get("dicts") == "gpt2" and (SHARED / "gpt2" / "encoder.json").exists():
         return {"encoder_json": SHARED / "gpt2" / "encoder.json", "vocab_bpe": SHARED / "gpt2" / "vocab.bpe"}
     return {}
 

@@ -159,3 +159,43 @@ def test_restricted_unpickler_allows_plain_data():
 def test_bench_unknown_dtype_is_one_line_and_builds_nothing(tmp_path):
     work = tmp_path / "bench-work"
     assert_clean_failure(fairport("bench", "tiny", "--dtype", "float32,fp8", "--workdir", work), work, "fp8")
+
+
+@needs_fairseq
+def test_bad_text_pipeline_options_fail_cleanly(fixtures_dir, tmp_path):
+    src = fixtures_dir / "transformer_spm_args"
+    not_spm = tmp_path / "not.model"
+    not_spm.write_text("these are not sentencepiece bytes")
+    dst = tmp_path / "out"
+    assert_clean_failure(fairport("convert", src, dst, "--sentencepiece-model", not_spm), dst,
+                         "not a sentencepiece model")
+    assert_clean_failure(fairport("convert", src, dst, "--bpe", "wordpiece"), dst, "--bpe must be one of",
+                         "sentencepiece")
+    assert_clean_failure(fairport("convert", src, dst, "--tokenizer", "nltk"), dst, "--tokenizer must be one of")
+    assert_clean_failure(fairport("convert", src, dst, "--sentencepiece-model", tmp_path / "missing.model"), dst,
+                         "file not found")
+
+
+@needs_fairseq
+def test_missing_bpe_file_gives_an_ids_only_folder_that_says_why(fixtures_dir, tmp_path):
+    """The checkpoint records --bpe sentencepiece but its model file is gone: the weights still convert,
+    provenance.json says what is missing and how to pass it, and asking for text names the flags."""
+    import json
+    import shutil
+
+    from fairport.converters.convert import convert
+    from fairport.reference import load
+
+    src = tmp_path / "release"
+    shutil.copytree(fixtures_dir / "transformer_spm_args", src)
+    (src / "spm.model").unlink()
+    convert(src, tmp_path / "out")
+    notes = json.loads((tmp_path / "out" / "provenance.json").read_text())["notes"]
+    assert any("sentencepiece" in n and "--sentencepiece-model" in n and "/home/trainer/data/spm.model" in n
+               for n in notes), notes
+    with pytest.raises(FairportError, match="no text pipeline.*--sentencepiece-model"):
+        load(tmp_path / "out").translate("hello")
+    # --bpe none: ids only, on purpose, with nothing to report
+    convert(fixtures_dir / "transformer_spm_args", tmp_path / "ids", bpe="none")
+    assert json.loads((tmp_path / "ids" / "config.json").read_text())["fairport"]["text"] is None
+    assert not (tmp_path / "ids" / "sentencepiece.bpe.model").exists()

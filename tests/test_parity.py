@@ -48,7 +48,7 @@ def test_fixtures_cover_the_formats(fixtures_dir):
     assert {s["format"] for s in specs} == {"args", "cfg", "cfg_plain"}
     assert any(s.get("legacy_names") for s in specs) and any(s.get("legacy_serialization") for s in specs)
     assert any(s.get("fp16") for s in specs) and any(s.get("head") for s in specs)
-    assert {s["dicts"] for s in specs} == {"joined", "separate", "gpt2"}
+    assert {s["dicts"] for s in specs} == {"joined", "separate", "gpt2", "spm"}
     raw = (fixtures_dir / "iwslt_legacy_2019" / "model.pt").read_bytes()[:2]
     assert raw != b"PK", "the 2019 fixture must use torch's legacy (non-zip) serialization"
 

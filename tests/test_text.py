@@ -13,8 +13,10 @@ from conftest import SHARED, gpt2_files, needs_fairseq, needs_shared
 from fairport.converters.convert import convert
 from fairport.converters.dictionary import Dictionary
 from fairport.reference import load
-from fairport.reference.tokenizer import GPT2BPE, Tokenizer
+from fairport.reference.tokenizer import GPT2BPE, Tokenizer, load_tokenizer
 from fairport.validation import original
+from fairport.validation.fixtures import train_sentencepiece
+from fairport.validation.verify import hub_request
 
 LANGS = ("en", "de", "ru")
 
@@ -86,16 +88,93 @@ def test_moses_fastbpe_ids_and_round_trip_equal_fairseq(lang, moses_bpe):
     bpe = fastBPE(fastBPEConfig(bpe_codes=str(moses_bpe / "bpecodes")))
     fd = FairseqDictionary.load(str(moses_bpe / "dict.txt"))
     d = Dictionary.load(moses_bpe / "dict.txt")
-    ours = Tokenizer.__new__(Tokenizer)
-    (moses_bpe / "dummy").mkdir(exist_ok=True)
-    (moses_bpe / "dummy" / "bpecodes").write_bytes((moses_bpe / "bpecodes").read_bytes())
-    Tokenizer.__init__(ours, moses_bpe / "dummy", {"tokenizer": "fastbpe", "source_lang": lang, "target_lang": lang},
-                       d, d)
+    ours = Tokenizer(moses_bpe, {"tokenizer": "moses", "bpe": "fastbpe", "moses_source_lang": lang,
+                                 "moses_target_lang": lang}, d, d)
     for s in sentences(lang):
         want = fd.encode_line(bpe.encode(moses.encode(s)), add_if_not_exist=False).long()
         got = ours.encode(s)
         assert got.tolist() == want.tolist(), s
         assert ours.decode(got) == moses.decode(bpe.decode(fd.string(want))), s
+
+
+@needs_fairseq
+@needs_shared
+def test_moses_subword_nmt_ids_and_round_trip_equal_fairseq(moses_bpe, tmp_path):
+    """fairseq's `--bpe subword_nmt` (the subword-nmt library, codes with its #version header) after Moses."""
+    from fairseq.data import Dictionary as FairseqDictionary
+    from fairseq.data.encoders.moses_tokenizer import MosesTokenizer, MosesTokenizerConfig
+    from fairseq.data.encoders.subword_nmt_bpe import SubwordNMTBPE, SubwordNMTBPEConfig
+
+    lines = (moses_bpe / "bpecodes").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "bpecodes").write_text("#version: 0.2\n" + "".join(ln.rsplit(" ", 1)[0] + "\n" for ln in lines),
+                                       encoding="utf-8")
+    moses = MosesTokenizer(MosesTokenizerConfig(source_lang="de", target_lang="de"))
+    bpe = SubwordNMTBPE(SubwordNMTBPEConfig(bpe_codes=str(tmp_path / "bpecodes")))
+    fd = FairseqDictionary.load(str(moses_bpe / "dict.txt"))
+    d = Dictionary.load(moses_bpe / "dict.txt")
+    ours = Tokenizer(tmp_path, {"tokenizer": "moses", "bpe": "subword_nmt", "moses_source_lang": "de",
+                                "moses_target_lang": "de"}, d, d)
+    for s in sentences("de"):
+        want = fd.encode_line(bpe.encode(moses.encode(s)), add_if_not_exist=False).long()
+        got = ours.encode(s)
+        assert got.tolist() == want.tolist(), s
+        assert ours.decode(got) == moses.decode(bpe.decode(fd.string(want))), s
+
+
+@needs_fairseq
+@needs_shared
+def test_sentencepiece_ids_and_round_trip_equal_fairseq_on_all_sentences(tmp_path):
+    """fairseq's `--bpe sentencepiece` (mBART's pipeline): a BPE sentencepiece model learned on the shared
+    sentences, its pieces as the dictionary; ids and decoded text identical on all 9000 sentences."""
+    from fairseq.data import Dictionary as FairseqDictionary
+    from fairseq.data.encoders.sentencepiece_bpe import SentencepieceBPE, SentencepieceConfig
+
+    pieces = train_sentencepiece(tmp_path / "sentencepiece.bpe.model", SHARED, vocab_size=1000)
+    d = Dictionary()
+    for p in pieces[: len(pieces) - 50]:  # some pieces missing from the dictionary: they become <unk>
+        d.add_symbol(p)
+    d.write(tmp_path / "dict.txt")
+    fd = FairseqDictionary.load(str(tmp_path / "dict.txt"))
+    bpe = SentencepieceBPE(SentencepieceConfig(sentencepiece_model=str(tmp_path / "sentencepiece.bpe.model")))
+    ours = Tokenizer(tmp_path, {"tokenizer": None, "bpe": "sentencepiece"}, d, d)
+    unks = 0
+    for lang in LANGS:
+        for s in sentences(lang):
+            want = fd.encode_line(bpe.encode(s), add_if_not_exist=False).long()
+            got = ours.encode(s)
+            assert got.tolist() == want.tolist(), s
+            assert ours.decode(got) == bpe.decode(fd.string(want)), s
+            unks += int(got.eq(d.unk).sum())
+    assert unks > 0  # the <unk> path was exercised
+
+
+@needs_fairseq
+@needs_shared
+@pytest.mark.parametrize("name", ["mbart_en_ro_spm", "transformer_spm_args"])
+def test_sentencepiece_models_equal_fairseq_hub(name, fixtures_dir, converted):
+    """Models trained with --bpe sentencepiece, converted with no BPE flags (the checkpoint records the choice;
+    the model file is found where it recorded it, or by its name beside the checkpoint). Against fairseq's
+    generic hub interface with the task's own framing: the ids fed to the model (mBART translation: `x </s>
+    [en_XX]`), generated ids (mBART: ending in [ro_RO], the task's EOS), and fairseq-interactive's text."""
+    folder = converted(name)
+    tok = load_tokenizer(folder)
+    assert tok.spec["bpe"] == "sentencepiece" and tok.spec["tokenizer"] is None and not tok.bart
+    model = load(folder)
+    src = [s for s in sentences("en") if len(s) < 70][:10]
+    opts = {"beam": 3, "max_len_b": 12}
+    reqs = [hub_request(folder, "encode", src, "ids"), hub_request(folder, "generate", src, "gen", opts),
+            hub_request(folder, "interactive", src, "text", opts), hub_request(folder, "roundtrip", src, "rt")]
+    out = original.run([fixtures_dir / name / "model.pt"], fixtures_dir / name, {}, reqs)
+    assert [model.encode(s).tolist() for s in src] == out["ids"]
+    gen = [h[0]["tokens"].tolist() for h in model.hub_generate(src, **opts)]
+    assert gen == out["gen"]
+    assert model.translate(src, **opts) == out["text"]
+    assert [model.decode(model.encode(s)) for s in src] == out["rt"]
+    if name == "mbart_en_ro_spm":
+        lang = {sym: i for i, sym in enumerate(tok.src_dict.symbols) if sym.startswith("[")}
+        assert all(ids[-2:] == [tok.eos, lang["[en_XX]"]] for ids in out["ids"])
+        assert all(g[-1] == lang["[ro_RO]"] for g in gen)
+        assert model.generation_defaults()["eos"] == lang["[ro_RO]"]
 
 
 @needs_fairseq
@@ -109,8 +188,8 @@ def test_translate_equals_fairseq_hub(trained_dir, tmp_path):
         model = load(tmp_path / name)
         assert model.generation_defaults()["beam"] == 4
         ours = model.translate(src, batch_size=7)
-        reqs = [{"kind": "hub", "key": "t", "family": "transformer", "sentences": src,
-                 "options": {"beam": 4, "lenpen": 1.1}}]
+        assert load_tokenizer(tmp_path / name).spec["tokenizer"] == "moses"  # fastBPE codes: WMT19's hub
+        reqs = [hub_request(tmp_path / name, "sample", src, "t", {"beam": 4, "lenpen": 1.1})]
         theirs = original.run(members, trained_dir, {}, reqs)["t"]
         assert ours == theirs
 
@@ -125,11 +204,7 @@ def test_bart_hub_generate_equals_fairseq_hub(fixtures_dir, converted):
     src = sentences("en")[:6]
     opts = {"beam": 3, "max_len_b": 12, "lenpen": 1.5, "min_len": 3}
     ours = [h[0]["tokens"].tolist() for h in model.hub_generate(src, **opts)]
-    files = gpt2_files("bart_base_mnli")
-    reqs = [{"kind": "hub", "key": "s", "family": "bart", "sentences": src, "options": opts, "method": "generate",
-             "encoder_json": str(files["encoder_json"]), "vocab_bpe": str(files["vocab_bpe"])},
-            {"kind": "hub", "key": "rt", "family": "bart", "sentences": src, "method": "roundtrip",
-             "encoder_json": str(files["encoder_json"]), "vocab_bpe": str(files["vocab_bpe"])}]
+    reqs = [hub_request(folder, "generate", src, "s", opts), hub_request(folder, "roundtrip", src, "rt")]
     out = original.run([fixtures_dir / "bart_base_mnli" / "model.pt"], fixtures_dir / "bart_base_mnli", {}, reqs)
     assert ours == out["s"]
     assert [model.decode(model.encode(s)) for s in src] == out["rt"]

@@ -441,3 +441,24 @@ def checkpoint_options(state: dict) -> tuple[dict, dict]:
         opts.setdefault("task", "translation")
         return opts, {}
     raise FairportError("checkpoint has neither 'args' nor 'cfg': cannot tell its architecture")
+
+
+def recorded_text(state: dict) -> dict:
+    """The text pipeline the checkpoint says it was trained with: {"bpe": name | None, "tokenizer": name | None,
+    plus their options (sentencepiece_model, bpe_codes, gpt2_encoder_json, moses_* ...)}. fairseq keeps them
+    in `cfg.bpe`/`cfg.tokenizer` (dataclass configs, `_name` = the choice) or flat in the legacy `args`."""
+    cfg = state.get("cfg")
+    cfg = resolve_interpolations(to_plain(cfg)) if cfg is not None else None
+    out: dict = {"bpe": None, "tokenizer": None}
+    if isinstance(cfg, dict) and (isinstance(cfg.get("bpe"), dict) or isinstance(cfg.get("tokenizer"), dict)):
+        for part in ("bpe", "tokenizer"):
+            section = cfg.get(part)
+            if isinstance(section, dict):
+                out.update({k: v for k, v in section.items() if k != "_name"})
+                out[part] = section.get("_name")
+        return out
+    args = to_plain(state.get("args")) if state.get("args") is not None else None
+    if isinstance(args, dict):
+        out.update({k: v for k, v in args.items()
+                    if k in ("bpe", "tokenizer") or k.startswith(("moses_", "gpt2_", "sentencepiece_", "bpe_"))})
+    return out

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from fairport import __version__
-from fairport.converters import hf, options as opts, tasks, weights
-from fairport.converters.checkpoint import checkpoint_options, load_checkpoint
+from fairport.converters import hf, options as opts, tasks, text, weights
+from fairport.converters.checkpoint import checkpoint_options, load_checkpoint, recorded_text
 from fairport.converters.dictionary import Dictionary
-from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2
+from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2, write_sentencepiece
 from fairport.errors import FairportError
 from fairport.reference.config import ModelConfig
 
@@ -41,6 +41,10 @@ class Sources:
     encoder_json: Path | None = None
     vocab_bpe: Path | None = None
     bpecodes: Path | None = None
+    sentencepiece_model: Path | None = None
+    explicit: set[str] = field(default_factory=set)  # the files named on the command line
+    bpe: str | None = None  # --bpe / --tokenizer given to convert (None: as the checkpoint says)
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Converted:
     generation: dict
     dropped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    text: dict | None = None  # the text pipeline (converters/text.py); None: ids only
+    text_files: dict[str, Path] = field(default_factory=dict)
+    symbols: dict[str, int] = field(default_factory=dict)  # the task's source_suffix / generation_eos ids
 
 
 def find_sources(src: str | Path, **overrides) -> Sources:
@@ -75,13 +82,18 @@ def find_sources(src: str | Path, **overrides) -> Sources:
         checkpoint, folder = src, src.parent
     else:
         raise FairportError(f"source not found: {src}")
-    s = Sources(checkpoint, folder)
-    for name, default in (("encoder_json", "encoder.json"), ("vocab_bpe", "vocab.bpe"), ("bpecodes", "bpecodes")):
-        given = overrides.get(name)
-        path = Path(given) if given else folder / default
-        if given and not path.is_file():
-            raise FairportError(f"file not found: {path}")
-        setattr(s, name, path if path.is_file() else None)
+    s = Sources(checkpoint, folder, bpe=overrides.get("bpe"), tokenizer=overrides.get("tokenizer"))
+    for name in ("encoder_json", "vocab_bpe", "bpecodes", "sentencepiece_model"):
+        if overrides.get(name):
+            path = Path(overrides[name])
+            if not path.is_file():
+                raise FairportError(f"file not found: {path}")
+            setattr(s, name, path)
+            s.explicit.add(name)
+    for name in ("bpe", "tokenizer"):
+        allowed = {"bpe": text.BPE_FILES, "tokenizer": text.TOKENIZERS}[name]
+        if overrides.get(name) and overrides[name] != "none" and overrides[name] not in allowed:
+            raise FairportError(f"--{name} must be one of {', '.join([*allowed, 'none'])}, not {overrides[name]!r}")
     for name in ("src_dict", "tgt_dict"):
         if overrides.get(name):
             p = Path(overrides[name])
@@ -200,6 +212,13 @@ def convert_state(state: dict, sources: Sources) -> Converted:
     )
     check_shapes(cfg, kept)
     conv = Converted(cfg, kept, src_dict, tgt_dict, options, generation, dropped)
+    conv.text, conv.text_files, notes = text.resolve(recorded_text(state), family, task, options, sources)
+    conv.notes += notes
+    for name, symbol in tasks.task_symbols(task, options).items():
+        d = src_dict if name == "source_suffix" else tgt_dict
+        if symbol not in d:
+            raise FairportError(f"task {task} uses {symbol} but the dictionary has no such symbol")
+        conv.symbols[name] = d.index(symbol)
     return conv
 
 
@@ -244,13 +263,17 @@ def generation_config(conv: Converted, overrides: dict | None = None) -> dict:
     gen = {k: (GEN_KEYS[k] if v is None else v) for k, v in gen.items()}
     gen.update({k: v for k, v in (overrides or {}).items() if v is not None})
     c = conv.config
+    eos = conv.symbols.get("generation_eos")
+    if eos is not None:  # the task's generator ends (and starts) with a language token, not </s>
+        gen["eos"] = eos
     source = "checkpoint" if conv.generation else "fairseq defaults"
     return {
         # transformers' names
         "num_beams": int(gen["beam"]), "length_penalty": float(gen["lenpen"]),
         "max_length": min(int(gen["max_len_b"]), c.max_target_positions - 1), "min_length": int(gen["min_len"]),
         "no_repeat_ngram_size": int(gen["no_repeat_ngram_size"]), "early_stopping": True,
-        "bos_token_id": c.bos, "eos_token_id": c.eos, "pad_token_id": c.pad, "decoder_start_token_id": c.eos,
+        "bos_token_id": c.bos, "eos_token_id": c.eos if eos is None else eos, "pad_token_id": c.pad,
+        "decoder_start_token_id": c.eos if eos is None else eos,
         # fairseq's names and semantics, used by fairport's generation
         "fairseq": gen, "fairseq_source": source,
     }
@@ -372,17 +395,18 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
     family, unmet = hf.hf_family(cfg)
     naming = family or "fairport"
     torch_dtype = _source_dtype(conv) if dtype == "auto" else DTYPES[dtype]
-    tokenizer = None
     files = []
     langs = [conv.options.get("source_lang"), conv.options.get("target_lang")]
     langs = [x for x in langs if x] or None
-    if sources.encoder_json and sources.vocab_bpe:
-        files += write_gpt2(out, sources.encoder_json, sources.vocab_bpe, conv.tgt_dict, cfg.max_source_positions)
-        tokenizer = "gpt2"
-    elif sources.bpecodes:
-        files += write_fastbpe(out, sources.bpecodes, conv.src_dict, conv.tgt_dict, langs or ["src", "tgt"],
+    tf = conv.text_files
+    bpe = conv.text["bpe"] if conv.text else None
+    if bpe == "gpt2":
+        files += write_gpt2(out, tf["encoder_json"], tf["vocab_bpe"], conv.tgt_dict, cfg.max_source_positions)
+    elif bpe in ("fastbpe", "subword_nmt"):
+        files += write_fastbpe(out, tf["bpecodes"], conv.src_dict, conv.tgt_dict, langs or ["src", "tgt"],
                                cfg.max_source_positions)
-        tokenizer = "fastbpe"
+    elif bpe == "sentencepiece":
+        files += write_sentencepiece(out, tf["sentencepiece_model"])
     conv.src_dict.write(out / "dict.src.txt")
     conv.tgt_dict.write(out / "dict.tgt.txt")
     files += ["dict.src.txt", "dict.tgt.txt"]
@@ -394,7 +418,8 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
     files.append("generation_config.json")
 
     fairport_meta = {
-        "version": __version__, "model": cfg.to_dict(), "weight_names": naming, "tokenizer": tokenizer,
+        "version": __version__, "model": cfg.to_dict(), "weight_names": naming, "text": conv.text,
+        "source_suffix": conv.symbols.get("source_suffix"),
         "task": conv.options.get("task"), "langs": tasks.task_langs(conv.options) or None,
         "source_lang": conv.options.get("source_lang"), "target_lang": conv.options.get("target_lang"),
         "transformers": family, "transformers_unmet": unmet,
@@ -410,8 +435,8 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
         "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"checkpoint": str(sources.checkpoint), "sha256": sha256(sources.checkpoint),
                    "bytes": sources.checkpoint.stat().st_size},
-        "inputs": {k: str(getattr(sources, k)) for k in ("src_dict", "tgt_dict", "encoder_json", "vocab_bpe",
-                                                         "bpecodes") if getattr(sources, k)},
+        "inputs": {**{k: str(getattr(sources, k)) for k in ("src_dict", "tgt_dict") if getattr(sources, k)},
+                   **{k: str(v) for k, v in conv.text_files.items()}},
         "dtype": config["torch_dtype"], "arch": cfg.arch, "task": conv.options.get("task"),
         "dropped": conv.dropped, "notes": conv.notes,
         "files": {f: digests.get(f) or sha256(out / f) for f in sorted(files)},
@@ -422,10 +447,10 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
 
 def ensemble_members(src: str | Path) -> list[Path]:
     """fairseq's `a.pt:b.pt` syntax, or a folder of model1.pt, model2.pt, ... (no model.pt): the members."""
-    text = str(src)
-    if ":" in text and not Path(text).exists():
-        return [Path(p) for p in text.split(":") if p]
-    folder = Path(text)
+    spec = str(src)
+    if ":" in spec and not Path(spec).exists():
+        return [Path(p) for p in spec.split(":") if p]
+    folder = Path(spec)
     if folder.is_dir() and not any((folder / n).is_file() for n in CHECKPOINT_NAMES):
         pts = sorted(folder.glob("*.pt"))
         if len(pts) > 1:

@@ -3,7 +3,9 @@
 `files`: the dictionary file names beside the checkpoint, for the source and the target side
 (`{src}`/`{tgt}` are the task's language codes). `adds`: symbols the task appends after loading, in order;
 `[{lang}]` repeats for each of the task's languages. `lang_tokens_if`: an option that must be true for the
-language tokens to be added (None: always).
+language tokens to be added (None: always). `source_suffix`: a symbol the task appends to every source after
+`</s>` when it builds inference inputs; `generation_eos`: the symbol its generator uses as EOS (and as the
+decoder's first token) instead of `</s>`. Both name the task's languages as `{src}`/`{tgt}`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ class TaskDicts:
     files: tuple[str, str]
     adds: tuple[str, ...] = ()
     lang_tokens_if: str | None = None
+    source_suffix: str | None = None
+    generation_eos: str | None = None
 
 
 TASKS: dict[str, TaskDicts] = {
     "translation": TaskDicts(("dict.{src}.txt", "dict.{tgt}.txt")),
     "denoising": TaskDicts(("dict.txt", "dict.txt"), ("<mask>",)),
     "multilingual_denoising": TaskDicts(("dict.txt", "dict.txt"), ("[{lang}]", "<mask>"), "add_lang_token"),
-    "translation_from_pretrained_bart": TaskDicts(("dict.{src}.txt", "dict.{tgt}.txt"), ("[{lang}]", "<mask>")),
+    # mBART fine-tuned for translation: source `x </s> [src_lang]`, generation ends with (and starts from) [tgt_lang]
+    "translation_from_pretrained_bart": TaskDicts(("dict.{src}.txt", "dict.{tgt}.txt"), ("[{lang}]", "<mask>"),
+                                                  source_suffix="[{src}]", generation_eos="[{tgt}]"),
     "sentence_prediction": TaskDicts(("dict.txt", "dict.txt"), ("<mask>",)),
 }
 
@@ -41,7 +47,7 @@ def task_langs(options: dict) -> list[str]:
 def dictionary_paths(task: str, options: dict, folder: Path) -> tuple[Path, Path]:
     if task not in TASKS:
         raise FairportError(f"task {task!r} is not supported (fairport knows: {', '.join(sorted(TASKS))}); "
-                            f"pass the dictionaries with --src-dict/--tgt-dict and --task-additions")
+                            f"pass the dictionaries (with every symbol the task adds) with --src-dict/--tgt-dict")
     src, tgt = options.get("source_lang"), options.get("target_lang")
     if "{src}" in TASKS[task].files[0] and (src is None or tgt is None):
         src, tgt = infer_language_pair(folder)
@@ -85,3 +91,17 @@ def build_dictionary(path: Path, additions: list[str]) -> Dictionary:
     for sym in additions:
         d.add_symbol(sym)
     return d
+
+
+def task_symbols(task: str, options: dict) -> dict[str, str]:
+    """{"source_suffix": symbol, "generation_eos": symbol} for the tasks that have them."""
+    spec = TASKS.get(task)
+    out = {}
+    for name in ("source_suffix", "generation_eos"):
+        template = getattr(spec, name, None) if spec else None
+        if template:
+            src, tgt = options.get("source_lang"), options.get("target_lang")
+            if src is None or tgt is None:
+                raise FairportError(f"task {task} needs the checkpoint's source_lang/target_lang, and it has none")
+            out[name] = template.format(src=src, tgt=tgt)
+    return out

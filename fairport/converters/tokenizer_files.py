@@ -4,6 +4,8 @@ GPT-2 BPE (BART/mBART-on-GPT-2): fairseq's dict.txt lists GPT-2 ids as strings (
 folder's `vocab.json` maps each BPE token straight to its fairseq index, `merges.txt` is vocab.bpe.
 fastBPE (WMT19): `vocab-src.json`/`vocab-tgt.json` (fairseq symbols with `@@` continuation rewritten as
 transformers' FSMT expects: `le@@` -> `le`, `er` -> `er</w>`) and `merges.txt` (bpecodes without counts).
+sentencepiece (mBART, and models trained with `--bpe sentencepiece`): the model file, copied as
+`sentencepiece.bpe.model`; fairseq looks its pieces up in the dictionary like any other BPE symbols.
 The fairseq dictionaries themselves are kept as `dict.src.txt`/`dict.tgt.txt`, task additions included.
 """
 
@@ -72,9 +74,23 @@ def write_fastbpe(out: Path, bpecodes: Path, src: Dictionary, tgt: Dictionary, l
     (out / "vocab-src.json").write_text(json.dumps(fsmt_vocab(src), ensure_ascii=False), encoding="utf-8")
     (out / "vocab-tgt.json").write_text(json.dumps(fsmt_vocab(tgt), ensure_ascii=False), encoding="utf-8")
     codes = Path(bpecodes).read_text(encoding="utf-8")
-    (out / "merges.txt").write_text(re.sub(r" \d+$", "", codes, flags=re.M), encoding="utf-8")
+    merges = re.sub(r" \d+$", "", codes, flags=re.M)
+    merges = re.sub(r"\A#version[^\n]*\n", "", merges)  # subword-nmt's header line
+    (out / "merges.txt").write_text(merges, encoding="utf-8")
     (out / "bpecodes").write_text(codes, encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "FSMTTokenizer", "langs": langs, "model_max_length": max_len,
         "do_lower_case": False}, indent=2))
     return ["vocab-src.json", "vocab-tgt.json", "merges.txt", "bpecodes", "tokenizer_config.json"]
+
+
+def write_sentencepiece(out: Path, model: Path) -> list[str]:
+    from fairport.reference.tokenizer import require_sentencepiece
+
+    sentencepiece = require_sentencepiece()
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(model))
+    except (OSError, RuntimeError) as e:
+        raise FairportError(f"{model} is not a sentencepiece model: {str(e).splitlines()[0] if str(e) else e}") from None
+    (out / "sentencepiece.bpe.model").write_bytes(Path(model).read_bytes())
+    return ["sentencepiece.bpe.model"]

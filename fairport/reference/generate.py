@@ -41,6 +41,7 @@ class GenerationOptions:
     sampling_topk: int = -1
     sampling_topp: float = -1.0
     normalize_scores: bool = True
+    eos: int | None = None  # the generator's EOS (and first decoder token); None: the dictionary's </s>
 
 
 class DecoderState:
@@ -192,7 +193,8 @@ def _generate(models, src_tokens, prefix_tokens, bos_token, opts, **kwargs) -> l
     models = models if isinstance(models, list) else [models]
     opts = opts or GenerationOptions(**kwargs)
     cfg = models[0].config
-    pad, eos, unk = cfg.pad, cfg.eos, cfg.unk
+    pad, unk = cfg.pad, cfg.unk
+    eos = cfg.eos if opts.eos is None else opts.eos
     vocab = cfg.tgt_vocab_size
     beam = min(opts.beam, vocab - 1)
     device = src_tokens.device

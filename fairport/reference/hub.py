@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from fairport.errors import FairportError
 from fairport.reference.batching import pad_batch
 
 
@@ -48,6 +49,11 @@ class HubMixin:
             torch.manual_seed(seed)
         device = next(self.parameters()).device
         encoded = [self.encode(s) for s in sentences]
+        too_long = [i for i, e in enumerate(encoded) if e.numel() > self.config.max_source_positions]
+        if too_long:  # fairseq's hub refuses these too ("Size of sample #i is invalid")
+            i = too_long[0]
+            raise FairportError(f"{len(too_long)} input(s) longer than the model's {self.config.max_source_positions} "
+                                f"source positions (input {i}: {encoded[i].numel()} tokens)")
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable, ascending like fairseq
         out: list = [None] * len(encoded)
         for start in range(0, len(order), batch_size):

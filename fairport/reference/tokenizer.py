@@ -1,10 +1,13 @@
-"""Text <-> fairseq ids, exactly as fairseq's hub pipelines do it.
+"""Text <-> fairseq ids, exactly as fairseq's hub pipelines do it: `--tokenizer`, then `--bpe`, then the
+dictionary, as the folder's config.json `fairport.text` says (converters/text.py decides it at conversion).
 
-- GPT-2 byte-level BPE (BART): text -> GPT-2 BPE tokens -> fairseq ids through the folder's vocab.json
-  (ids are fairseq dictionary indices); sentences are `<s> ... </s>`.
-- Moses + fastBPE (the WMT19 family): Moses tokenization in the source language (aggressive dash splits,
-  escaping, as fairseq's `moses` tokenizer), fastBPE with the release's codes, dictionary lookup, `</s>`;
-  back: dictionary string, `@@ ` removal, Moses detokenization in the target language.
+- Tokenizers: Moses (sacremoses, fairseq's options: aggressive dash splits, escaping; detokenization in the
+  target language) or `space`; none at all is common (BART, mBART, sentencepiece models).
+- BPEs: GPT-2 byte-level BPE (ids through the folder's vocab.json, whose ids are fairseq dictionary indices),
+  fastBPE / subword-nmt codes (`@@ ` continuation), sentencepiece pieces (`▁` marks a word start).
+- Framing: BART's hub gives `<s> x </s>` and forces `<s>` as the first generated token; everything else is
+  `x </s>`, followed by the task's source suffix where it has one (mBART translation: `[en_XX]`). Decoding
+  drops `<s>`, `</s>` and the generator's EOS (a language token for mBART translation), as fairseq-generate.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ class FastBPE:
         self.ranks: dict[tuple[str, str], int] = {}
         for i, line in enumerate(Path(codes_path).read_text(encoding="utf-8").splitlines()):
             parts = line.split(" ")
-            if len(parts) >= 2:
+            if len(parts) >= 2 and not (i == 0 and line.startswith("#version")):  # subword-nmt's header
                 self.ranks.setdefault((parts[0], parts[1]), i)
         self.word = lru_cache(maxsize=65536)(self._word)
 
@@ -136,51 +139,130 @@ class FastBPE:
         return (sentence + " ").replace("@@ ", "").rstrip()
 
 
+def require_sentencepiece():
+    try:
+        import sentencepiece
+    except ImportError:
+        raise FairportError("this folder's text pipeline is sentencepiece, which is not installed: "
+                            "pip install sentencepiece (or fairport[text])") from None
+    return sentencepiece
+
+
+class SentencePiece:
+    """fairseq's `sentencepiece` BPE: pieces joined by spaces; decoding joins them back on U+2581."""
+
+    def __init__(self, model_path: Path):
+        sentencepiece = require_sentencepiece()
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+
+    def apply(self, sentence: str) -> str:
+        return " ".join(self.sp.encode(sentence, out_type=str))
+
+    @staticmethod
+    def remove(sentence: str) -> str:
+        return sentence.replace(" ", "").replace("\u2581", " ").strip()
+
+
+class Moses:
+    """fairseq's `moses` tokenizer (sacremoses)."""
+
+    def __init__(self, spec: dict):
+        from sacremoses import MosesDetokenizer, MosesTokenizer
+
+        self.tok = MosesTokenizer(lang=spec.get("moses_source_lang") or "en")
+        self.detok = MosesDetokenizer(lang=spec.get("moses_target_lang") or "en")
+        self.dash_splits, self.escape = spec.get("moses_dash_splits", True), spec.get("moses_escape", True)
+
+    def encode(self, text: str) -> str:
+        return self.tok.tokenize(text, aggressive_dash_splits=self.dash_splits, return_str=True, escape=self.escape)
+
+    def decode(self, text: str) -> str:
+        return self.detok.detokenize(text.split())
+
+
+class Space:
+    """fairseq's `space` tokenizer: whitespace runs become one space; decoding leaves the text alone."""
+
+    def __init__(self, spec: dict):
+        pass
+
+    def encode(self, text: str) -> str:
+        return SPACE.sub(" ", text)
+
+    def decode(self, text: str) -> str:
+        return text
+
+
+# fairseq --tokenizer / --bpe name -> how to build it from the spec / the folder
+TOKENIZERS = {"moses": Moses, "space": Space}
+STRING_BPES = {"fastbpe": lambda folder: FastBPE(folder / "bpecodes"),
+               "subword_nmt": lambda folder: FastBPE(folder / "bpecodes"),
+               "sentencepiece": lambda folder: SentencePiece(folder / "sentencepiece.bpe.model")}
+# folders written before config.json carried `fairport.text` named their pipeline in one word
+LEGACY = {"gpt2": {"tokenizer": None, "bpe": "gpt2", "bart": True},
+          "fastbpe": {"tokenizer": "moses", "bpe": "fastbpe", "bart": False}}
+
+
 class Tokenizer:
     """The folder's text pipeline: `encode(text) -> ids`, `decode(ids) -> text`."""
 
-    def __init__(self, folder: Path, meta: dict, src_dict: Dictionary, tgt_dict: Dictionary):
-        self.kind = meta.get("tokenizer")
+    def __init__(self, folder: Path, spec: dict, src_dict: Dictionary, tgt_dict: Dictionary,
+                 source_suffix: int | None = None, generation_eos: int | None = None):
+        self.spec = spec
         self.src_dict, self.tgt_dict = src_dict, tgt_dict
         self.bos, self.eos, self.pad, self.unk = src_dict.bos, src_dict.eos, src_dict.pad, src_dict.unk
-        if self.kind == "gpt2":
-            self.gpt2 = GPT2BPE.from_folder(folder, src_dict.unk)
-        elif self.kind == "fastbpe":
-            from sacremoses import MosesDetokenizer, MosesTokenizer
-
-            self.bpe = FastBPE(folder / "bpecodes")
-            self.moses = MosesTokenizer(lang=meta.get("source_lang") or "en")
-            self.detok = MosesDetokenizer(lang=meta.get("target_lang") or "en")
-        else:
-            raise FairportError(f"{folder} has no tokenizer files (convert with --gpt2-encoder-json/--gpt2-vocab-bpe "
-                                f"or --bpecodes to get text in/out)")
+        self.bart = bool(spec.get("bart"))
+        self.source_suffix, self.generation_eos = source_suffix, generation_eos
+        # framing symbols never come out as text: <s>, </s>, the generator's EOS and the source's language tag
+        self.dropped = {self.eos, self.bos} | {i for i in (generation_eos, source_suffix) if i is not None}
+        self.pre = TOKENIZERS[spec["tokenizer"]](spec) if spec.get("tokenizer") else None
+        self.gpt2 = GPT2BPE.from_folder(folder, src_dict.unk) if spec.get("bpe") == "gpt2" else None
+        self.bpe = STRING_BPES[spec["bpe"]](folder) if spec.get("bpe") in STRING_BPES else None
 
     @property
     def forced_prefix(self) -> int | None:
         """BART's hub forces <s> as the first generated token."""
-        return self.bos if self.kind == "gpt2" else None
+        return self.bos if self.bart else None
+
+    def ids(self, text: str, dictionary: Dictionary | None = None) -> list[int]:
+        """Tokenizer, BPE, dictionary (the source's unless given): the ids of `text` without any framing."""
+        if self.pre is not None:
+            text = self.pre.encode(text)
+        if self.gpt2 is not None:
+            return self.gpt2.encode(text)
+        if self.bpe is not None:
+            text = self.bpe.apply(text)
+        d = dictionary or self.src_dict
+        return [d.index(w) for w in SPACE.sub(" ", text).strip().split()]
 
     def encode(self, text: str, max_positions: int | None = None) -> torch.Tensor:
-        if self.kind == "gpt2":
-            ids = self.gpt2.encode(text)
+        ids = self.ids(text)
+        if self.bart:
             if max_positions is not None and len(ids) > max_positions - 2:  # BART's hub truncates too
                 ids = ids[: max_positions - 2]
             return torch.tensor([self.bos] + ids + [self.eos], dtype=torch.long)
-        words = self.bpe.apply(self.moses.tokenize(text, aggressive_dash_splits=True, return_str=True, escape=True))
-        words = SPACE.sub(" ", words).strip().split()
-        return torch.tensor([self.src_dict.index(w) for w in words] + [self.eos], dtype=torch.long)
+        suffix = [self.source_suffix] if self.source_suffix is not None else []
+        return torch.tensor(ids + [self.eos] + suffix, dtype=torch.long)
 
-    def _string(self, ids, dictionary: Dictionary) -> str:
-        """fairseq Dictionary.string: drops </s> and <s>, keeps <unk> as '<unk>'."""
-        return " ".join(dictionary.symbols[i] for i in ids if i not in (self.eos, self.bos))
+    def encode_target(self, text: str, max_positions: int | None = None) -> list[int]:
+        """A reference translation as the task's dataset holds targets: `x </s>` (mBART translation:
+        `x </s> [ro_RO]`, ending in the generator's EOS), in the target dictionary."""
+        ids = self.ids(text, self.tgt_dict)
+        if self.bart and max_positions is not None:
+            ids = ids[: max_positions - 2]
+        return ids + [self.eos] + ([self.generation_eos] if self.generation_eos not in (None, self.eos) else [])
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self.kind == "gpt2":
-            if ids and ids[0] == self.bos:
-                ids = ids[1:]
-            return self.gpt2.decode([i for i in ids if i not in (self.eos, self.bos)])
-        return self.detok.detokenize(FastBPE.remove(self._string(ids, self.tgt_dict)).split())
+        """fairseq's Dictionary.string (dropping <s>, </s>, the generator's EOS and the source's language tag),
+        BPE removal, detokenizer."""
+        ids = [int(i) for i in ids if int(i) not in self.dropped]
+        if self.gpt2 is not None:
+            text = self.gpt2.decode(ids)
+        else:
+            text = " ".join(self.tgt_dict.symbols[i] for i in ids)
+            if self.bpe is not None:
+                text = self.bpe.remove(text)
+        return self.pre.decode(text) if self.pre is not None else text
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
@@ -192,4 +274,12 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     tgt = Dictionary.load(folder / "dict.tgt.txt") if (folder / "dict.tgt.txt").exists() else src
     if src is None:
         raise FairportError(f"{folder} has no dict.src.txt")
-    return Tokenizer(folder, meta, src, tgt)
+    spec = meta.get("text") or LEGACY.get(meta.get("tokenizer") or "")
+    if not spec:
+        raise FairportError(f"{folder} has no text pipeline (convert with its BPE files: --gpt2-encoder-json/"
+                            f"--gpt2-vocab-bpe, --bpecodes or --sentencepiece-model, to get text in/out)")
+    if spec.get("tokenizer") == "moses":  # legacy folders: the languages were the task's
+        spec = {"moses_source_lang": meta.get("source_lang"), "moses_target_lang": meta.get("target_lang"), **spec}
+    gen = folder / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("fairseq", {}).get("eos") if gen.exists() else None
+    return Tokenizer(folder, spec, src, tgt, meta.get("source_suffix"), eos)

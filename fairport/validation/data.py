@@ -59,12 +59,7 @@ def from_text_file(path: Path, tokenizer, limit: int | None, max_positions: int)
     src_text = [ln.split("\t", 1)[0] for ln in lines]
     ref_text = [ln.split("\t", 1)[1] for ln in lines] if all("\t" in ln for ln in lines) else None
     src = [tokenizer.encode(s, max_positions=max_positions).tolist() for s in src_text]
-    refs = None
-    if ref_text is not None:
-        refs = []
-        for r in ref_text:
-            ids = tokenizer.encode(r, max_positions=max_positions).tolist()
-            refs.append(ids[1:] if tokenizer.forced_prefix is not None else ids)  # keep <s>? BART: drop it
+    refs = [tokenizer.encode_target(r, max_positions) for r in ref_text] if ref_text is not None else None
     return Inputs(src, refs, src_text, ref_text, origin=f"text file {path}")
 
 

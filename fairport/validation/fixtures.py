@@ -49,6 +49,21 @@ FIXTURES: dict[str, dict] = {
     "mbart_cfg": dict(arch="mbart_large", task="multilingual_denoising", dicts="gpt2",
                       flags=SHRINK + ["--langs", "en_XX,ro_RO", "--add-lang-token",
                                            "--encoder-normalize-before", "--decoder-normalize-before"], format="cfg"),
+    # mBART fine-tuned for translation: sentencepiece recorded in cfg.bpe, the task's [en_XX] source suffix and
+    # [ro_RO] generation EOS
+    "mbart_en_ro_spm": dict(arch="mbart_large", task="translation_from_pretrained_bart", dicts="spm",
+                            langs=("en_XX", "ro_RO"), spm_file="sentence.bpe.model",
+                            flags=SHRINK + ["--langs", "en_XX,ro_RO", "--encoder-normalize-before",
+                                            "--decoder-normalize-before", "--layernorm-embedding", "--bpe",
+                                            "sentencepiece", "--sentencepiece-model", "{folder}/sentence.bpe.model"],
+                            format="cfg"),
+    # a transformer trained with --bpe sentencepiece (legacy args); the recorded model path is the trainer's
+    # and no longer exists: the model file sits beside the checkpoint under the same name
+    "transformer_spm_args": dict(arch="transformer", task="translation", dicts="spm", langs=("en", "de"),
+                                 spm_file="spm.model",
+                                 flags=SHRINK + ["--share-all-embeddings", "--bpe", "sentencepiece",
+                                                 "--sentencepiece-model", "/home/trainer/data/spm.model"],
+                                 format="args"),
 }
 
 
@@ -64,12 +79,40 @@ def _gpt2_symbols(n: int | None, shared: Path | None) -> list[str]:
     return [str(i) for i in range(n or 1000)]
 
 
+def train_sentencepiece(path: Path, shared: Path | None, vocab_size: int = 400) -> list[str]:
+    """A BPE sentencepiece model (mBART's kind) learned on the shared real sentences (synthetic words without
+    them); returns its pieces without <unk>/<s>/</s>, the symbols of a fairseq dictionary for it."""
+    import sentencepiece
+
+    text = path.with_suffix(".train.txt")
+    if shared and (shared / "text" / "en.txt").exists():
+        lines = [ln for lang in ("en", "de", "ru") for ln in (shared / "text" / f"{lang}.txt").read_text(
+            encoding="utf-8").splitlines()]
+    else:
+        rng = random.Random(1)
+        lines = [" ".join(f"w{rng.randrange(300)}x{rng.randrange(9)}" for _ in range(12)) for _ in range(3000)]
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(path.with_suffix("")),
+                                             vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+                                             num_threads=1, minloglevel=2)
+    text.unlink()  # the trainer wrote PREFIX.model (= path) and PREFIX.vocab
+    path.with_suffix(".vocab").unlink()
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    return [sp.id_to_piece(i) for i in range(3, sp.get_piece_size())]
+
+
 def make_data(folder: Path, spec: dict, shared: Path | None) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     if spec["dicts"] == "gpt2":
         _write_dict(folder / "dict.txt", _gpt2_symbols(spec.get("dict_lines", 120), shared))
         return []
+    if spec["dicts"] == "spm":
+        pieces = train_sentencepiece(folder / spec["spm_file"], shared)
+        src, tgt = spec["langs"]
+        for lang in (src, tgt):
+            _write_dict(folder / f"dict.{lang}.txt", pieces)
+        return ["-s", src, "-t", tgt]
     src = [f"s{i}" for i in range(rng.randint(60, 80))] + ["shared@@", "tok@@"]
     if spec["dicts"] == "joined":
         _write_dict(folder / "dict.src.txt", src)
@@ -117,7 +160,8 @@ def build(name: str, out_dir: Path, shared: Path | None = None) -> Path:
     folder = out_dir / name
     lang_flags = make_data(folder, spec, shared)
     parser = options.get_training_parser()
-    argv = [str(folder), "--task", spec["task"], "--arch", spec["arch"], *lang_flags, *spec["flags"]]
+    argv = [str(folder), "--task", spec["task"], "--arch", spec["arch"], *lang_flags,
+            *(f.format(folder=folder) for f in spec["flags"])]
     args = options.parse_args_and_arch(parser, argv)
     torch.manual_seed(sum(map(ord, name)))
     task = tasks.setup_task(args)

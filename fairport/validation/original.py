@@ -48,7 +48,17 @@ def _load(job: dict):
         job["checkpoints"], arg_overrides={"data": job["data"], "load_checkpoint_heads": True})
     for m in models:
         m.eval().float().to(job.get("device", "cpu"))
+    _fix_task_args(task)
     return models, cfg, task
+
+
+def _fix_task_args(task) -> None:
+    """fairseq 0.12's translation_from_pretrained_bart reads `self.args` (source/target language) in
+    build_generator and build_dataset_for_inference, but 0.12 tasks only set `self.cfg`: both raise
+    AttributeError (fairseq issues #3169, #4479; the unmerged fix, PR #4487, reads `self.cfg`). The task's
+    config carries the same fields, so it stands in, as in the fairseq versions mBART was released with."""
+    if not hasattr(task, "args") and hasattr(task, "cfg"):
+        task.args = task.cfg
 
 
 def _logits(model, inputs) -> torch.Tensor:
@@ -66,8 +76,15 @@ def _predict(model, cfg, task, inputs, head: str) -> torch.Tensor:
         return hub.predict(head, inputs["src_tokens"], return_logits=True)
 
 
+def task_eos(models, task) -> int:
+    """The EOS fairseq's own task gives its generator (mBART translation: the target language token)."""
+    from argparse import Namespace
+
+    return int(task.build_generator(models, Namespace(beam=1)).eos)
+
+
 def _generate(models, task, inputs, req: dict) -> dict[str, torch.Tensor]:
-    """fairseq's SequenceGenerator with the request's options; hypotheses flattened into tensors."""
+    """fairseq's SequenceGenerator with the request's options and the task's EOS; hypotheses flattened."""
     from fairseq import search
     from fairseq.sequence_generator import SequenceGenerator
 
@@ -80,7 +97,7 @@ def _generate(models, task, inputs, req: dict) -> dict[str, torch.Tensor]:
         max_len_b=o.get("max_len_b", 200), min_len=o.get("min_len", 1), len_penalty=o.get("lenpen", 1.0),
         unk_penalty=o.get("unkpen", 0.0), temperature=o.get("temperature", 1.0),
         match_source_len=o.get("match_source_len", False), no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0),
-        search_strategy=strategy)
+        search_strategy=strategy, eos=task_eos(models, task))
     if req.get("fixed_ngram_blocking"):
         _fix_ngram_blocking()
     src = inputs["src_tokens"]
@@ -116,31 +133,49 @@ def _fix_ngram_blocking() -> None:
     NGramRepeatBlock._no_repeat_ngram = fixed
 
 
-def _hub(job: dict, req: dict) -> list[str]:
-    """fairseq's own hub interface, text in and text out (tokenizer and BPE included)."""
+# fairport's names for the BPE files -> fairseq's option names
+HUB_FILE_OPTIONS = {"encoder_json": "gpt2_encoder_json", "vocab_bpe": "gpt2_vocab_bpe", "bpecodes": "bpe_codes",
+                    "sentencepiece_model": "sentencepiece_model"}
+
+
+def _hub(job: dict, req: dict) -> list:
+    """fairseq's own hub interface, text in and text out, with the folder's `--tokenizer`/`--bpe` and files:
+    BART's hub where fairport frames text as BART's hub does, fairseq's generic GeneratorHubInterface
+    (what TransformerModel.from_pretrained returns; it frames inputs with the task) otherwise."""
     folder = Path(job["data"])
-    ckpt = Path(job["checkpoints"][0])
-    if req["family"] == "bart":
+    spec = req["text"]
+    overrides = {"bpe": spec.get("bpe"), "tokenizer": spec.get("tokenizer"),
+                 **{HUB_FILE_OPTIONS[k]: v for k, v in req.get("files", {}).items()}}
+    if spec.get("bart"):
         from fairseq.models.bart import BARTModel
 
-        hub = BARTModel.from_pretrained(str(folder), checkpoint_file=str(ckpt), bpe="gpt2",
-                                        gpt2_encoder_json=req["encoder_json"], gpt2_vocab_bpe=req["vocab_bpe"])
+        hub = BARTModel.from_pretrained(str(folder), checkpoint_file=str(Path(job["checkpoints"][0])), **overrides)
     else:
-        from fairseq.models.transformer import TransformerModel
+        from fairseq import hub_utils
 
-        hub = TransformerModel.from_pretrained(str(folder), checkpoint_file=":".join(str(Path(c).name) for c in
-                                                                                   job["checkpoints"]),
-                                               data_name_or_path=str(folder), tokenizer="moses", bpe="fastbpe",
-                                               bpe_codes=req.get("bpecodes") or str(folder / "bpecodes"))
+        x = hub_utils.from_pretrained(str(folder), checkpoint_file=":".join(str(Path(c).name) for c in
+                                                                            job["checkpoints"]),
+                                      data_name_or_path=str(folder), archive_map={}, **overrides)
+        _fix_task_args(x["task"])
+        hub = hub_utils.GeneratorHubInterface(x["args"], x["task"], x["models"])
     hub.eval()
+    method = req.get("method", "sample")
     with torch.no_grad():
-        if req.get("method") == "roundtrip":
+        if method == "roundtrip":
             return [hub.decode(hub.encode(s)) for s in req["sentences"]]
-        if req.get("method") == "encode":
-            return [hub.encode(s).tolist() for s in req["sentences"]]
-        if req.get("method") == "generate":
+        if method == "encode":  # what the model is fed: the task's inference framing included
+            ids = [hub.encode(s) for s in req["sentences"]]
+            if not spec.get("bart"):
+                ids = [hub.task.build_dataset_for_inference([t], [t.numel()])[0]["source"] for t in ids]
+            return [t.tolist() for t in ids]
+        if method in ("generate", "interactive"):
             hyps = hub.generate([hub.encode(s) for s in req["sentences"]], **req.get("options", {}))
-            return [h[0]["tokens"].tolist() for h in hyps]
+            if method == "generate":
+                return [h[0]["tokens"].tolist() for h in hyps]
+            # fairseq-interactive's output: the generator's EOS stripped, then BPE removal and detokenizer
+            strip = {task_eos(hub.models, hub.task)}
+            return [hub.detokenize(hub.remove_bpe(hub.tgt_dict.string(h[0]["tokens"], extra_symbols_to_ignore=strip)))
+                    for h in hyps]
         return hub.sample(req["sentences"], **req.get("options", {}))
 
 

@@ -21,9 +21,11 @@ import torch
 from fairport import __version__
 from fairport.converters.convert import ensemble_members, find_sources, sha256
 from fairport.converters.checkpoint import load_checkpoint
+from fairport.converters.text import BPE_FILES
 from fairport.errors import FairportError
 from fairport.reference import load
 from fairport.reference.load import read_config
+from fairport.reference.tokenizer import LEGACY
 from fairport.validation import data as vdata
 from fairport.validation import original
 from fairport.validation.inputs import pad_batch
@@ -35,6 +37,11 @@ DTYPE_TOL = {"float32": None, "float16": 2e-2, "bfloat16": 1e-1, "int8": 1e-1}
 NGRAM_DEVIATION = ("fairseq 0.12's Python no-repeat-ngram fallback compares the padded tail of its token "
                    "buffer and never blocks (fairseq issues #5206, #4709); the original side here blocks as "
                    "fairseq 0.10.2 and its CUDA kernel do, which is what fairport implements.")
+TASK_ARGS_DEVIATION = ("fairseq 0.12's translation_from_pretrained_bart reads `self.args` in build_generator and "
+                       "build_dataset_for_inference, which 0.12 no longer sets (AttributeError; fairseq issues "
+                       "#3169, #4479); the original side here gives the task its own cfg as `args` (the fix of "
+                       "fairseq PR #4487), so the generator ends with the target language token as in the "
+                       "fairseq versions mBART was released with.")
 
 
 @dataclass
@@ -56,6 +63,7 @@ class VerifyOptions:
     gpt2_encoder_json: Path | None = None
     gpt2_vocab_bpe: Path | None = None
     bpecodes: Path | None = None
+    sentencepiece_model: Path | None = None
     progress: bool = True
 
 
@@ -98,13 +106,22 @@ def _checkpoints(src: Path) -> tuple[list[Path], Path]:
     return paths, paths[0].parent
 
 
-def _tokenizer_files(dst: Path, opts: VerifyOptions) -> dict:
+def hub_request(dst: Path, method: str, sentences: list[str], key: str = "ids", options: dict | None = None,
+                files: dict | None = None) -> dict | None:
+    """A request for fairseq's hub with the folder's text pipeline and the original's BPE files (as recorded in
+    provenance.json, or `files`); None when the folder has no text pipeline or those files are gone."""
+    _, meta = read_config(dst)
+    spec = meta.get("text") or LEGACY.get(meta.get("tokenizer") or "")
+    if not spec:
+        return None
     prov = json.loads((dst / "provenance.json").read_text()) if (dst / "provenance.json").exists() else {}
     inputs = prov.get("inputs", {})
-    files = {"encoder_json": opts.gpt2_encoder_json or inputs.get("encoder_json"),
-             "vocab_bpe": opts.gpt2_vocab_bpe or inputs.get("vocab_bpe"),
-             "bpecodes": opts.bpecodes or inputs.get("bpecodes")}
-    return {k: str(v) for k, v in files.items() if v and Path(v).exists()}
+    need = BPE_FILES.get(spec.get("bpe") or "", {})
+    found = {k: str((files or {}).get(k) or inputs.get(k)) for k in need if (files or {}).get(k) or inputs.get(k)}
+    if set(need) - {k for k, v in found.items() if Path(v).exists()}:
+        return None
+    return {"kind": "hub", "key": key, "method": method, "sentences": sentences, "text": spec, "files": found,
+            **({"options": options} if options is not None else {})}
 
 
 def _nll(logits: torch.Tensor, target: torch.Tensor, pad: int) -> tuple[float, int]:
@@ -154,12 +171,17 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
                                          meta.get("target_lang"), opts.limit)
     else:
         inputs = vdata.random_inputs(cfg.src_vocab_size, cfg.tgt_vocab_size, opts.limit or 32, opts.seed, cfg.eos)
+    gen_defaults = port.generation_defaults()
+    if not opts.data:  # the task frames binarized/random data as its dataset does (text: the tokenizer did)
+        if meta.get("source_suffix") is not None:  # mBART translation: `x </s> [en_XX]`
+            inputs.src = [s + [meta["source_suffix"]] for s in inputs.src]
+        if inputs.refs and gen_defaults.get("eos", cfg.eos) != cfg.eos:  # and `y </s> [ro_RO]`
+            inputs.refs = [r + [gen_defaults["eos"]] for r in inputs.refs]
     n = len(inputs.src)
     _say(opts, f"{n} inputs from {inputs.origin}")
     prefix_bos = tok is not None and tok.forced_prefix is not None
-    gen_defaults = port.generation_defaults()
     beam_opts = {k: gen_defaults[k] for k in ("beam", "lenpen", "max_len_a", "max_len_b", "min_len",
-                                               "no_repeat_ngram_size", "unkpen") if k in gen_defaults}
+                                               "no_repeat_ngram_size", "unkpen", "eos") if k in gen_defaults}
     settings = {"greedy": {**beam_opts, "beam": 1}, "beam": beam_opts}
     gbatches = _batches(inputs.src, opts.batch_size)
     worker_inputs = {}
@@ -180,7 +202,8 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     lbatches = _batches(inputs.src, opts.batch_size)
     for i, idx in enumerate(lbatches):
         worker_inputs[f"src.{i}"] = pad_batch([inputs.src[j] for j in idx], cfg.pad, left=True)
-        worker_inputs[f"prev.{i}"] = pad_batch([[cfg.eos] + targets[j][:-1] for j in idx], cfg.pad, left=False)
+        start = gen_defaults.get("eos", cfg.eos)  # fairseq moves the target's last token (its EOS) to the front
+        worker_inputs[f"prev.{i}"] = pad_batch([[start] + targets[j][:-1] for j in idx], cfg.pad, left=False)
         worker_inputs[f"tgt.{i}"] = pad_batch([targets[j] for j in idx], cfg.pad, left=False)
     _say(opts, "fairseq original: teacher-forced logits and per-layer outputs ...")
     orig_logits = original.run(ckpts, src_dir, worker_inputs,
@@ -297,8 +320,9 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
 
     # ---- tokenizer ids (text inputs only)
     if tok is not None and inputs.src_text:
-        files = _tokenizer_files(dst, opts)
-        req = _hub_request(tok.kind, files, inputs.src_text[:200])
+        files = {"encoder_json": opts.gpt2_encoder_json, "vocab_bpe": opts.gpt2_vocab_bpe, "bpecodes": opts.bpecodes,
+                 "sentencepiece_model": opts.sentencepiece_model}
+        req = hub_request(dst, "encode", inputs.src_text[:200], files={k: v for k, v in files.items() if v})
         if req is None:
             report.sections.setdefault("notes", []).append("tokenizer check skipped: BPE files of the original not found")
         else:
@@ -392,15 +416,6 @@ def _text(tok, ids) -> str | list[int]:
     return tok.decode(ids) if tok is not None else ids
 
 
-def _hub_request(kind: str | None, files: dict, sentences: list[str]) -> dict | None:
-    if kind == "gpt2" and "encoder_json" in files and "vocab_bpe" in files:
-        return {"kind": "hub", "key": "ids", "family": "bart", "method": "encode", "sentences": sentences, **files}
-    if kind == "fastbpe" and "bpecodes" in files:
-        return {"kind": "hub", "key": "ids", "family": "transformer", "method": "encode", "sentences": sentences,
-                "bpecodes": files["bpecodes"]}
-    return None
-
-
 def _versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "fairport": __version__}
     from importlib.metadata import PackageNotFoundError, version
@@ -418,4 +433,6 @@ def _environment(ckpts, dst, opts) -> dict:
     return {"versions": _versions(), "device": opts.device, "machine": platform.machine(),
             "processor": platform.processor(), "threads": torch.get_num_threads(), "seed": opts.seed,
             "source_sha256": {str(p): sha256(p) for p in ckpts},
-            "output_sha256": prov.get("files", {}), "known_deviations": [NGRAM_DEVIATION]}
+            "output_sha256": prov.get("files", {}),
+            "known_deviations": [NGRAM_DEVIATION] + ([TASK_ARGS_DEVIATION] if prov.get("task") ==
+                                                      "translation_from_pretrained_bart" else [])}

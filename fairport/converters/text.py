@@ -1,0 +1,118 @@
+"""Which text pipeline a converted folder gets, decided as fairseq decides it, as data.
+
+fairseq's hub builds `--tokenizer` then `--bpe` from the checkpoint's own options (`cfg.tokenizer`/`cfg.bpe`,
+or the legacy `args`), and release archives name them beside the weights (WMT19: Moses + fastBPE with
+`bpecodes`; BART: GPT-2 BPE with encoder.json/vocab.bpe; mBART: sentencepiece with sentence.bpe.model).
+The choice, in order: `--bpe`/`--tokenizer` given to `fairport convert`; a BPE file passed explicitly; the
+checkpoint's recorded choice; the files found beside the checkpoint (fastBPE codes then mean Moses too, as
+fairseq's WMT19 hub entries say). A pipeline fairport does not reproduce, or one whose files are missing,
+leaves an ids-only folder and says why in provenance.json's notes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# fairseq --bpe name -> {Sources field: (file names looked for beside the checkpoint, the option recording it)}
+BPE_FILES: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
+    "gpt2": {"encoder_json": (("encoder.json",), "gpt2_encoder_json"),
+             "vocab_bpe": (("vocab.bpe",), "gpt2_vocab_bpe")},
+    "fastbpe": {"bpecodes": (("bpecodes",), "bpe_codes")},
+    "subword_nmt": {"bpecodes": (("bpecodes", "codes", "code"), "bpe_codes")},
+    "sentencepiece": {"sentencepiece_model": (("sentencepiece.bpe.model", "sentence.bpe.model", "spm.model"),
+                                              "sentencepiece_model")},
+}
+# fairseq --tokenizer names reproduced (no tokenizer: None)
+TOKENIZERS = ("moses", "space")
+# the flag that names each file on the command line, for messages
+FLAGS = {"encoder_json": "--gpt2-encoder-json", "vocab_bpe": "--gpt2-vocab-bpe", "bpecodes": "--bpecodes",
+         "sentencepiece_model": "--sentencepiece-model"}
+
+
+def _name(value) -> str | None:
+    return None if value in (None, "", "none", "None") else str(value)
+
+
+def find_file(field: str, recorded: dict, sources) -> Path | None:
+    """The file for `field`: given on the command line, else where the checkpoint recorded it (that path, or
+    its base name beside the checkpoint: recorded paths are usually the trainer's, or a URL), else a release
+    archive's usual names beside the checkpoint."""
+    given = getattr(sources, field)
+    if given is not None:
+        return Path(given)
+    names, option = next(files[field] for files in BPE_FILES.values() if field in files)
+    rec = recorded.get(option)
+    candidates = []
+    if isinstance(rec, str) and rec:
+        candidates += [Path(rec), sources.folder / Path(rec).name]
+    candidates += [sources.folder / n for n in names]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def choose_bpe(recorded: dict, sources, override: str | None) -> str | None:
+    if override:
+        return _name(override)
+    explicit = getattr(sources, "explicit", set())
+    if {"encoder_json", "vocab_bpe"} & explicit:
+        return "gpt2"
+    if "sentencepiece_model" in explicit:
+        return "sentencepiece"
+    if "bpecodes" in explicit:
+        return "subword_nmt" if _name(recorded.get("bpe")) == "subword_nmt" else "fastbpe"
+    if _name(recorded.get("bpe")):
+        return _name(recorded.get("bpe"))
+    for bpe in ("gpt2", "fastbpe", "sentencepiece"):  # a release archive's files
+        if all(find_file(f, recorded, sources) for f in BPE_FILES[bpe]):
+            return bpe
+    return None
+
+
+def choose_tokenizer(recorded: dict, bpe: str | None, override: str | None) -> str | None:
+    if override:
+        return _name(override)
+    if _name(recorded.get("bpe")) or _name(recorded.get("tokenizer")):
+        return _name(recorded.get("tokenizer"))
+    return "moses" if bpe in ("fastbpe", "subword_nmt") else None
+
+
+def resolve(recorded: dict, family: str, task: str, options: dict,
+            sources) -> tuple[dict | None, dict[str, Path], list[str]]:
+    """Returns (pipeline spec for config.json, {Sources field: file}, notes). spec None: ids only.
+    `sources.bpe`/`sources.tokenizer`: the names given to convert, if any."""
+    bpe = choose_bpe(recorded, sources, sources.bpe)
+    tok = choose_tokenizer(recorded, bpe, sources.tokenizer)
+    notes = []
+    if bpe is not None and bpe not in BPE_FILES:
+        notes.append(f"text pipeline: fairseq --bpe {bpe} is not reproduced by fairport (it knows "
+                     f"{', '.join(BPE_FILES)}); the folder takes and gives token ids only")
+    if tok is not None and tok not in TOKENIZERS:
+        notes.append(f"text pipeline: fairseq --tokenizer {tok} is not reproduced by fairport (it knows "
+                     f"{', '.join(TOKENIZERS)}); the folder takes and gives token ids only")
+    if notes or bpe is None and tok is None:
+        return None, {}, notes
+    files = {}
+    for field in BPE_FILES.get(bpe, {}):
+        path = find_file(field, recorded, sources)
+        if path is None:
+            rec = recorded.get(BPE_FILES[bpe][field][1])
+            where = f" (the checkpoint recorded {rec})" if rec else ""
+            return None, {}, [f"text pipeline: the checkpoint uses --bpe {bpe} but its {field} file{where} is not "
+                              f"beside the checkpoint; pass {FLAGS[field]} for text in/out (ids only for now)"]
+        files[field] = path
+    spec = {
+        "tokenizer": tok, "bpe": bpe,
+        # fairseq's BART hub interface: `<s> x </s>` in, <s> forced first; mBART translation follows
+        # fairseq-generate (its task frames the source and ends generation with a language token)
+        "bart": family == "bart" and task != "translation_from_pretrained_bart",
+    }
+    if tok == "moses":
+        spec |= {"moses_source_lang": recorded.get("source_lang") or recorded.get("moses_source_lang")
+                 or options.get("source_lang") or "en",
+                 "moses_target_lang": recorded.get("target_lang") or recorded.get("moses_target_lang")
+                 or options.get("target_lang") or "en",
+                 "moses_dash_splits": not recorded.get("moses_no_dash_splits"),
+                 "moses_escape": not recorded.get("moses_no_escape")}
+    if bpe == "sentencepiece" and recorded.get("sentencepiece_enable_sampling"):
+        notes.append("text pipeline: the checkpoint records sentencepiece sampling (a training-time option); "
+                     "fairport encodes deterministically")
+    return spec, files, notes

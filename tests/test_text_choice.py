@@ -1,0 +1,98 @@
+"""Which text pipeline `fairport convert` gives a folder: the checkpoint's own --tokenizer/--bpe when it
+recorded them, explicit flags before that, the release's files when it recorded nothing."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from fairport.converters import text
+from fairport.converters.checkpoint import recorded_text
+from fairport.converters.convert import Sources
+
+
+def sources(folder, **kw):
+    s = Sources(folder / "model.pt", folder)
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def resolve(recorded, folder, family="transformer", task="translation", **kw):
+    return text.resolve(recorded, family, task, {"source_lang": "de", "target_lang": "en"}, sources(folder, **kw))
+
+
+def test_release_files_decide_when_nothing_is_recorded(tmp_path):
+    (tmp_path / "bpecodes").write_text("a b 3\n")
+    spec, files, notes = resolve({}, tmp_path)
+    assert (spec["tokenizer"], spec["bpe"], spec["bart"]) == ("moses", "fastbpe", False)  # WMT19's hub entries
+    assert (spec["moses_source_lang"], spec["moses_target_lang"]) == ("de", "en")
+    assert files == {"bpecodes": tmp_path / "bpecodes"} and notes == []
+    assert resolve({}, tmp_path / "nothing-here") == (None, {}, [])
+
+
+def test_recorded_choice_wins_over_files_and_is_trusted_whole(tmp_path):
+    (tmp_path / "bpecodes").write_text("a b\n")
+    (tmp_path / "sentence.bpe.model").write_bytes(b"x")
+    spec, files, _ = resolve({"bpe": "sentencepiece", "tokenizer": None}, tmp_path)
+    assert (spec["tokenizer"], spec["bpe"]) == (None, "sentencepiece")
+    assert files == {"sentencepiece_model": tmp_path / "sentence.bpe.model"}
+    # fastBPE recorded without a tokenizer: no Moses (the recorded choice, not the WMT19 convention)
+    spec, _, _ = resolve({"bpe": "fastbpe", "tokenizer": None, "moses_no_escape": True}, tmp_path)
+    assert spec["tokenizer"] is None
+    spec, _, _ = resolve({"bpe": "subword_nmt", "tokenizer": "moses", "moses_no_escape": True,
+                          "bpe_codes": "/gone/bpecodes"}, tmp_path)
+    assert (spec["bpe"], spec["moses_escape"], spec["moses_dash_splits"]) == ("subword_nmt", False, True)
+
+
+def test_recorded_file_is_found_by_its_name_beside_the_checkpoint(tmp_path):
+    (tmp_path / "my.spm").write_bytes(b"x")
+    _, files, _ = resolve({"bpe": "sentencepiece", "sentencepiece_model": "/trainer/data/my.spm"}, tmp_path)
+    assert files == {"sentencepiece_model": tmp_path / "my.spm"}
+    url = "https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/encoder.json"
+    (tmp_path / "encoder.json").write_text("{}")
+    (tmp_path / "vocab.bpe").write_text("#version\n")
+    _, files, _ = resolve({"bpe": "gpt2", "gpt2_encoder_json": url}, tmp_path)
+    assert files == {"encoder_json": tmp_path / "encoder.json", "vocab_bpe": tmp_path / "vocab.bpe"}
+
+
+def test_explicit_flags_beat_the_record(tmp_path):
+    spm = tmp_path / "x.model"
+    spm.write_bytes(b"x")
+    spec, files, _ = resolve({"bpe": "gpt2"}, tmp_path, sentencepiece_model=spm, explicit={"sentencepiece_model"})
+    assert spec["bpe"] == "sentencepiece" and files["sentencepiece_model"] == spm
+    (tmp_path / "spm.model").write_bytes(b"x")
+    spec, _, _ = resolve({"bpe": "sentencepiece", "tokenizer": None}, tmp_path, bpe="sentencepiece",
+                         tokenizer="moses")
+    assert spec["tokenizer"] == "moses"
+    assert resolve({"bpe": "sentencepiece"}, tmp_path, bpe="none")[0] is None
+
+
+@pytest.mark.parametrize("recorded,word", [({"bpe": "bytes"}, "--bpe bytes"),
+                                           ({"bpe": "sentencepiece", "tokenizer": "nltk"}, "--tokenizer nltk")])
+def test_unreproduced_pipelines_leave_ids_only_and_say_so(recorded, word, tmp_path):
+    (tmp_path / "spm.model").write_bytes(b"x")
+    spec, files, notes = resolve(recorded, tmp_path)
+    assert spec is None and files == {} and len(notes) == 1 and word in notes[0]
+
+
+def test_framing_follows_the_family_and_task(tmp_path):
+    (tmp_path / "sentence.bpe.model").write_bytes(b"x")
+    rec = {"bpe": "sentencepiece"}
+    assert resolve(rec, tmp_path, family="bart", task="multilingual_denoising")[0]["bart"] is True
+    assert resolve(rec, tmp_path, family="bart", task="translation_from_pretrained_bart")[0]["bart"] is False
+
+
+def test_recorded_text_reads_cfg_sections_and_legacy_args():
+    cfg = {"model": {}, "bpe": {"_name": "sentencepiece", "sentencepiece_model": "/x/sentence.bpe.model"},
+           "tokenizer": None}
+    assert recorded_text({"cfg": cfg}) == {"bpe": "sentencepiece", "tokenizer": None,
+                                           "sentencepiece_model": "/x/sentence.bpe.model"}
+    args = argparse.Namespace(arch="transformer", bpe="fastbpe", bpe_codes="/x/codes", tokenizer="moses",
+                              moses_source_lang="en", dropout=0.1)
+    assert recorded_text({"args": args}) == {"bpe": "fastbpe", "bpe_codes": "/x/codes", "tokenizer": "moses",
+                                             "moses_source_lang": "en"}
+    # 0.10-era checkpoints: a cfg without bpe/tokenizer sections next to the legacy args
+    assert recorded_text({"cfg": {"model": {}}, "args": args})["bpe"] == "fastbpe"
+    assert recorded_text({"args": argparse.Namespace(arch="transformer")}) == {"bpe": None, "tokenizer": None}
