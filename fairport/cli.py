@@ -44,7 +44,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from fairport.reference import load
 
     model = load(a.dst, device=a.device, dtype=a.dtype, pack=not a.no_pack)
-    model.tokenizer  # fail early, before reading input, when the folder has no tokenizer
+    model.tokenizer.check_direction(a.source_lang, a.target_lang)  # fail early: no tokenizer, no direction
     if a.input == "-":
         lines = sys.stdin.read().splitlines()
     else:
@@ -59,7 +59,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
                              "sampling_topp": a.sampling_topp, "temperature": a.temperature}.items()
            if v is not None}
     with tqdm(total=len(lines), unit="sent", desc="generate", disable=a.quiet, file=sys.stderr) as bar:
-        outputs = model.sample(lines, batch_size=a.batch_size, seed=a.seed, progress=bar, **gen)
+        outputs = model.sample(lines, batch_size=a.batch_size, seed=a.seed, progress=bar, source_lang=a.source_lang,
+                               target_lang=a.target_lang, **gen)
     text = "".join(o + "\n" for o in outputs)
     if a.output == "-":
         sys.stdout.write(text)
@@ -82,7 +83,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
         split=a.split, limit=a.limit, device=a.device, dtypes=tuple(x for x in a.dtypes.split(",") if x),
         seed=a.seed, batch_size=a.batch_size, logits_tol=a.logits_tol, exact_match=a.exact_match,
         gpt2_encoder_json=a.gpt2_encoder_json, gpt2_vocab_bpe=a.gpt2_vocab_bpe, bpecodes=a.bpecodes,
-        sentencepiece_model=a.sentencepiece_model)
+        sentencepiece_model=a.sentencepiece_model, source_lang=a.source_lang, target_lang=a.target_lang)
     if a.device.startswith("cuda"):
         import torch
 
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", default="-", help="one source per line (default: stdin)")
     g.add_argument("--output", default="-", help="one output per line (default: stdout)")
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--source-lang", help="many-to-many models (M2M-100, mBART-50): the source language")
+    g.add_argument("--target-lang", help="many-to-many models: the target language")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"],
                    help="default: as stored; int8: float32 with int8 linear layers (CPU; outputs move, "
@@ -235,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", help="text file, one source per line (optional TAB + reference)")
     v.add_argument("--fairseq-data", help="binarized fairseq data folder (fairseq-preprocess output)")
     v.add_argument("--split", default="test")
+    v.add_argument("--source-lang", help="many-to-many models: the direction to verify (source language)")
+    v.add_argument("--target-lang", help="many-to-many models: the direction to verify (target language)")
     v.add_argument("--limit", type=int, default=100, help="inputs to use (default 100)")
     v.add_argument("--device", default="cpu")
     v.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16,float16,int8")

@@ -23,6 +23,14 @@ UNVERIFIED_BANNER = ("> **UNVERIFIED PORT.** This upload was made with `--allow-
                      "parity report backs it. Its outputs may differ from the original fairseq model.")
 
 
+def _translate_example(meta: dict) -> str:
+    multi = meta.get("multilingual")
+    if multi and not (meta.get("source_lang") and meta.get("target_lang")):
+        src, tgt = (multi["lang_pairs"] or [f"{multi['langs'][0]}-{multi['langs'][-1]}"])[0].split("-")
+        return f'print(model.translate(["Hello world!"], source_lang="{src}", target_lang="{tgt}"))'
+    return 'print(model.translate(["Hello world!"]))'
+
+
 def integrity_problems(folder: Path) -> list[str]:
     """Files missing or changed since conversion, per provenance.json."""
     prov_path = folder / "provenance.json"
@@ -122,7 +130,7 @@ def build_card(folder: str | Path, report_dir: str | Path | None = None, license
               f'model = AutoModelForSeq2SeqLM.from_pretrained("{name}")', "```", ""]
     L += ["With fairport (fairseq-exact generation and tokenization):", "", "```python",
           "from huggingface_hub import snapshot_download", "from fairport.reference import load",
-          f'model = load(snapshot_download("{name}"))', 'print(model.translate(["Hello world!"]))' if meta.get(
+          f'model = load(snapshot_download("{name}"))', _translate_example(meta) if meta.get(
               "text") or meta.get("tokenizer") else "hyps = model.generate(src_tokens)  # fairseq dictionary ids", "```", ""]
     if gen:
         L += ["## Generation defaults (fairseq names)", "", "| option | value |", "|---|---|"]

@@ -199,3 +199,19 @@ def test_missing_bpe_file_gives_an_ids_only_folder_that_says_why(fixtures_dir, t
     convert(fixtures_dir / "transformer_spm_args", tmp_path / "ids", bpe="none")
     assert json.loads((tmp_path / "ids" / "config.json").read_text())["fairport"]["text"] is None
     assert not (tmp_path / "ids" / "sentencepiece.bpe.model").exists()
+
+
+@needs_fairseq
+def test_many_to_many_generate_needs_a_known_direction(converted, tmp_path):
+    folder = converted("m2m_multilingual")
+    src = tmp_path / "in.txt"
+    src.write_text("hello world\n")
+    out = tmp_path / "out.txt"
+    assert_clean_failure(fairport("generate", folder, "--input", src, "--output", out), out,
+                         "translates between en, de, fr", "--source-lang/--target-lang")
+    assert_clean_failure(fairport("generate", folder, "--input", src, "--output", out, "--source-lang", "en",
+                                  "--target-lang", "ro"), out, "'ro' is not one of this model's")
+    proc = fairport("generate", folder, "--input", src, "--output", out, "--source-lang", "en", "--target-lang",
+                    "de", "--max-len-b", "3", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert len(out.read_text().splitlines()) == 1

@@ -16,7 +16,8 @@ from fairport.reference import load
 from fairport.reference.tokenizer import GPT2BPE, Tokenizer, load_tokenizer
 from fairport.validation import original
 from fairport.validation.fixtures import train_sentencepiece
-from fairport.validation.verify import hub_request
+from fairport.errors import FairportError
+from fairport.validation.verify import hub_request, original_overrides
 
 LANGS = ("en", "de", "ru")
 
@@ -78,43 +79,31 @@ def moses_bpe(tmp_path_factory):
 
 @needs_fairseq
 @needs_shared
-@pytest.mark.parametrize("lang", LANGS)
-def test_moses_fastbpe_ids_and_round_trip_equal_fairseq(lang, moses_bpe):
+@pytest.mark.parametrize("bpe_name,lang", [("fastbpe", "en"), ("fastbpe", "de"), ("fastbpe", "ru"),
+                                          ("subword_nmt", "de")])
+def test_moses_bpe_ids_and_round_trip_equal_fairseq(bpe_name, lang, moses_bpe, tmp_path):
+    """Moses then fastBPE (WMT19), or then subword-nmt (`--bpe subword_nmt`: the subword-nmt library, codes
+    with its #version header and no counts), against fairseq's own encoders."""
     from fairseq.data import Dictionary as FairseqDictionary
     from fairseq.data.encoders.fastbpe import fastBPE, fastBPEConfig
     from fairseq.data.encoders.moses_tokenizer import MosesTokenizer, MosesTokenizerConfig
-
-    moses = MosesTokenizer(MosesTokenizerConfig(source_lang=lang, target_lang=lang))
-    bpe = fastBPE(fastBPEConfig(bpe_codes=str(moses_bpe / "bpecodes")))
-    fd = FairseqDictionary.load(str(moses_bpe / "dict.txt"))
-    d = Dictionary.load(moses_bpe / "dict.txt")
-    ours = Tokenizer(moses_bpe, {"tokenizer": "moses", "bpe": "fastbpe", "moses_source_lang": lang,
-                                 "moses_target_lang": lang}, d, d)
-    for s in sentences(lang):
-        want = fd.encode_line(bpe.encode(moses.encode(s)), add_if_not_exist=False).long()
-        got = ours.encode(s)
-        assert got.tolist() == want.tolist(), s
-        assert ours.decode(got) == moses.decode(bpe.decode(fd.string(want))), s
-
-
-@needs_fairseq
-@needs_shared
-def test_moses_subword_nmt_ids_and_round_trip_equal_fairseq(moses_bpe, tmp_path):
-    """fairseq's `--bpe subword_nmt` (the subword-nmt library, codes with its #version header) after Moses."""
-    from fairseq.data import Dictionary as FairseqDictionary
-    from fairseq.data.encoders.moses_tokenizer import MosesTokenizer, MosesTokenizerConfig
     from fairseq.data.encoders.subword_nmt_bpe import SubwordNMTBPE, SubwordNMTBPEConfig
 
-    lines = (moses_bpe / "bpecodes").read_text(encoding="utf-8").splitlines()
-    (tmp_path / "bpecodes").write_text("#version: 0.2\n" + "".join(ln.rsplit(" ", 1)[0] + "\n" for ln in lines),
-                                       encoding="utf-8")
-    moses = MosesTokenizer(MosesTokenizerConfig(source_lang="de", target_lang="de"))
-    bpe = SubwordNMTBPE(SubwordNMTBPEConfig(bpe_codes=str(tmp_path / "bpecodes")))
+    folder = moses_bpe
+    if bpe_name == "subword_nmt":
+        lines = (moses_bpe / "bpecodes").read_text(encoding="utf-8").splitlines()
+        (tmp_path / "bpecodes").write_text("#version: 0.2\n" + "".join(ln.rsplit(" ", 1)[0] + "\n" for ln in lines),
+                                           encoding="utf-8")
+        folder = tmp_path
+        bpe = SubwordNMTBPE(SubwordNMTBPEConfig(bpe_codes=str(folder / "bpecodes")))
+    else:
+        bpe = fastBPE(fastBPEConfig(bpe_codes=str(folder / "bpecodes")))
+    moses = MosesTokenizer(MosesTokenizerConfig(source_lang=lang, target_lang=lang))
     fd = FairseqDictionary.load(str(moses_bpe / "dict.txt"))
     d = Dictionary.load(moses_bpe / "dict.txt")
-    ours = Tokenizer(tmp_path, {"tokenizer": "moses", "bpe": "subword_nmt", "moses_source_lang": "de",
-                                "moses_target_lang": "de"}, d, d)
-    for s in sentences("de"):
+    ours = Tokenizer(folder, {"tokenizer": "moses", "bpe": bpe_name, "moses_source_lang": lang,
+                              "moses_target_lang": lang}, d, d)
+    for s in sentences(lang):
         want = fd.encode_line(bpe.encode(moses.encode(s)), add_if_not_exist=False).long()
         got = ours.encode(s)
         assert got.tolist() == want.tolist(), s
@@ -175,6 +164,36 @@ def test_sentencepiece_models_equal_fairseq_hub(name, fixtures_dir, converted):
         assert all(ids[-2:] == [tok.eos, lang["[en_XX]"]] for ids in out["ids"])
         assert all(g[-1] == lang["[ro_RO]"] for g in gen)
         assert model.generation_defaults()["eos"] == lang["[ro_RO]"]
+
+
+@needs_fairseq
+@needs_shared
+@pytest.mark.parametrize("direction", [("en", "de"), ("de", "fr")])
+def test_many_to_many_model_equals_fairseq(direction, fixtures_dir, converted):
+    """An M2M-100-style model (translation_multi_simple_epoch: fixed dictionary, language list file, `__xx__`
+    tokens): the direction is chosen when translating. Against fairseq's own task in that direction (run as
+    fairseq-interactive runs it): source `__en__ x </s>`, `__de__` forced first, the text without it."""
+    folder = converted("m2m_multilingual")
+    model = load(folder)
+    src_lang, tgt_lang = direction
+    src = [s for s in sentences("en") if len(s) < 70][:10]
+    opts = {"beam": 3, "max_len_b": 12}
+    reqs = [hub_request(folder, "encode", src, "ids"), hub_request(folder, "generate", src, "gen", opts),
+            hub_request(folder, "interactive", src, "text", opts), hub_request(folder, "roundtrip", src, "rt")]
+    out = original.run([fixtures_dir / "m2m_multilingual" / "model.pt"], fixtures_dir / "m2m_multilingual", {},
+                       reqs, overrides=original_overrides(folder, src_lang, tgt_lang))
+    langs = model.tokenizer.multi["tokens"]
+    assert [model.encode(s, src_lang, tgt_lang).tolist() for s in src] == out["ids"]
+    assert all(ids[0] == langs[src_lang] for ids in out["ids"])
+    gen = [h[0]["tokens"].tolist() for h in model.hub_generate(src, source_lang=src_lang, target_lang=tgt_lang,
+                                                               **opts)]
+    assert gen == out["gen"] and all(g[0] == langs[tgt_lang] for g in gen)
+    assert model.translate(src, source_lang=src_lang, target_lang=tgt_lang, **opts) == out["text"]
+    assert [model.decode(model.encode(s, src_lang, tgt_lang)) for s in src] == out["rt"]
+    with pytest.raises(FairportError, match="name the source language"):
+        model.translate(src[:1])
+    with pytest.raises(FairportError, match="'xx' is not one of this model's: en, de, fr"):
+        model.translate(src[:1], source_lang="en", target_lang="xx")
 
 
 @needs_fairseq

@@ -96,3 +96,28 @@ def test_recorded_text_reads_cfg_sections_and_legacy_args():
     # 0.10-era checkpoints: a cfg without bpe/tokenizer sections next to the legacy args
     assert recorded_text({"cfg": {"model": {}}, "args": args})["bpe"] == "fastbpe"
     assert recorded_text({"args": argparse.Namespace(arch="transformer")}) == {"bpe": None, "tokenizer": None}
+
+
+def test_many_to_many_dictionary_additions_follow_fairseq(tmp_path):
+    """fairseq augment_dictionary: a token per (spec, language) in the language list's order, <mask> for the
+    mbart style; the list from --langs, the --lang-dict file (found by name beside the checkpoint) or the
+    sorted languages of --lang-pairs."""
+    from fairport.converters.multilingual import Multilingual
+    from fairport.errors import FairportError
+
+    ml = Multilingual.from_options({"lang_pairs": "fr-en,en-de", "encoder_langtok": "src"}, tmp_path)
+    assert ml.additions() == ["__de__", "__en__", "__fr__"]
+    ml = Multilingual.from_options({"langs": ["en_XX", "ro_RO"], "lang_tok_style": "mbart",
+                                    "langtoks_specs": "main,dae", "lang_pairs": "en_XX-ro_RO"}, tmp_path)
+    assert ml.additions() == ["[en_XX]", "[ro_RO]", "[en_XX_dae]", "[ro_RO_dae]", "<mask>"]
+    (tmp_path / "ML50_langs.txt").write_text("ar_AR\ncs_CZ\n\nen_XX\n")
+    ml = Multilingual.from_options({"lang_dict": "/trainer/ML50_langs.txt", "lang_pairs": "en_XX-ar_AR"}, tmp_path)
+    assert ml.langs == ["ar_AR", "cs_CZ", "en_XX"] and ml.lang_dict == tmp_path / "ML50_langs.txt"
+    with pytest.raises(FairportError, match="language list /elsewhere/langs.txt .* is not beside"):
+        Multilingual.from_options({"lang_dict": "/elsewhere/langs.txt"}, tmp_path)
+    with pytest.raises(FairportError, match=r"lang_tok_style='weird' \(.*\); lang_tok_replacing_bos_eos=True"):
+        Multilingual.from_options({"langs": "en", "lang_tok_style": "weird", "lang_tok_replacing_bos_eos": True},
+                                  tmp_path)
+    (tmp_path / "model_dict.128k.txt").write_text("a 1\n")
+    assert Multilingual.from_options({"langs": "en,de"}, tmp_path).dictionary_paths(
+        {"fixed_dictionary": "/data/model_dict.128k.txt"}, tmp_path) == (tmp_path / "model_dict.128k.txt",) * 2

@@ -24,6 +24,7 @@ from fairport import __version__
 from fairport.converters import hf, options as opts, tasks, text, weights
 from fairport.converters.checkpoint import checkpoint_options, load_checkpoint, recorded_text
 from fairport.converters.dictionary import Dictionary
+from fairport.converters.multilingual import Multilingual
 from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2, write_sentencepiece
 from fairport.errors import FairportError
 from fairport.reference.config import ModelConfig
@@ -62,6 +63,8 @@ class Converted:
     text: dict | None = None  # the text pipeline (converters/text.py); None: ids only
     text_files: dict[str, Path] = field(default_factory=dict)
     symbols: dict[str, int] = field(default_factory=dict)  # the task's source_suffix / generation_eos ids
+    multilingual: dict | None = None  # many-to-many translation: language tokens and framing
+    extra_inputs: dict[str, Path] = field(default_factory=dict)  # other files read (a language list)
 
 
 def find_sources(src: str | Path, **overrides) -> Sources:
@@ -125,7 +128,7 @@ def convert_state(state: dict, sources: Sources) -> Converted:
     sd, facts = weights.upgrade(sd, options)
 
     # dictionaries, with the task's additions
-    adds = tasks.task_additions(task, options)
+    adds = tasks.task_additions(task, options, sources.folder)
     if sources.src_dict is None or sources.tgt_dict is None:
         src_path, tgt_path = tasks.dictionary_paths(task, options, sources.folder)
         sources.src_dict = sources.src_dict or src_path
@@ -214,6 +217,11 @@ def convert_state(state: dict, sources: Sources) -> Converted:
     conv = Converted(cfg, kept, src_dict, tgt_dict, options, generation, dropped)
     conv.text, conv.text_files, notes = text.resolve(recorded_text(state), family, task, options, sources)
     conv.notes += notes
+    if tasks.TASKS.get(task) and tasks.TASKS[task].multilingual:
+        ml = Multilingual.from_options(options, sources.folder)
+        conv.multilingual = ml.meta(src_dict)
+        if ml.lang_dict is not None:
+            conv.extra_inputs["lang_dict"] = ml.lang_dict
     for name, symbol in tasks.task_symbols(task, options).items():
         d = src_dict if name == "source_suffix" else tgt_dict
         if symbol not in d:
@@ -419,7 +427,7 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
 
     fairport_meta = {
         "version": __version__, "model": cfg.to_dict(), "weight_names": naming, "text": conv.text,
-        "source_suffix": conv.symbols.get("source_suffix"),
+        "source_suffix": conv.symbols.get("source_suffix"), "multilingual": conv.multilingual,
         "task": conv.options.get("task"), "langs": tasks.task_langs(conv.options) or None,
         "source_lang": conv.options.get("source_lang"), "target_lang": conv.options.get("target_lang"),
         "transformers": family, "transformers_unmet": unmet,
@@ -436,7 +444,7 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
         "source": {"checkpoint": str(sources.checkpoint), "sha256": sha256(sources.checkpoint),
                    "bytes": sources.checkpoint.stat().st_size},
         "inputs": {**{k: str(getattr(sources, k)) for k in ("src_dict", "tgt_dict") if getattr(sources, k)},
-                   **{k: str(v) for k, v in conv.text_files.items()}},
+                   **{k: str(v) for k, v in {**conv.text_files, **conv.extra_inputs}.items()}},
         "dtype": config["torch_dtype"], "arch": cfg.arch, "task": conv.options.get("task"),
         "dropped": conv.dropped, "notes": conv.notes,
         "files": {f: digests.get(f) or sha256(out / f) for f in sorted(files)},

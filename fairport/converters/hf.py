@@ -45,6 +45,14 @@ def _requirements(c: ModelConfig) -> dict[str, list[tuple[bool, str]]]:
             (tied, "all embeddings tied"),
             (c.max_source_positions == c.max_target_positions, "equal source/target max positions"),
         ],
+        "m2m_100": _common(c) + [
+            (c.encoder_normalize_before and c.decoder_normalize_before, "pre-norm layers"),
+            (c.encoder_final_norm and c.decoder_final_norm, "final layer norms"),
+            (not c.encoder_learned_pos and not c.decoder_learned_pos, "sinusoidal positions"),
+            (not c.layernorm_embedding, "no layernorm_embedding"),
+            (tied, "all embeddings tied"),
+            (c.max_source_positions == c.max_target_positions, "equal source/target max positions"),
+        ],
         "fsmt": _common(c) + [
             (not c.encoder_normalize_before and not c.decoder_normalize_before, "post-norm layers"),
             (not c.encoder_final_norm and not c.decoder_final_norm, "no final layer norms"),
@@ -91,8 +99,9 @@ def hf_config(family: str, c: ModelConfig, extra: dict) -> dict:
         "init_std": 0.02,
         "use_cache": True,
     }
-    if family in ("bart", "mbart"):
-        arch = "BartForConditionalGeneration" if family == "bart" else "MBartForConditionalGeneration"
+    arch = {"bart": "BartForConditionalGeneration", "mbart": "MBartForConditionalGeneration",
+            "m2m_100": "M2M100ForConditionalGeneration"}.get(family)
+    if arch:
         return {"model_type": family, "architectures": [arch], "vocab_size": c.tgt_vocab_size,
                 "tie_word_embeddings": True, **common}
     # fsmt

@@ -180,6 +180,10 @@ HF_NAMES: dict[str, dict[str, str | None]] = {
 
 HF_NAMES["mbart"] = {**HF_NAMES["bart"], **{f"{side}.layer_norm.{w}": f"model.{side}.layer_norm.{w}"
                                             for side in ("encoder", "decoder") for w in LINEAR}}
+# M2M-100: pre-norm with final layer norms, sinusoidal positions (computed, not stored), tied embeddings
+HF_NAMES["m2m_100"] = {k: v for k, v in HF_NAMES["mbart"].items()
+                       if "embed_positions" not in k and "layernorm_embedding" not in k
+                       and not k.startswith("classification_heads")}
 
 
 def _expand(pattern: str, name: str) -> dict | None:

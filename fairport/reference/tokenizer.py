@@ -207,22 +207,44 @@ class Tokenizer:
     """The folder's text pipeline: `encode(text) -> ids`, `decode(ids) -> text`."""
 
     def __init__(self, folder: Path, spec: dict, src_dict: Dictionary, tgt_dict: Dictionary,
-                 source_suffix: int | None = None, generation_eos: int | None = None):
+                 source_suffix: int | None = None, generation_eos: int | None = None,
+                 multilingual: dict | None = None, source_lang: str | None = None, target_lang: str | None = None):
         self.spec = spec
         self.src_dict, self.tgt_dict = src_dict, tgt_dict
         self.bos, self.eos, self.pad, self.unk = src_dict.bos, src_dict.eos, src_dict.pad, src_dict.unk
         self.bart = bool(spec.get("bart"))
         self.source_suffix, self.generation_eos = source_suffix, generation_eos
-        # framing symbols never come out as text: <s>, </s>, the generator's EOS and the source's language tag
-        self.dropped = {self.eos, self.bos} | {i for i in (generation_eos, source_suffix) if i is not None}
+        self.multi = multilingual
+        self.source_lang, self.target_lang = source_lang, target_lang  # the defaults
+        # never text: <s>, </s> and the generator's EOS (fairseq-generate strips them)
+        self.dropped = {self.eos, self.bos} | ({generation_eos} if generation_eos is not None else set())
         self.pre = TOKENIZERS[spec["tokenizer"]](spec) if spec.get("tokenizer") else None
         self.gpt2 = GPT2BPE.from_folder(folder, src_dict.unk) if spec.get("bpe") == "gpt2" else None
         self.bpe = STRING_BPES[spec["bpe"]](folder) if spec.get("bpe") in STRING_BPES else None
 
-    @property
-    def forced_prefix(self) -> int | None:
-        """BART's hub forces <s> as the first generated token."""
-        return self.bos if self.bart else None
+    def lang_token(self, lang: str | None, role: str) -> int:
+        """A many-to-many model's token for `lang`; a clear error when the direction is not named."""
+        tokens = self.multi["tokens"]
+        if lang is None:
+            raise FairportError(f"this model translates between {', '.join(tokens)}: name the {role} language "
+                                f"(source_lang=/target_lang=; CLI: --source-lang/--target-lang)")
+        if lang not in tokens:
+            raise FairportError(f"{role} language {lang!r} is not one of this model's: {', '.join(tokens)}")
+        return tokens[lang]
+
+    def check_direction(self, source_lang: str | None = None, target_lang: str | None = None) -> None:
+        """Raise the one-line error `encode`/`generate` would raise for this direction, before any work."""
+        self.encode("", None, source_lang, target_lang)
+        self.forced_prefix(target_lang)
+
+    def forced_prefix(self, target_lang: str | None = None) -> int | None:
+        """The token forced first in generation: <s> for BART's hub, the target language token for a
+        many-to-many model with --decoder-langtok (fairseq's inference_step), else none."""
+        if self.bart:
+            return self.bos
+        if self.multi and self.multi["decoder_langtok"]:
+            return self.lang_token(target_lang or self.target_lang, "target")
+        return None
 
     def ids(self, text: str, dictionary: Dictionary | None = None) -> list[int]:
         """Tokenizer, BPE, dictionary (the source's unless given): the ids of `text` without any framing."""
@@ -235,27 +257,48 @@ class Tokenizer:
         d = dictionary or self.src_dict
         return [d.index(w) for w in SPACE.sub(" ", text).strip().split()]
 
-    def encode(self, text: str, max_positions: int | None = None) -> torch.Tensor:
+    def encode(self, text: str, max_positions: int | None = None, source_lang: str | None = None,
+               target_lang: str | None = None) -> torch.Tensor:
+        """What the model is fed for `text`, framed as the task frames inference inputs."""
         ids = self.ids(text)
         if self.bart:
             if max_positions is not None and len(ids) > max_positions - 2:  # BART's hub truncates too
                 ids = ids[: max_positions - 2]
             return torch.tensor([self.bos] + ids + [self.eos], dtype=torch.long)
+        prefix = []
+        if self.multi and self.multi["encoder_langtok"]:  # `__en__ x </s>` (tgt: the target's token)
+            by_source = self.multi["encoder_langtok"].startswith("src")
+            prefix = [self.lang_token(source_lang or self.source_lang if by_source else target_lang
+                                      or self.target_lang, "source" if by_source else "target")]
         suffix = [self.source_suffix] if self.source_suffix is not None else []
-        return torch.tensor(ids + [self.eos] + suffix, dtype=torch.long)
+        return torch.tensor(prefix + ids + [self.eos] + suffix, dtype=torch.long)
 
-    def encode_target(self, text: str, max_positions: int | None = None) -> list[int]:
+    def encode_target(self, text: str, max_positions: int | None = None, target_lang: str | None = None) -> list[int]:
         """A reference translation as the task's dataset holds targets: `x </s>` (mBART translation:
-        `x </s> [ro_RO]`, ending in the generator's EOS), in the target dictionary."""
+        `x </s> [ro_RO]`, ending in the generator's EOS; many-to-many: `__de__ x </s>`)."""
         ids = self.ids(text, self.tgt_dict)
         if self.bart and max_positions is not None:
             ids = ids[: max_positions - 2]
-        return ids + [self.eos] + ([self.generation_eos] if self.generation_eos not in (None, self.eos) else [])
+        prefix = [p] if not self.bart and (p := self.forced_prefix(target_lang)) is not None else []
+        return prefix + ids + [self.eos] + ([self.generation_eos] if self.generation_eos not in (None, self.eos)
+                                            else [])
 
-    def decode(self, ids) -> str:
-        """fairseq's Dictionary.string (dropping <s>, </s>, the generator's EOS and the source's language tag),
-        BPE removal, detokenizer."""
-        ids = [int(i) for i in ids if int(i) not in self.dropped]
+    def decode(self, ids, target_lang: str | None = None) -> str:
+        """fairseq-generate's text: Dictionary.string without <s>, </s> and the generator's symbols to strip
+        (its EOS; a many-to-many model's target language token), then BPE removal and the detokenizer.
+        A framed source decodes too: its leading language token and trailing task suffix are dropped."""
+        ids = [int(i) for i in ids]
+        dropped = set(self.dropped)
+        if self.multi:
+            if ids and ids[0] in self.multi["tokens"].values():  # a source's or a hypothesis' language token
+                dropped.add(ids[0])
+                ids = ids[1:]
+            tgt = target_lang or self.target_lang
+            if tgt in self.multi["tokens"] and self.multi["decoder_langtok"]:
+                dropped.add(self.multi["tokens"][tgt])
+        if ids and self.source_suffix is not None and ids[-1] == self.source_suffix:
+            ids = ids[:-1]
+        ids = [i for i in ids if i not in dropped]
         if self.gpt2 is not None:
             text = self.gpt2.decode(ids)
         else:
@@ -282,4 +325,5 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         spec = {"moses_source_lang": meta.get("source_lang"), "moses_target_lang": meta.get("target_lang"), **spec}
     gen = folder / "generation_config.json"
     eos = json.loads(gen.read_text()).get("fairseq", {}).get("eos") if gen.exists() else None
-    return Tokenizer(folder, spec, src, tgt, meta.get("source_suffix"), eos)
+    return Tokenizer(folder, spec, src, tgt, meta.get("source_suffix"), eos, meta.get("multilingual"),
+                     meta.get("source_lang"), meta.get("target_lang"))

@@ -48,7 +48,8 @@ class Inputs:
     notes: list[str] = field(default_factory=list)
 
 
-def from_text_file(path: Path, tokenizer, limit: int | None, max_positions: int) -> Inputs:
+def from_text_file(path: Path, tokenizer, limit: int | None, max_positions: int, source_lang: str | None = None,
+                   target_lang: str | None = None) -> Inputs:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -58,8 +59,8 @@ def from_text_file(path: Path, tokenizer, limit: int | None, max_positions: int)
         raise FairportError(f"--data {path} has no lines")
     src_text = [ln.split("\t", 1)[0] for ln in lines]
     ref_text = [ln.split("\t", 1)[1] for ln in lines] if all("\t" in ln for ln in lines) else None
-    src = [tokenizer.encode(s, max_positions=max_positions).tolist() for s in src_text]
-    refs = [tokenizer.encode_target(r, max_positions) for r in ref_text] if ref_text is not None else None
+    src = [tokenizer.encode(s, max_positions, source_lang, target_lang).tolist() for s in src_text]
+    refs = [tokenizer.encode_target(r, max_positions, target_lang) for r in ref_text] if ref_text is not None else None
     return Inputs(src, refs, src_text, ref_text, origin=f"text file {path}")
 
 

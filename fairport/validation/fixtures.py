@@ -64,6 +64,17 @@ FIXTURES: dict[str, dict] = {
                                  flags=SHRINK + ["--share-all-embeddings", "--bpe", "sentencepiece",
                                                  "--sentencepiece-model", "/home/trainer/data/spm.model"],
                                  format="args"),
+    # M2M-100's recipe: many-to-many translation, one fixed dictionary, a language list file, `__en__` tokens
+    # (source prefix, forced first target token), pre-norm transformer, sentencepiece, legacy args
+    "m2m_multilingual": dict(arch="transformer_wmt_en_de_big", task="translation_multi_simple_epoch", dicts="spm",
+                             spm_file="spm.model", fixed_dictionary="model_dict.txt", lang_dict=("en", "de", "fr"),
+                             flags=SHRINK + ["--share-all-embeddings", "--encoder-normalize-before",
+                                             "--decoder-normalize-before", "--lang-pairs", "en-de,de-en,en-fr",
+                                             "--lang-dict", "{folder}/langs.txt", "--fixed-dictionary",
+                                             "{folder}/model_dict.txt", "--encoder-langtok", "src",
+                                             "--decoder-langtok", "--bpe", "sentencepiece",
+                                             "--sentencepiece-model", "{folder}/spm.model"],
+                             format="args"),
 }
 
 
@@ -109,6 +120,10 @@ def make_data(folder: Path, spec: dict, shared: Path | None) -> list[str]:
         return []
     if spec["dicts"] == "spm":
         pieces = train_sentencepiece(folder / spec["spm_file"], shared)
+        if spec.get("fixed_dictionary"):  # many-to-many: one dictionary and a language list, no pair flags
+            _write_dict(folder / spec["fixed_dictionary"], pieces)
+            (folder / "langs.txt").write_text("".join(f"{lang}\n" for lang in spec["lang_dict"]))
+            return []
         src, tgt = spec["langs"]
         for lang in (src, tgt):
             _write_dict(folder / f"dict.{lang}.txt", pieces)

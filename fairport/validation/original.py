@@ -24,13 +24,15 @@ from fairport.errors import FairportError
 
 
 def run(checkpoints: list[str | Path], data: str | Path, inputs: dict[str, torch.Tensor],
-        requests: list[dict], timeout: float = 600, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Run fairseq on `inputs` in a subprocess; returns {request key: tensor}."""
+        requests: list[dict], timeout: float = 600, device: str = "cpu",
+        overrides: dict | None = None) -> dict[str, torch.Tensor]:
+    """Run fairseq on `inputs` in a subprocess; returns {request key: tensor}. `overrides`: fairseq options
+    given when loading (a many-to-many model's direction, its dictionary and language list files)."""
     with tempfile.TemporaryDirectory(prefix="fairport-original-") as tmp:
         tmp = Path(tmp)
         torch.save(inputs, tmp / "inputs.pt")
         job = {"checkpoints": [str(c) for c in checkpoints], "data": str(data), "inputs": str(tmp / "inputs.pt"),
-               "out": str(tmp / "out.pt"), "requests": requests, "device": device}
+               "out": str(tmp / "out.pt"), "requests": requests, "device": device, "overrides": overrides or {}}
         (tmp / "job.json").write_text(json.dumps(job))
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
         proc = subprocess.run([sys.executable, "-m", "fairport.validation.original", str(tmp / "job.json")],
@@ -45,7 +47,8 @@ def _load(job: dict):
     from fairseq import checkpoint_utils
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        job["checkpoints"], arg_overrides={"data": job["data"], "load_checkpoint_heads": True})
+        job["checkpoints"], arg_overrides={"data": job["data"], "load_checkpoint_heads": True,
+                                           **job.get("overrides", {})})
     for m in models:
         m.eval().float().to(job.get("device", "cpu"))
     _fix_task_args(task)
@@ -105,8 +108,8 @@ def _generate(models, task, inputs, req: dict) -> dict[str, torch.Tensor]:
     prefix = inputs.get("prefix_tokens") if req.get("prefix") else None
     if "seed" in req:
         torch.manual_seed(req["seed"])
-    with torch.no_grad():
-        hypos = gen.generate(models, sample, prefix_tokens=prefix)
+    with torch.no_grad():  # the task's inference step: a many-to-many task forces its target language token
+        hypos = task.inference_step(gen, models, sample, prefix_tokens=prefix)
     out = {}
     for i, hs in enumerate(hypos):
         for j, h in enumerate(hs):
@@ -144,7 +147,7 @@ def _hub(job: dict, req: dict) -> list:
     (what TransformerModel.from_pretrained returns; it frames inputs with the task) otherwise."""
     folder = Path(job["data"])
     spec = req["text"]
-    overrides = {"bpe": spec.get("bpe"), "tokenizer": spec.get("tokenizer"),
+    overrides = {**job.get("overrides", {}), "bpe": spec.get("bpe"), "tokenizer": spec.get("tokenizer"),
                  **{HUB_FILE_OPTIONS[k]: v for k, v in req.get("files", {}).items()}}
     if spec.get("bart"):
         from fairseq.models.bart import BARTModel
@@ -169,14 +172,45 @@ def _hub(job: dict, req: dict) -> list:
                 ids = [hub.task.build_dataset_for_inference([t], [t.numel()])[0]["source"] for t in ids]
             return [t.tolist() for t in ids]
         if method in ("generate", "interactive"):
-            hyps = hub.generate([hub.encode(s) for s in req["sentences"]], **req.get("options", {}))
+            encoded = [hub.encode(s) for s in req["sentences"]]
+            if spec.get("bart"):
+                hyps = hub.generate(encoded, **req.get("options", {}))
+            else:
+                hyps = _interactive_generate(hub, encoded, req.get("options", {}))
             if method == "generate":
                 return [h[0]["tokens"].tolist() for h in hyps]
-            # fairseq-interactive's output: the generator's EOS stripped, then BPE removal and detokenizer
-            strip = {task_eos(hub.models, hub.task)}
+            # fairseq-interactive's output: the generator's symbols stripped (its EOS, a many-to-many task's
+            # target language token), then BPE removal and detokenizer
+            from argparse import Namespace
+
+            gen = hub.task.build_generator(hub.models, Namespace(beam=1))
+            strip = getattr(gen, "symbols_to_strip_from_output", None) or {gen.eos}
             return [hub.detokenize(hub.remove_bpe(hub.tgt_dict.string(h[0]["tokens"], extra_symbols_to_ignore=strip)))
                     for h in hyps]
-        return hub.sample(req["sentences"], **req.get("options", {}))
+        if spec.get("bart"):
+            return hub.sample(req["sentences"], **req.get("options", {}))
+        hyps = _interactive_generate(hub, [hub.encode(s) for s in req["sentences"]], req.get("options", {}))
+        return [hub.decode(h[0]["tokens"]) for h in hyps]  # the hub's sample(): decode() of the best
+
+
+def _interactive_generate(hub, encoded: list[torch.Tensor], options: dict) -> list:
+    """GeneratorHubInterface.generate as fairseq-interactive runs it: the task builds the generator (without
+    the hub's `prefix_allowed_tokens_fn` argument, which 0.12's many-to-many task does not accept), frames
+    the batches (build_dataset_for_inference) and runs its own inference step."""
+    import copy
+
+    from fairseq import utils
+
+    gen_args = copy.deepcopy(hub.cfg.generation)
+    for k, v in options.items():
+        setattr(gen_args, k, v)
+    generator = hub.task.build_generator(hub.models, gen_args)
+    results = []
+    for batch in hub._build_batches(encoded, False):
+        batch = utils.apply_to_sample(lambda t: t.to(hub.device), batch)
+        for i, hypos in zip(batch["id"].tolist(), hub.task.inference_step(generator, hub.models, batch)):
+            results.append((i, hypos))
+    return [hypos for _, hypos in sorted(results, key=lambda x: x[0])]
 
 
 # fairseq's intermediate outputs, by the reference's names (see EncoderDecoder.forward(hiddens=...))

@@ -64,6 +64,8 @@ class VerifyOptions:
     gpt2_vocab_bpe: Path | None = None
     bpecodes: Path | None = None
     sentencepiece_model: Path | None = None
+    source_lang: str | None = None  # many-to-many models: the direction to verify
+    target_lang: str | None = None
     progress: bool = True
 
 
@@ -104,6 +106,19 @@ def _checkpoints(src: Path) -> tuple[list[Path], Path]:
     for p in paths:  # a clear error for a missing/truncated/unsafe source before fairseq sees it
         load_checkpoint(p)
     return paths, paths[0].parent
+
+
+def original_overrides(dst: Path, source_lang: str, target_lang: str) -> dict:
+    """fairseq options for running a many-to-many original in one direction, with the files the converter
+    found (a recorded --fixed-dictionary / --lang-dict path is usually the trainer's)."""
+    prov = json.loads((dst / "provenance.json").read_text()) if (dst / "provenance.json").exists() else {}
+    inputs = prov.get("inputs", {})
+    out = {"source_lang": source_lang, "target_lang": target_lang}
+    if inputs.get("lang_dict"):
+        out["lang_dict"] = inputs["lang_dict"]
+    if read_config(dst)[1].get("multilingual", {}).get("fixed_dictionary") and inputs.get("src_dict"):
+        out["fixed_dictionary"] = inputs["src_dict"]
+    return out
 
 
 def hub_request(dst: Path, method: str, sentences: list[str], key: str = "ids", options: dict | None = None,
@@ -161,14 +176,33 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     except FairportError:
         pass
 
+    # ---- the direction (many-to-many models) and the task's framing
+    multi = meta.get("multilingual")
+    src_lang, tgt_lang = opts.source_lang or meta.get("source_lang"), opts.target_lang or meta.get("target_lang")
+    overrides = {}
+    if multi:
+        if src_lang is None or tgt_lang is None:
+            pair = (multi["lang_pairs"] or [f"{multi['langs'][0]}-{multi['langs'][-1]}"])[0].split("-")
+            src_lang, tgt_lang = src_lang or pair[0], tgt_lang or pair[1]
+            report.sections.setdefault("notes", []).append(
+                f"many-to-many model: verified {src_lang}-{tgt_lang} (choose with --source-lang/--target-lang)")
+        for lang in (src_lang, tgt_lang):
+            if lang not in multi["tokens"]:
+                raise FairportError(f"language {lang!r} is not one of this model's: {', '.join(multi['tokens'])}")
+        overrides = original_overrides(dst, src_lang, tgt_lang)
+    forced = None  # the first generated token the task forces
+    if tok is not None and tok.bart:
+        forced = cfg.bos
+    elif multi and multi["decoder_langtok"]:
+        forced = multi["tokens"][tgt_lang]
+
     # ---- inputs
     if opts.data:
         if tok is None:
             raise FairportError("--data is text, but the folder has no tokenizer files; use --fairseq-data")
-        inputs = vdata.from_text_file(opts.data, tok, opts.limit, cfg.max_source_positions)
+        inputs = vdata.from_text_file(opts.data, tok, opts.limit, cfg.max_source_positions, src_lang, tgt_lang)
     elif opts.fairseq_data:
-        inputs = vdata.from_fairseq_data(opts.fairseq_data, opts.split, meta.get("source_lang"),
-                                         meta.get("target_lang"), opts.limit)
+        inputs = vdata.from_fairseq_data(opts.fairseq_data, opts.split, src_lang, tgt_lang, opts.limit)
     else:
         inputs = vdata.random_inputs(cfg.src_vocab_size, cfg.tgt_vocab_size, opts.limit or 32, opts.seed, cfg.eos)
     gen_defaults = port.generation_defaults()
@@ -177,9 +211,14 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
             inputs.src = [s + [meta["source_suffix"]] for s in inputs.src]
         if inputs.refs and gen_defaults.get("eos", cfg.eos) != cfg.eos:  # and `y </s> [ro_RO]`
             inputs.refs = [r + [gen_defaults["eos"]] for r in inputs.refs]
+        if multi and multi["encoder_langtok"]:  # many-to-many: `__en__ x </s>`
+            lead = multi["tokens"][src_lang if multi["encoder_langtok"].startswith("src") else tgt_lang]
+            inputs.src = [[lead] + s for s in inputs.src]
+        if multi and multi["decoder_langtok"] and inputs.refs:  # and `__de__ y </s>`
+            inputs.refs = [[forced] + r for r in inputs.refs]
     n = len(inputs.src)
     _say(opts, f"{n} inputs from {inputs.origin}")
-    prefix_bos = tok is not None and tok.forced_prefix is not None
+    prefix_bos = tok is not None and tok.bart  # the original forces <s> itself (its own dictionary's)
     beam_opts = {k: gen_defaults[k] for k in ("beam", "lenpen", "max_len_a", "max_len_b", "min_len",
                                                "no_repeat_ngram_size", "unkpen", "eos") if k in gen_defaults}
     settings = {"greedy": {**beam_opts, "beam": 1}, "beam": beam_opts}
@@ -193,7 +232,8 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     reqs = [{"kind": "verify_generate", "key": k, "options": o, "n": len(gbatches), "prefix": prefix_bos,
              "fixed_ngram_blocking": True} for k, o in settings.items()]
     t0 = time.time()
-    orig_gen = original.run(ckpts, src_dir, worker_inputs, reqs, timeout=3600, device=opts.device)
+    orig_gen = original.run(ckpts, src_dir, worker_inputs, reqs, timeout=3600, device=opts.device,
+                            overrides=overrides)
     _say(opts, f"  done in {time.time() - t0:.1f}s")
     theirs = {k: original.unpack_hypotheses(orig_gen, k) for k in settings}
 
@@ -208,7 +248,7 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     _say(opts, "fairseq original: teacher-forced logits and per-layer outputs ...")
     orig_logits = original.run(ckpts, src_dir, worker_inputs,
                                [{"kind": "verify_logits", "n": len(lbatches), "hiddens_batch": 0}], timeout=3600,
-                               device=opts.device)
+                               device=opts.device, overrides=overrides)
     ensemble = len(ckpts) > 1
     if ensemble:
         report.sections["notes"] = ["ensemble: logits and layer checks use the first member"]
@@ -290,7 +330,7 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     speed = {}
     for key, o in settings.items():
         _say(opts, f"reference: generation ({key}) ...")
-        hyps, seconds = _port_generate(port, worker_inputs, len(gbatches), o, prefix_bos, cfg, opts.device)
+        hyps, seconds = _port_generate(port, worker_inputs, len(gbatches), o, forced, opts.device)
         mine_gen[key] = hyps
         same = [a[0]["tokens"].tolist() == b[0]["tokens"].tolist() for a, b in zip(hyps, theirs[key])]
         score_d = [abs(float(a[0]["score"]) - float(b[0]["score"])) for a, b, s in zip(hyps, theirs[key], same) if s]
@@ -326,8 +366,9 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
         if req is None:
             report.sections.setdefault("notes", []).append("tokenizer check skipped: BPE files of the original not found")
         else:
-            hub_ids = original.run(ckpts, src_dir, {}, [req], timeout=1800)["ids"]
-            ours = [tok.encode(s, max_positions=cfg.max_source_positions).tolist() for s in inputs.src_text[:200]]
+            hub_ids = original.run(ckpts, src_dir, {}, [req], timeout=1800, overrides=overrides)["ids"]
+            ours = [tok.encode(s, cfg.max_source_positions, src_lang, tgt_lang).tolist()
+                    for s in inputs.src_text[:200]]
             bad = [i for i, (a, b) in enumerate(zip(ours, hub_ids)) if a != b]
             report.sections["tokenizer"] = {"sentences": len(ours), "mismatches": bad[:50]}
             report.add("tokenizer: ids equal the original's encoder", not bad, len(bad), 0,
@@ -360,7 +401,7 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
             keep = worker_inputs[f"prev.{i}"].ne(cfg.pad)
             diffs.append((lg.float() - orig_logits[f"logits.{i}"]).abs()[keep])
         d = torch.cat(diffs)
-        hyps, _ = _port_generate(m, worker_inputs, len(gbatches), settings["beam"], prefix_bos, cfg, opts.device)
+        hyps, _ = _port_generate(m, worker_inputs, len(gbatches), settings["beam"], forced, opts.device)
         pairs = list(zip(hyps, theirs["beam"]))
         same = sum(a[0]["tokens"].tolist() == b[0]["tokens"].tolist() for a, b in pairs) / max(n, 1)
         # how far the top hypothesis' score moves (fp32 original -> this dtype), over all sentences
@@ -399,14 +440,14 @@ def _hf_logits(model, src, prev, pad) -> torch.Tensor:
     return out
 
 
-def _port_generate(model, worker_inputs, nb, o, prefix_bos, cfg, device):
+def _port_generate(model, worker_inputs, nb, o, forced, device):
     warm = worker_inputs["gsrc.0"][:1].to(device)  # warm-up, untimed (as on the original's side)
-    model.generate(warm, prefix_tokens=torch.full((1, 1), cfg.bos, device=device) if prefix_bos else None, **o)
+    model.generate(warm, prefix_tokens=torch.full((1, 1), forced, device=device) if forced is not None else None, **o)
     hyps = []
     t0 = time.perf_counter()
     for i in range(nb):
         src = worker_inputs[f"gsrc.{i}"].to(device)
-        prefix = torch.full((src.size(0), 1), cfg.bos, device=device) if prefix_bos else None
+        prefix = torch.full((src.size(0), 1), forced, device=device) if forced is not None else None
         hyps += model.generate(src, prefix_tokens=prefix, **o)
     return hyps, time.perf_counter() - t0
 
