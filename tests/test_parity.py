@@ -58,7 +58,7 @@ def test_fixtures_cover_the_formats(fixtures_dir):
 @pytest.mark.parametrize("name,family", [("bart_base_mnli", "bart"), ("mbart_cfg", "mbart"),
                                          ("wmt_big_joined", "fsmt"), ("wmt_separate_cfg_fp16", "fsmt"),
                                          ("iwslt_legacy_2019", "fsmt"), ("m2m_multilingual", "m2m_100"),
-                                         ("mbart_en_ro_spm", "mbart")])
+                                         ("mbart_en_ro_spm", "mbart"), ("mbart50_multilingual", "mbart")])
 def test_transformers_logits_match_fairseq(name, family, fixtures_dir, converted):
     """transformers' BART/mBART use arange positions that ignore padding, so rows go one at a time,
     unpadded (see NOTES); FSMT needs use_cache=False for a causal teacher-forced forward."""

@@ -168,20 +168,22 @@ def test_sentencepiece_models_equal_fairseq_hub(name, fixtures_dir, converted):
 
 @needs_fairseq
 @needs_shared
-@pytest.mark.parametrize("direction", [("en", "de"), ("de", "fr")])
-def test_many_to_many_model_equals_fairseq(direction, fixtures_dir, converted):
-    """An M2M-100-style model (translation_multi_simple_epoch: fixed dictionary, language list file, `__xx__`
-    tokens): the direction is chosen when translating. Against fairseq's own task in that direction (run as
-    fairseq-interactive runs it): source `__en__ x </s>`, `__de__` forced first, the text without it."""
-    folder = converted("m2m_multilingual")
+@pytest.mark.parametrize("name,direction", [("m2m_multilingual", ("en", "de")), ("m2m_multilingual", ("de", "fr")),
+                                            ("mbart50_multilingual", ("en_XX", "ro_RO"))])
+def test_many_to_many_model_equals_fairseq(name, direction, fixtures_dir, converted):
+    """Many-to-many models (translation_multi_simple_epoch): M2M-100-style (fixed dictionary, language list
+    file, `__xx__` tokens, transformer) and mBART-50-style (`[xx_XX]` tokens and <mask>, dict.{lang}.txt, an
+    mBART model). The direction is chosen when translating. Against fairseq's own task in that direction (run
+    as fairseq-interactive runs it): source `__en__ x </s>`, `__de__` forced first, the text without it."""
+    folder = converted(name)
     model = load(folder)
     src_lang, tgt_lang = direction
     src = [s for s in sentences("en") if len(s) < 70][:10]
     opts = {"beam": 3, "max_len_b": 12}
     reqs = [hub_request(folder, "encode", src, "ids"), hub_request(folder, "generate", src, "gen", opts),
             hub_request(folder, "interactive", src, "text", opts), hub_request(folder, "roundtrip", src, "rt")]
-    out = original.run([fixtures_dir / "m2m_multilingual" / "model.pt"], fixtures_dir / "m2m_multilingual", {},
-                       reqs, overrides=original_overrides(folder, src_lang, tgt_lang))
+    out = original.run([fixtures_dir / name / "model.pt"], fixtures_dir / name, {}, reqs,
+                       overrides=original_overrides(folder, src_lang, tgt_lang))
     langs = model.tokenizer.multi["tokens"]
     assert [model.encode(s, src_lang, tgt_lang).tolist() for s in src] == out["ids"]
     assert all(ids[0] == langs[src_lang] for ids in out["ids"])
@@ -192,8 +194,8 @@ def test_many_to_many_model_equals_fairseq(direction, fixtures_dir, converted):
     assert [model.decode(model.encode(s, src_lang, tgt_lang)) for s in src] == out["rt"]
     with pytest.raises(FairportError, match="name the source language"):
         model.translate(src[:1])
-    with pytest.raises(FairportError, match="'xx' is not one of this model's: en, de, fr"):
-        model.translate(src[:1], source_lang="en", target_lang="xx")
+    with pytest.raises(FairportError, match=f"'xx' is not one of this model's: {', '.join(langs)}"):
+        model.translate(src[:1], source_lang=src_lang, target_lang="xx")
 
 
 @needs_fairseq

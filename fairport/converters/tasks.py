@@ -26,6 +26,7 @@ class TaskDicts:
     source_suffix: str | None = None
     generation_eos: str | None = None
     multilingual: bool = False  # dictionaries and language tokens as converters/multilingual.py reads them
+    frames_text: bool = False  # the task frames inference inputs itself (BART-architecture models too)
 
 
 TASKS: dict[str, TaskDicts] = {
@@ -34,10 +35,12 @@ TASKS: dict[str, TaskDicts] = {
     "multilingual_denoising": TaskDicts(("dict.txt", "dict.txt"), ("[{lang}]", "<mask>"), "add_lang_token"),
     # mBART fine-tuned for translation: source `x </s> [src_lang]`, generation ends with (and starts from) [tgt_lang]
     "translation_from_pretrained_bart": TaskDicts(("dict.{src}.txt", "dict.{tgt}.txt"), ("[{lang}]", "<mask>"),
-                                                  source_suffix="[{src}]", generation_eos="[{tgt}]"),
+                                                  source_suffix="[{src}]", generation_eos="[{tgt}]",
+                                                  frames_text=True),
     "sentence_prediction": TaskDicts(("dict.txt", "dict.txt"), ("<mask>",)),
     # M2M-100, mBART-50: one shared dictionary, a token per language, the direction chosen at inference
-    "translation_multi_simple_epoch": TaskDicts(("dict.{src}.txt", "dict.{tgt}.txt"), multilingual=True),
+    "translation_multi_simple_epoch": TaskDicts(("dict.{src}.txt", "dict.{tgt}.txt"), multilingual=True,
+                                                frames_text=True),
 }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fairport.converters.tasks import TASKS
+
 # fairseq --bpe name -> {Sources field: (file names looked for beside the checkpoint, the option recording it)}
 BPE_FILES: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
     "gpt2": {"encoder_json": (("encoder.json",), "gpt2_encoder_json"),
@@ -101,9 +103,9 @@ def resolve(recorded: dict, family: str, task: str, options: dict,
         files[field] = path
     spec = {
         "tokenizer": tok, "bpe": bpe,
-        # fairseq's BART hub interface: `<s> x </s>` in, <s> forced first; mBART translation follows
-        # fairseq-generate (its task frames the source and ends generation with a language token)
-        "bart": family == "bart" and task != "translation_from_pretrained_bart",
+        # fairseq's BART hub interface: `<s> x </s>` in, <s> forced first; translation tasks that frame
+        # their inputs (mBART translation, many-to-many) follow fairseq-generate instead
+        "bart": family == "bart" and not (task in TASKS and TASKS[task].frames_text),
     }
     if tok == "moses":
         spec |= {"moses_source_lang": recorded.get("source_lang") or recorded.get("moses_source_lang")

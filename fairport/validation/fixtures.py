@@ -75,6 +75,17 @@ FIXTURES: dict[str, dict] = {
                                              "--decoder-langtok", "--bpe", "sentencepiece",
                                              "--sentencepiece-model", "{folder}/spm.model"],
                              format="args"),
+    # mBART-50's recipe: the same task on an mBART model, `[en_XX]` tokens and <mask>, dict.{lang}.txt per
+    # language, the language list in --langs, cfg format
+    "mbart50_multilingual": dict(arch="mbart_large", task="translation_multi_simple_epoch", dicts="spm",
+                                 spm_file="sentence.bpe.model", per_lang=("en_XX", "ro_RO", "de_DE"),
+                                 flags=SHRINK + ["--langs", "en_XX,ro_RO,de_DE", "--lang-pairs",
+                                                 "en_XX-ro_RO,en_XX-de_DE", "--lang-tok-style", "mbart",
+                                                 "--encoder-langtok", "src", "--decoder-langtok",
+                                                 "--encoder-normalize-before", "--decoder-normalize-before",
+                                                 "--layernorm-embedding", "--bpe", "sentencepiece",
+                                                 "--sentencepiece-model", "{folder}/sentence.bpe.model"],
+                                 format="cfg"),
 }
 
 
@@ -123,6 +134,10 @@ def make_data(folder: Path, spec: dict, shared: Path | None) -> list[str]:
         if spec.get("fixed_dictionary"):  # many-to-many: one dictionary and a language list, no pair flags
             _write_dict(folder / spec["fixed_dictionary"], pieces)
             (folder / "langs.txt").write_text("".join(f"{lang}\n" for lang in spec["lang_dict"]))
+            return []
+        if spec.get("per_lang"):  # many-to-many with a dict.{lang}.txt per language
+            for lang in spec["per_lang"]:
+                _write_dict(folder / f"dict.{lang}.txt", pieces)
             return []
         src, tgt = spec["langs"]
         for lang in (src, tgt):
