@@ -25,7 +25,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     r = convert(a.src, a.dst, force=a.force, dtype=a.dtype, max_shard_bytes=_size(a.max_shard_size),
                 generation_overrides=gen, src_dict=a.src_dict, tgt_dict=a.tgt_dict,
                 encoder_json=a.gpt2_encoder_json, vocab_bpe=a.gpt2_vocab_bpe, bpecodes=a.bpecodes,
-                sentencepiece_model=a.sentencepiece_model, bpe=a.bpe, tokenizer=a.tokenizer)
+                sentencepiece_model=a.sentencepiece_model, bpe=a.bpe, tokenizer=a.tokenizer, lang_dict=a.lang_dict)
     c = r["config"]
     print(f"converted {c.arch} ({c.family}: {c.encoder_layers}+{c.decoder_layers} layers, "
           f"d{c.encoder_embed_dim}, {c.src_vocab_size}/{c.tgt_vocab_size} ids, {r['dtype']}) -> {r['dst']}")
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpt2-vocab-bpe", help="GPT-2 vocab.bpe (BART)")
     c.add_argument("--bpecodes", help="fastBPE / subword-nmt codes (WMT19)")
     c.add_argument("--sentencepiece-model", help="sentencepiece model (mBART's sentence.bpe.model)")
+    c.add_argument("--lang-dict", help="many-to-many models: the language list file (--lang-dict), when it is "
+                   "not where the checkpoint recorded it nor beside it")
     c.add_argument("--bpe", help="fairseq --bpe of the text pipeline (default: as the checkpoint records, "
                    "else from the files found): gpt2, fastbpe, subword_nmt, sentencepiece, none")
     c.add_argument("--tokenizer", help="fairseq --tokenizer (default: as the checkpoint records; Moses with "

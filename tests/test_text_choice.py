@@ -1,5 +1,6 @@
 """Which text pipeline `fairport convert` gives a folder: the checkpoint's own --tokenizer/--bpe when it
-recorded them, explicit flags before that, the release's files when it recorded nothing."""
+recorded them, explicit flags before that, the release's files when it recorded nothing; and how a
+many-to-many model's language tokens are added."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 
 import pytest
 
+from conftest import needs_fairseq
 from fairport.converters import text
 from fairport.converters.checkpoint import recorded_text
 from fairport.converters.convert import Sources
@@ -121,3 +123,18 @@ def test_many_to_many_dictionary_additions_follow_fairseq(tmp_path):
     (tmp_path / "model_dict.128k.txt").write_text("a 1\n")
     assert Multilingual.from_options({"langs": "en,de"}, tmp_path).dictionary_paths(
         {"fixed_dictionary": "/data/model_dict.128k.txt"}, tmp_path) == (tmp_path / "model_dict.128k.txt",) * 2
+
+
+@needs_fairseq
+def test_lang_dict_flag_replaces_the_recorded_language_list(fixtures_dir, tmp_path):
+    import json
+
+    from fairport.converters.convert import convert
+
+    langs = tmp_path / "langs.txt"
+    langs.write_text("fr\nen\nde\n")
+    convert(fixtures_dir / "m2m_multilingual", tmp_path / "out", lang_dict=langs)
+    multi = json.loads((tmp_path / "out" / "config.json").read_text())["fairport"]["multilingual"]
+    assert list(multi["tokens"]) == ["fr", "en", "de"] and multi["tokens"]["fr"] < multi["tokens"]["de"]
+    prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert prov["inputs"]["lang_dict"] == str(langs)

@@ -43,6 +43,7 @@ class Sources:
     vocab_bpe: Path | None = None
     bpecodes: Path | None = None
     sentencepiece_model: Path | None = None
+    lang_dict: Path | None = None  # many-to-many: the language list file, when not where the checkpoint says
     explicit: set[str] = field(default_factory=set)  # the files named on the command line
     bpe: str | None = None  # --bpe / --tokenizer given to convert (None: as the checkpoint says)
     tokenizer: str | None = None
@@ -86,7 +87,7 @@ def find_sources(src: str | Path, **overrides) -> Sources:
     else:
         raise FairportError(f"source not found: {src}")
     s = Sources(checkpoint, folder, bpe=overrides.get("bpe"), tokenizer=overrides.get("tokenizer"))
-    for name in ("encoder_json", "vocab_bpe", "bpecodes", "sentencepiece_model"):
+    for name in ("encoder_json", "vocab_bpe", "bpecodes", "sentencepiece_model", "lang_dict"):
         if overrides.get(name):
             path = Path(overrides[name])
             if not path.is_file():
@@ -121,6 +122,8 @@ def _check_dict(name: str, d: Dictionary, path: Path, adds: list[str], rows: int
 def convert_state(state: dict, sources: Sources) -> Converted:
     options_raw, generation = checkpoint_options(state)
     family, options = opts.resolve(options_raw)
+    if sources.lang_dict is not None:  # --lang-dict: the language list fairseq would read
+        options = {**options, "lang_dict": str(sources.lang_dict), "langs": None}
     opts.check_supported(options)
     task = options.get("task") or "translation"
 

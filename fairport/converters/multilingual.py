@@ -71,7 +71,7 @@ class Multilingual:
             lang_dict = beside(options["lang_dict"], folder)
             if lang_dict is None:
                 raise FairportError(f"{TASK}: the checkpoint's language list {options['lang_dict']} (--lang-dict) "
-                                    f"is not beside the checkpoint; copy it to {folder}")
+                                    f"is not beside the checkpoint; copy it to {folder} or pass --lang-dict")
             langs = [ln.strip() for ln in lang_dict.read_text(encoding="utf-8").splitlines() if ln.strip()]
         else:  # fairseq: inferred from the pairs, sorted
             langs = sorted({x for pair in _list(options.get("lang_pairs")) for x in pair.split("-")})
