@@ -114,8 +114,8 @@ def original_overrides(dst: Path, source_lang: str, target_lang: str) -> dict:
     prov = json.loads((dst / "provenance.json").read_text()) if (dst / "provenance.json").exists() else {}
     inputs = prov.get("inputs", {})
     out = {"source_lang": source_lang, "target_lang": target_lang}
-    if inputs.get("lang_dict"):
-        out["lang_dict"] = inputs["lang_dict"]
+    if inputs.get("lang_dict"):  # the list the converter read (fairseq refuses --langs next to it)
+        out |= {"lang_dict": inputs["lang_dict"], "langs": None}
     if read_config(dst)[1].get("multilingual", {}).get("fixed_dictionary") and inputs.get("src_dict"):
         out["fixed_dictionary"] = inputs["src_dict"]
     return out
