@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from conftest import needs_fairseq
 from fairport.converters import text
@@ -138,3 +139,28 @@ def test_lang_dict_flag_replaces_the_recorded_language_list(fixtures_dir, tmp_pa
     assert list(multi["tokens"]) == ["fr", "en", "de"] and multi["tokens"]["fr"] < multi["tokens"]["de"]
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert prov["inputs"]["lang_dict"] == str(langs)
+
+
+@needs_fairseq
+def test_dictionary_padded_to_the_embedding_rows_as_fairseq_pads_it(fixtures_dir):
+    """M2M-100's embeddings have 8 rows more than its dictionary + language tokens: fairseq padded the
+    dictionary with madeupwordNNNN to a multiple of 8 when building the model. Rows that padding explains
+    are accepted (and noted); any other count is still the wrong-dictionary error."""
+    from fairport.converters.checkpoint import load_checkpoint
+    from fairport.converters.convert import convert_state
+    from fairport.errors import FairportError
+
+    folder = fixtures_dir / "m2m_multilingual"
+    state = load_checkpoint(folder / "model.pt")
+    w = state["model"]["encoder.embed_tokens.weight"]
+    n = w.shape[0]  # 404: 401 dictionary symbols + __en__ __de__ __fr__
+    state["model"]["encoder.embed_tokens.weight"] = torch.cat([w, torch.zeros(8 - n % 8, w.shape[1])])
+    conv = convert_state(state, Sources(folder / "model.pt", folder))
+    assert conv.config.src_vocab_size == conv.config.tgt_vocab_size == 408
+    assert conv.src_dict.symbols[n:] == [f"madeupword{i:04d}" for i in range(408 - n)]
+    assert conv.multilingual["tokens"] == {"en": 401, "de": 402, "fr": 403}
+    assert any("padded with 4 madeupwordNNNN" in note for note in conv.notes)
+    state = load_checkpoint(folder / "model.pt")
+    state["model"]["encoder.embed_tokens.weight"] = torch.cat([w, torch.zeros(6, w.shape[1])])
+    with pytest.raises(FairportError, match="wrong dictionary"):
+        convert_state(state, Sources(folder / "model.pt", folder))

@@ -119,6 +119,27 @@ def _check_dict(name: str, d: Dictionary, path: Path, adds: list[str], rows: int
                             f"embedding has {rows} rows: wrong dictionary for this checkpoint")
 
 
+PADDING_FACTORS = (8, 16, 32, 64, 128)  # fairseq pads to 8 x the model-parallel size
+
+
+def _pad_dictionaries(sd: dict, src_dict: Dictionary, tgt_dict: Dictionary) -> list[str]:
+    """Embeddings with a few more rows than the dictionary, exactly its size rounded up to a multiple of 8
+    (x2^k): the dictionary was padded with madeupwordNNNN symbols when the model was built (fairseq's
+    pad_to_multiple_, as model-parallel training does; M2M-100 has 8 such rows). Pad it the same way."""
+    notes = []
+    sides = [(src_dict, "encoder.embed_tokens.weight")]
+    if tgt_dict is not src_dict:
+        sides.append((tgt_dict, "decoder.embed_tokens.weight"))
+    for d, key in sides:
+        rows, n = _embedding_rows(sd, key), len(d)
+        factor = next((f for f in PADDING_FACTORS if rows is not None and rows > n and -(-n // f) * f == rows), None)
+        if factor:
+            added = d.pad_to_multiple(factor)
+            notes.append(f"{key.split('.')[0]} dictionary padded with {added} madeupwordNNNN symbols to the "
+                         f"embedding's {rows} rows (fairseq pad_to_multiple_({factor}))")
+    return notes
+
+
 def convert_state(state: dict, sources: Sources) -> Converted:
     options_raw, generation = checkpoint_options(state)
     family, options = opts.resolve(options_raw)
@@ -149,6 +170,8 @@ def convert_state(state: dict, sources: Sources) -> Converted:
                 if k in sd:
                     sd[k] = sd[k][:-1]
             dropped["<mask> embedding row"] = "dictionary has no <mask> (fairseq BART truncates it too)"
+
+    notes = _pad_dictionaries(sd, src_dict, tgt_dict)
 
     share_all = bool(options.get("share_all_embeddings"))
     # fairseq's build_model sets share_decoder_input_output_embed when share_all_embeddings is on
@@ -217,7 +240,7 @@ def convert_state(state: dict, sources: Sources) -> Converted:
         classification_heads=heads,
     )
     check_shapes(cfg, kept)
-    conv = Converted(cfg, kept, src_dict, tgt_dict, options, generation, dropped)
+    conv = Converted(cfg, kept, src_dict, tgt_dict, options, generation, dropped, notes)
     conv.text, conv.text_files, notes = text.resolve(recorded_text(state), family, task, options, sources)
     conv.notes += notes
     if tasks.TASKS.get(task) and tasks.TASKS[task].multilingual:

@@ -70,6 +70,15 @@ class Dictionary:
             d.add_symbol(word, count, overwrite=overwrite)
         return d
 
+    def pad_to_multiple(self, factor: int) -> int:
+        """fairseq Dictionary.pad_to_multiple_: `madeupwordNNNN` symbols until the size divides by `factor`.
+        Returns how many were added."""
+        added = 0
+        while len(self) % factor:
+            self.add_symbol(f"madeupword{added:04d}", n=0)
+            added += 1
+        return added
+
     def write(self, path: str | Path) -> None:
         """Write in fairseq's format: every symbol after the 4 specials, one per line."""
         lines = []
