@@ -1,5 +1,5 @@
-"""Conversion at the released architecture sizes without weights: fairseq builds bart.large and the
-WMT19 en-de transformer on the meta device, and the converter must map every tensor at the right shape."""
+"""Conversion at the released architecture sizes without weights: fairseq builds bart.large, the WMT19 en-de
+transformer and M2M-100 418M on the meta device, and the converter must map every tensor at the right shape."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def meta_checkpoint(folder, fp16=False):
 @pytest.mark.parametrize("name,family,layers,dim,ffn,heads,vocab", [
     ("bart.large", "bart", (12, 12), 1024, 4096, 16, 50265),
     ("wmt19.en-de", "fsmt", (6, 6), 1024, 8192, 16, 42024),
+    ("m2m100_418M", "m2m_100", (12, 12), 1024, 4096, 16, 128104),
 ])
 def test_real_size_conversion_shapes_and_coverage(name, family, layers, dim, ffn, heads, vocab, real_sizes_dir):
     folder = real_sizes_dir / name
@@ -50,3 +51,17 @@ def test_real_size_conversion_shapes_and_coverage(name, family, layers, dim, ffn
     # and the reference model needs exactly what was mapped
     assert set(expected_shapes(c)) == set(conv.state_dict)
     assert all(t.dtype == torch.float16 for t in conv.state_dict.values())
+
+
+@needs_fairseq
+def test_m2m100_release_rows_pad_the_dictionary(real_sizes_dir):
+    """The released M2M-100 418M embeddings have 128112 rows: fairseq's 128104 symbols (128000 + 4 specials
+    + 100 languages) padded to a multiple of 8 with madeupwordNNNN, as transformers' M2M100 config has it."""
+    folder = real_sizes_dir / "m2m100_418M"
+    state, _ = meta_checkpoint(folder, fp16=True)
+    w = state["model"]["encoder.embed_tokens.weight"]
+    state["model"]["encoder.embed_tokens.weight"] = torch.empty(128112, w.shape[1], dtype=w.dtype, device="meta")
+    conv = convert_state(state, Sources(folder / "model.pt", folder))
+    assert conv.config.src_vocab_size == conv.config.tgt_vocab_size == 128112
+    assert conv.src_dict.symbols[-8:] == [f"madeupword{i:04d}" for i in range(8)]
+    assert conv.multilingual["tokens"]["l00"] == 128004 and hf_family(conv.config)[0] == "m2m_100"

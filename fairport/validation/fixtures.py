@@ -320,6 +320,14 @@ REAL_SIZES: dict[str, dict] = {
     "wmt19.en-de": dict(arch="transformer_wmt_en_de_big", task="translation", dict_lines=42020,
                         flags=["--encoder-ffn-embed-dim", "8192", "--share-all-embeddings", "-s", "src",
                                "-t", "tgt"]),
+    # M2M-100 418M: 12+12 pre-norm layers at d1024, one 128k dictionary and 100 language tokens
+    "m2m100_418M": dict(arch="transformer_wmt_en_de_big", task="translation_multi_simple_epoch", dict_lines=128000,
+                        langs=100, flags=["--encoder-layers", "12", "--decoder-layers", "12",
+                                          "--encoder-normalize-before", "--decoder-normalize-before",
+                                          "--share-all-embeddings", "--fixed-dictionary",
+                                          "{folder}/model_dict.128k.txt", "--lang-dict", "{folder}/langs.txt",
+                                          "--lang-pairs", "l00-l01,l01-l00", "--encoder-langtok", "src",
+                                          "--decoder-langtok"]),
 }
 
 
@@ -383,11 +391,15 @@ def real_size(name: str, out_dir: Path) -> Path:
     folder = out_dir / name
     folder.mkdir(parents=True, exist_ok=True)
     symbols = [f"w{i}" for i in range(spec["dict_lines"])]
-    for f in (["dict.txt"] if spec["task"] == "denoising" else ["dict.src.txt", "dict.tgt.txt"]):
+    if spec.get("langs"):  # many-to-many: one fixed dictionary and a language list
+        _write_dict(folder / "model_dict.128k.txt", symbols)
+        (folder / "langs.txt").write_text("".join(f"l{i:02d}\n" for i in range(spec["langs"])))
+    for f in (["dict.txt"] if spec["task"] == "denoising" else [] if spec.get("langs") else
+              ["dict.src.txt", "dict.tgt.txt"]):
         _write_dict(folder / f, symbols)
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [str(folder), "--task", spec["task"], "--arch", spec["arch"],
-                                                *spec["flags"]])
+                                                *(f.format(folder=folder) for f in spec["flags"])])
     task = tasks.setup_task(args)
     import fairseq.models.bart.model as bart_model
 
