@@ -462,3 +462,11 @@ def recorded_text(state: dict) -> dict:
         out.update({k: v for k, v in args.items()
                     if k in ("bpe", "tokenizer") or k.startswith(("moses_", "gpt2_", "sentencepiece_", "bpe_"))})
     return out
+
+
+def recorded_file(recorded, folder: Path) -> Path | None:
+    """A file the checkpoint recorded (usually the trainer's path, or a URL): that path if it exists, else its
+    base name beside the checkpoint."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    return next((p for p in (Path(recorded), folder / Path(recorded).name) if p.is_file()), None)

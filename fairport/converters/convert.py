@@ -151,10 +151,13 @@ def convert_state(state: dict, sources: Sources) -> Converted:
     sd = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
     sd, facts = weights.upgrade(sd, options)
 
-    # dictionaries, with the task's additions
-    adds = tasks.task_additions(task, options, sources.folder)
+    # dictionaries, with the task's additions (a many-to-many task's: its language list, read once)
+    ml = Multilingual.from_options(options, sources.folder) if task in tasks.TASKS and \
+        tasks.TASKS[task].multilingual else None
+    adds = ml.additions() if ml else tasks.task_additions(task, options)
     if sources.src_dict is None or sources.tgt_dict is None:
-        src_path, tgt_path = tasks.dictionary_paths(task, options, sources.folder)
+        src_path, tgt_path = (ml.dictionary_paths(options, sources.folder) if ml
+                              else tasks.dictionary_paths(task, options, sources.folder))
         sources.src_dict = sources.src_dict or src_path
         sources.tgt_dict = sources.tgt_dict or tgt_path
     src_dict = tasks.build_dictionary(sources.src_dict, adds)
@@ -243,8 +246,7 @@ def convert_state(state: dict, sources: Sources) -> Converted:
     conv = Converted(cfg, kept, src_dict, tgt_dict, options, generation, dropped, notes)
     conv.text, conv.text_files, notes = text.resolve(recorded_text(state), family, task, options, sources)
     conv.notes += notes
-    if tasks.TASKS.get(task) and tasks.TASKS[task].multilingual:
-        ml = Multilingual.from_options(options, sources.folder)
+    if ml:
         conv.multilingual = ml.meta(src_dict)
         if ml.lang_dict is not None:
             conv.extra_inputs["lang_dict"] = ml.lang_dict

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fairport.converters.checkpoint import recorded_file
 from fairport.errors import FairportError
 
 TASK = "translation_multi_simple_epoch"
@@ -33,13 +34,6 @@ def _spec_suffix(spec: str) -> str:
 
 def lang_token(lang: str, style: str, spec: str = "main") -> str:
     return STYLES[style].format(lang + _spec_suffix(spec))
-
-
-def beside(recorded, folder: Path) -> Path | None:
-    """A file the checkpoint recorded: that path, or its base name beside the checkpoint."""
-    if not isinstance(recorded, str) or not recorded:
-        return None
-    return next((p for p in (Path(recorded), folder / Path(recorded).name) if p.is_file()), None)
 
 
 @dataclass
@@ -68,7 +62,7 @@ class Multilingual:
         if options.get("langs"):
             langs = _list(options["langs"])
         elif options.get("lang_dict"):
-            lang_dict = beside(options["lang_dict"], folder)
+            lang_dict = recorded_file(options["lang_dict"], folder)
             if lang_dict is None:
                 raise FairportError(f"{TASK}: the checkpoint's language list {options['lang_dict']} (--lang-dict) "
                                     f"is not beside the checkpoint; copy it to {folder} or pass --lang-dict")
@@ -92,13 +86,13 @@ class Multilingual:
     def dictionary_paths(self, options: dict, folder: Path) -> tuple[Path, Path]:
         for option in ("fixed_dictionary",):
             if options.get(option):
-                path = beside(options[option], folder)
+                path = recorded_file(options[option], folder)
                 if path is None:
                     raise FairportError(f"{TASK}: the checkpoint's --fixed-dictionary {options[option]} is not "
                                         f"beside the checkpoint; copy it there or pass --src-dict/--tgt-dict")
                 return path, path
-        src = beside(options.get("source_dict"), folder)
-        tgt = beside(options.get("target_dict"), folder)
+        src = recorded_file(options.get("source_dict"), folder)
+        tgt = recorded_file(options.get("target_dict"), folder)
         pair = (self.lang_pairs[0].split("-") if self.lang_pairs else [self.langs[0], self.langs[0]])
         src_lang, tgt_lang = options.get("source_lang") or pair[0], options.get("target_lang") or pair[1]
         return src or folder / f"dict.{src_lang}.txt", tgt or folder / f"dict.{tgt_lang}.txt"

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fairport.converters.dictionary import Dictionary
-from fairport.converters.multilingual import Multilingual
 from fairport.errors import FairportError
 
 
@@ -25,7 +24,7 @@ class TaskDicts:
     lang_tokens_if: str | None = None
     source_suffix: str | None = None
     generation_eos: str | None = None
-    multilingual: bool = False  # dictionaries and language tokens as converters/multilingual.py reads them
+    multilingual: bool = False  # dictionaries and language tokens: converters/multilingual.py, not `files`/`adds`
     frames_text: bool = False  # the task frames inference inputs itself (BART-architecture models too)
 
 
@@ -55,8 +54,6 @@ def dictionary_paths(task: str, options: dict, folder: Path) -> tuple[Path, Path
     if task not in TASKS:
         raise FairportError(f"task {task!r} is not supported (fairport knows: {', '.join(sorted(TASKS))}); "
                             f"pass the dictionaries (with every symbol the task adds) with --src-dict/--tgt-dict")
-    if TASKS[task].multilingual:
-        return Multilingual.from_options(options, folder).dictionary_paths(options, folder)
     src, tgt = options.get("source_lang"), options.get("target_lang")
     if "{src}" in TASKS[task].files[0] and (src is None or tgt is None):
         src, tgt = infer_language_pair(folder)
@@ -83,10 +80,8 @@ def infer_language_pair(folder: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
-def task_additions(task: str, options: dict, folder: Path) -> list[str]:
+def task_additions(task: str, options: dict) -> list[str]:
     spec = TASKS.get(task, TaskDicts(("", "")))
-    if spec.multilingual:
-        return Multilingual.from_options(options, folder).additions()
     adds: list[str] = []
     for sym in spec.adds:
         if "{lang}" in sym:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fairport.converters.checkpoint import recorded_file
 from fairport.converters.tasks import TASKS
 
 # fairseq --bpe name -> {Sources field: (file names looked for beside the checkpoint, the option recording it)}
@@ -43,18 +44,14 @@ def find_file(field: str, recorded: dict, sources) -> Path | None:
     if given is not None:
         return Path(given)
     names, option = next(files[field] for files in BPE_FILES.values() if field in files)
-    rec = recorded.get(option)
-    candidates = []
-    if isinstance(rec, str) and rec:
-        candidates += [Path(rec), sources.folder / Path(rec).name]
-    candidates += [sources.folder / n for n in names]
-    return next((p for p in candidates if p.is_file()), None)
+    return recorded_file(recorded.get(option), sources.folder) or next(
+        (p for p in (sources.folder / n for n in names) if p.is_file()), None)
 
 
-def choose_bpe(recorded: dict, sources, override: str | None) -> str | None:
-    if override:
-        return _name(override)
-    explicit = getattr(sources, "explicit", set())
+def choose_bpe(recorded: dict, sources) -> str | None:
+    if sources.bpe:
+        return _name(sources.bpe)
+    explicit = sources.explicit
     if {"encoder_json", "vocab_bpe"} & explicit:
         return "gpt2"
     if "sentencepiece_model" in explicit:
@@ -70,7 +67,7 @@ def choose_bpe(recorded: dict, sources, override: str | None) -> str | None:
 
 
 def choose_tokenizer(recorded: dict, bpe: str | None, override: str | None) -> str | None:
-    if override:
+    if override:  # --tokenizer given to convert
         return _name(override)
     if _name(recorded.get("bpe")) or _name(recorded.get("tokenizer")):
         return _name(recorded.get("tokenizer"))
@@ -81,7 +78,7 @@ def resolve(recorded: dict, family: str, task: str, options: dict,
             sources) -> tuple[dict | None, dict[str, Path], list[str]]:
     """Returns (pipeline spec for config.json, {Sources field: file}, notes). spec None: ids only.
     `sources.bpe`/`sources.tokenizer`: the names given to convert, if any."""
-    bpe = choose_bpe(recorded, sources, sources.bpe)
+    bpe = choose_bpe(recorded, sources)
     tok = choose_tokenizer(recorded, bpe, sources.tokenizer)
     notes = []
     if bpe is not None and bpe not in BPE_FILES:
