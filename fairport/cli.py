@@ -44,7 +44,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from fairport.reference import load
 
     model = load(a.dst, device=a.device, dtype=a.dtype, pack=not a.no_pack)
-    model.tokenizer.check_direction(a.source_lang, a.target_lang)  # fail early: no tokenizer, no direction
+    model.tokenizer.framing.check_direction(a.source_lang, a.target_lang)  # fail early: no tokenizer, no direction
     if a.input == "-":
         lines = sys.stdin.read().splitlines()
     else:

@@ -123,3 +123,15 @@ def test_verify_text_on_language_tagged_models(name, args, note, fixtures_dir, c
     assert not note or any(note in n for n in rep["notes"])
     deviations = rep["environment"]["known_deviations"]
     assert any("#3169" in d for d in deviations) == (name == "mbart_en_ro_spm")
+
+
+@needs_fairseq
+@pytest.mark.parametrize("name,args", [("m2m_multilingual", ["--source-lang", "de", "--target-lang", "fr"]),
+                                       ("mbart_en_ro_spm", [])])
+def test_verify_random_ids_framed_as_the_task_frames_them(name, args, fixtures_dir, converted, tmp_path):
+    """Without text, the ids get the task's dataset framing (language token or suffix, the target's EOS) on
+    both sides; generation and logits then agree with fairseq's own task."""
+    proc = run_verify(fixtures_dir / name, converted(name), "--limit", "6", "--out", tmp_path / "r", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["passed"] and rep["generation"]["beam"]["exact_match"] == 1.0

@@ -52,7 +52,7 @@ class HubMixin:
             torch.manual_seed(seed)
         device = next(self.parameters()).device
         encoded = [self.encode(s, source_lang, target_lang) for s in sentences]
-        forced = self.tokenizer.forced_prefix(target_lang)
+        forced = self.tokenizer.framing.forced_prefix(target_lang)
         too_long = [i for i, e in enumerate(encoded) if e.numel() > self.config.max_source_positions]
         if too_long:  # fairseq's hub refuses these too ("Size of sample #i is invalid")
             i = too_long[0]

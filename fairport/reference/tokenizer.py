@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -203,24 +204,32 @@ LEGACY = {"gpt2": {"tokenizer": None, "bpe": "gpt2", "bart": True},
           "fastbpe": {"tokenizer": "moses", "bpe": "fastbpe", "bart": False}}
 
 
-class Tokenizer:
-    """The folder's text pipeline: `encode(text) -> ids`, `decode(ids) -> text`."""
+@dataclass
+class Framing:
+    """How the task frames what the model is fed and what it generates, on ids (no text needed): BART's hub
+    (`<s> x </s>`, <s> forced first), a source suffix (mBART translation: `x </s> [en_XX]`), the generator's
+    EOS (`[ro_RO]`), a many-to-many model's language tokens (`__en__ x </s>`, `__de__` forced first)."""
 
-    def __init__(self, folder: Path, spec: dict, src_dict: Dictionary, tgt_dict: Dictionary,
-                 source_suffix: int | None = None, generation_eos: int | None = None,
-                 multilingual: dict | None = None, source_lang: str | None = None, target_lang: str | None = None):
-        self.spec = spec
-        self.src_dict, self.tgt_dict = src_dict, tgt_dict
-        self.bos, self.eos, self.pad, self.unk = src_dict.bos, src_dict.eos, src_dict.pad, src_dict.unk
-        self.bart = bool(spec.get("bart"))
-        self.source_suffix, self.generation_eos = source_suffix, generation_eos
-        self.multi = multilingual
-        self.source_lang, self.target_lang = source_lang, target_lang  # the defaults
-        # never text: <s>, </s> and the generator's EOS (fairseq-generate strips them)
-        self.dropped = {self.eos, self.bos} | ({generation_eos} if generation_eos is not None else set())
-        self.pre = TOKENIZERS[spec["tokenizer"]](spec) if spec.get("tokenizer") else None
-        self.gpt2 = GPT2BPE.from_folder(folder, src_dict.unk) if spec.get("bpe") == "gpt2" else None
-        self.bpe = STRING_BPES[spec["bpe"]](folder) if spec.get("bpe") in STRING_BPES else None
+    bos: int
+    eos: int
+    bart: bool = False
+    source_suffix: int | None = None
+    generation_eos: int | None = None
+    multi: dict | None = None  # config.json fairport.multilingual
+    source_lang: str | None = None  # the defaults (a single-direction model records them)
+    target_lang: str | None = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Framing":
+        from fairport.reference.load import read_config
+
+        folder = Path(folder)
+        cfg, meta = read_config(folder)
+        spec = meta.get("text") or LEGACY.get(meta.get("tokenizer") or "") or {}
+        gen = folder / "generation_config.json"
+        eos = json.loads(gen.read_text()).get("fairseq", {}).get("eos") if gen.exists() else None
+        return cls(cfg.bos, cfg.eos, bool(spec.get("bart")), meta.get("source_suffix"), eos,
+                   meta.get("multilingual"), meta.get("source_lang"), meta.get("target_lang"))
 
     def lang_token(self, lang: str | None, role: str) -> int:
         """A many-to-many model's token for `lang`; a clear error when the direction is not named."""
@@ -233,8 +242,8 @@ class Tokenizer:
         return tokens[lang]
 
     def check_direction(self, source_lang: str | None = None, target_lang: str | None = None) -> None:
-        """Raise the one-line error `encode`/`generate` would raise for this direction, before any work."""
-        self.encode("", None, source_lang, target_lang)
+        """Raise the one-line error framing would raise for this direction, before any work."""
+        self.task_source([], source_lang, target_lang)
         self.forced_prefix(target_lang)
 
     def forced_prefix(self, target_lang: str | None = None) -> int | None:
@@ -245,6 +254,76 @@ class Tokenizer:
         if self.multi and self.multi["decoder_langtok"]:
             return self.lang_token(target_lang or self.target_lang, "target")
         return None
+
+    def task_source(self, ids: list[int], source_lang: str | None = None, target_lang: str | None = None) -> list[int]:
+        """A source as the task's dataset frames it: `x </s>`, after a many-to-many model's language token
+        (`--encoder-langtok src`: the source's; `tgt`: the target's), before the task's suffix."""
+        prefix = []
+        if self.multi and self.multi["encoder_langtok"]:
+            by_source = self.multi["encoder_langtok"].startswith("src")
+            prefix = [self.lang_token(source_lang or self.source_lang if by_source else target_lang
+                                      or self.target_lang, "source" if by_source else "target")]
+        suffix = [self.source_suffix] if self.source_suffix is not None else []
+        return prefix + ids + [self.eos] + suffix
+
+    def task_target(self, ids: list[int], target_lang: str | None = None) -> list[int]:
+        """A target as the task's dataset holds it: `y </s>` (mBART translation: `y </s> [ro_RO]`, ending in the
+        generator's EOS; many-to-many: `__de__ y </s>`)."""
+        prefix = [] if self.bart or (p := self.forced_prefix(target_lang)) is None else [p]
+        return prefix + ids + [self.eos] + ([self.generation_eos] if self.generation_eos not in (None, self.eos)
+                                            else [])
+
+    def source(self, ids: list[int], max_positions: int | None = None, source_lang: str | None = None,
+               target_lang: str | None = None) -> list[int]:
+        """What the model is fed for text: BART's hub framing (truncated as it truncates), else the task's."""
+        if self.bart:
+            if max_positions is not None and len(ids) > max_positions - 2:
+                ids = ids[: max_positions - 2]
+            return [self.bos] + ids + [self.eos]
+        return self.task_source(ids, source_lang, target_lang)
+
+    def target(self, ids: list[int], max_positions: int | None = None, target_lang: str | None = None) -> list[int]:
+        if self.bart and max_positions is not None:
+            ids = ids[: max_positions - 2]
+        return self.task_target(ids, target_lang)
+
+    def strip(self, ids: list[int], target_lang: str | None = None) -> list[int]:
+        """The ids that become text, as fairseq-generate strips a hypothesis: without <s>, </s> and the
+        generator's symbols (its EOS; a many-to-many model's target language token). A framed source strips
+        too: its leading language token and trailing task suffix go."""
+        dropped = {self.eos, self.bos} | ({self.generation_eos} if self.generation_eos is not None else set())
+        if self.multi:
+            if ids and ids[0] in self.multi["tokens"].values():  # a source's or a hypothesis' language token
+                dropped.add(ids[0])
+                ids = ids[1:]
+            tgt = target_lang or self.target_lang
+            if tgt in self.multi["tokens"] and self.multi["decoder_langtok"]:
+                dropped.add(self.multi["tokens"][tgt])
+        if ids and self.source_suffix is not None and ids[-1] == self.source_suffix:
+            ids = ids[:-1]
+        return [i for i in ids if i not in dropped]
+
+
+class Tokenizer:
+    """The folder's text pipeline: `encode(text) -> ids`, `decode(ids) -> text`; `framing` is the task's."""
+
+    def __init__(self, folder: Path, spec: dict, src_dict: Dictionary, tgt_dict: Dictionary,
+                 framing: Framing | None = None):
+        self.spec = spec
+        self.src_dict, self.tgt_dict = src_dict, tgt_dict
+        self.bos, self.eos, self.pad, self.unk = src_dict.bos, src_dict.eos, src_dict.pad, src_dict.unk
+        self.framing = framing or Framing(self.bos, self.eos, bool(spec.get("bart")))
+        self.pre = TOKENIZERS[spec["tokenizer"]](spec) if spec.get("tokenizer") else None
+        self.gpt2 = GPT2BPE.from_folder(folder, src_dict.unk) if spec.get("bpe") == "gpt2" else None
+        self.bpe = STRING_BPES[spec["bpe"]](folder) if spec.get("bpe") in STRING_BPES else None
+
+    @property
+    def bart(self) -> bool:
+        return self.framing.bart
+
+    @property
+    def multi(self) -> dict | None:
+        return self.framing.multi
 
     def ids(self, text: str, dictionary: Dictionary | None = None) -> list[int]:
         """Tokenizer, BPE, dictionary (the source's unless given): the ids of `text` without any framing."""
@@ -260,45 +339,17 @@ class Tokenizer:
     def encode(self, text: str, max_positions: int | None = None, source_lang: str | None = None,
                target_lang: str | None = None) -> torch.Tensor:
         """What the model is fed for `text`, framed as the task frames inference inputs."""
-        ids = self.ids(text)
-        if self.bart:
-            if max_positions is not None and len(ids) > max_positions - 2:  # BART's hub truncates too
-                ids = ids[: max_positions - 2]
-            return torch.tensor([self.bos] + ids + [self.eos], dtype=torch.long)
-        prefix = []
-        if self.multi and self.multi["encoder_langtok"]:  # `__en__ x </s>` (tgt: the target's token)
-            by_source = self.multi["encoder_langtok"].startswith("src")
-            prefix = [self.lang_token(source_lang or self.source_lang if by_source else target_lang
-                                      or self.target_lang, "source" if by_source else "target")]
-        suffix = [self.source_suffix] if self.source_suffix is not None else []
-        return torch.tensor(prefix + ids + [self.eos] + suffix, dtype=torch.long)
+        return torch.tensor(self.framing.source(self.ids(text), max_positions, source_lang, target_lang),
+                            dtype=torch.long)
 
     def encode_target(self, text: str, max_positions: int | None = None, target_lang: str | None = None) -> list[int]:
-        """A reference translation as the task's dataset holds targets: `x </s>` (mBART translation:
-        `x </s> [ro_RO]`, ending in the generator's EOS; many-to-many: `__de__ x </s>`)."""
-        ids = self.ids(text, self.tgt_dict)
-        if self.bart and max_positions is not None:
-            ids = ids[: max_positions - 2]
-        prefix = [p] if not self.bart and (p := self.forced_prefix(target_lang)) is not None else []
-        return prefix + ids + [self.eos] + ([self.generation_eos] if self.generation_eos not in (None, self.eos)
-                                            else [])
+        """A reference translation as the task's dataset holds targets (see Framing.task_target)."""
+        return self.framing.target(self.ids(text, self.tgt_dict), max_positions, target_lang)
 
     def decode(self, ids, target_lang: str | None = None) -> str:
-        """fairseq-generate's text: Dictionary.string without <s>, </s> and the generator's symbols to strip
-        (its EOS; a many-to-many model's target language token), then BPE removal and the detokenizer.
-        A framed source decodes too: its leading language token and trailing task suffix are dropped."""
-        ids = [int(i) for i in ids]
-        dropped = set(self.dropped)
-        if self.multi:
-            if ids and ids[0] in self.multi["tokens"].values():  # a source's or a hypothesis' language token
-                dropped.add(ids[0])
-                ids = ids[1:]
-            tgt = target_lang or self.target_lang
-            if tgt in self.multi["tokens"] and self.multi["decoder_langtok"]:
-                dropped.add(self.multi["tokens"][tgt])
-        if ids and self.source_suffix is not None and ids[-1] == self.source_suffix:
-            ids = ids[:-1]
-        ids = [i for i in ids if i not in dropped]
+        """fairseq-generate's text: Dictionary.string of the ids Framing.strip keeps, then BPE removal and the
+        detokenizer."""
+        ids = self.framing.strip([int(i) for i in ids], target_lang)
         if self.gpt2 is not None:
             text = self.gpt2.decode(ids)
         else:
@@ -323,7 +374,4 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
                             f"--gpt2-vocab-bpe, --bpecodes or --sentencepiece-model, to get text in/out)")
     if spec.get("tokenizer") == "moses":  # legacy folders: the languages were the task's
         spec = {"moses_source_lang": meta.get("source_lang"), "moses_target_lang": meta.get("target_lang"), **spec}
-    gen = folder / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("fairseq", {}).get("eos") if gen.exists() else None
-    return Tokenizer(folder, spec, src, tgt, meta.get("source_suffix"), eos, meta.get("multilingual"),
-                     meta.get("source_lang"), meta.get("target_lang"))
+    return Tokenizer(folder, spec, src, tgt, Framing.from_folder(folder))

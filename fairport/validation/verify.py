@@ -8,6 +8,7 @@ settings), tokenizer ids, quality (BLEU/ROUGE), the precision matrix, speed and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -25,7 +26,7 @@ from fairport.converters.text import BPE_FILES
 from fairport.errors import FairportError
 from fairport.reference import load
 from fairport.reference.load import read_config
-from fairport.reference.tokenizer import LEGACY
+from fairport.reference.tokenizer import LEGACY, Framing
 from fairport.validation import data as vdata
 from fairport.validation import original
 from fairport.validation.inputs import pad_batch
@@ -177,7 +178,9 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
         pass
 
     # ---- the direction (many-to-many models) and the task's framing
-    multi = meta.get("multilingual")
+    # without a text pipeline, no BART hub framing either: the ids are the dataset's
+    framing = tok.framing if tok is not None else dataclasses.replace(Framing.from_folder(dst), bart=False)
+    multi = framing.multi
     src_lang, tgt_lang = opts.source_lang or meta.get("source_lang"), opts.target_lang or meta.get("target_lang")
     overrides = {}
     if multi:
@@ -186,15 +189,9 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
             src_lang, tgt_lang = src_lang or pair[0], tgt_lang or pair[1]
             report.sections.setdefault("notes", []).append(
                 f"many-to-many model: verified {src_lang}-{tgt_lang} (choose with --source-lang/--target-lang)")
-        for lang in (src_lang, tgt_lang):
-            if lang not in multi["tokens"]:
-                raise FairportError(f"language {lang!r} is not one of this model's: {', '.join(multi['tokens'])}")
+        framing.check_direction(src_lang, tgt_lang)
         overrides = original_overrides(dst, src_lang, tgt_lang)
-    forced = None  # the first generated token the task forces
-    if tok is not None and tok.bart:
-        forced = cfg.bos
-    elif multi and multi["decoder_langtok"]:
-        forced = multi["tokens"][tgt_lang]
+    forced = framing.forced_prefix(tgt_lang)  # the first generated token the task forces
 
     # ---- inputs
     if opts.data:
@@ -206,19 +203,13 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     else:
         inputs = vdata.random_inputs(cfg.src_vocab_size, cfg.tgt_vocab_size, opts.limit or 32, opts.seed, cfg.eos)
     gen_defaults = port.generation_defaults()
-    if not opts.data:  # the task frames binarized/random data as its dataset does (text: the tokenizer did)
-        if meta.get("source_suffix") is not None:  # mBART translation: `x </s> [en_XX]`
-            inputs.src = [s + [meta["source_suffix"]] for s in inputs.src]
-        if inputs.refs and gen_defaults.get("eos", cfg.eos) != cfg.eos:  # and `y </s> [ro_RO]`
-            inputs.refs = [r + [gen_defaults["eos"]] for r in inputs.refs]
-        if multi and multi["encoder_langtok"]:  # many-to-many: `__en__ x </s>`
-            lead = multi["tokens"][src_lang if multi["encoder_langtok"].startswith("src") else tgt_lang]
-            inputs.src = [[lead] + s for s in inputs.src]
-        if multi and multi["decoder_langtok"] and inputs.refs:  # and `__de__ y </s>`
-            inputs.refs = [[forced] + r for r in inputs.refs]
+    if not opts.data:  # binarized/random ids (each ending in </s>) framed as the task's dataset frames them
+        inputs.src = [framing.task_source(s[:-1], src_lang, tgt_lang) for s in inputs.src]
+        if inputs.refs:
+            inputs.refs = [framing.task_target(r[:-1], tgt_lang) for r in inputs.refs]
     n = len(inputs.src)
     _say(opts, f"{n} inputs from {inputs.origin}")
-    prefix_bos = tok is not None and tok.bart  # the original forces <s> itself (its own dictionary's)
+    prefix_bos = framing.bart  # the original forces <s> itself (its own dictionary's)
     beam_opts = {k: gen_defaults[k] for k in ("beam", "lenpen", "max_len_a", "max_len_b", "min_len",
                                                "no_repeat_ngram_size", "unkpen", "eos") if k in gen_defaults}
     settings = {"greedy": {**beam_opts, "beam": 1}, "beam": beam_opts}
