@@ -35,6 +35,16 @@ def cmd_convert(a: argparse.Namespace) -> int:
         reasons = "; ".join(f"{f}: needs {', '.join(u)}" for f, u in r["unmet"].items())
         print(f"transformers: no architecture reproduces this model exactly ({reasons}); "
               f"the folder is for fairport's reference model only")
+    t = r["text"]
+    if t is None:
+        print("text: none, the folder takes token ids only (see the note below for the flags that add text)")
+    else:
+        parts = [p for p in (t.get("tokenizer"), t.get("bpe")) if p] or ["whitespace-separated symbols"]
+        print(f"text: {' + '.join(parts)}{' (BART hub framing)' if t.get('bart') else ''}")
+    if r["members"] > 1:
+        print(f"ensemble of {r['members']}: {', '.join(r['member_checkpoints'])}")
+    for note in r["notes"]:
+        print(f"note: {note}")
     return 0
 
 
@@ -193,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="fairseq checkpoint -> model folder")
     c.add_argument("src", help="checkpoint file, or a release folder holding one beside its dictionaries")
     c.add_argument("dst", help="output folder (refused if it exists, unless --force)")
-    c.add_argument("--force", action="store_true", help="replace DST if it exists")
+    c.add_argument("--force", action="store_true",
+                   help="replace DST if it is a folder fairport wrote (or empty); anything else is refused")
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weight dtype in the folder (auto: as in the checkpoint)")
     c.add_argument("--src-dict", help="source dictionary (default: found beside the checkpoint)")
@@ -221,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-lang", help="many-to-many models: the target language")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"],
-                   help="default: as stored; int8: float32 with int8 linear layers (CPU; outputs move, "
+                   help="compute dtype (default float32, as fairseq computes, fp16 folders included); int8: float32 "
+                        "with int8 linear layers (CPU; outputs move, "
                         "`fairport verify --dtypes int8` measures how much)")
     g.add_argument("--seed", type=int, help="seed for sampling")
     g.add_argument("--no-pack", action="store_true",

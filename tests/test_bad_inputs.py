@@ -120,15 +120,56 @@ def test_unknown_architecture(fixtures_dir, tmp_path):
 
 
 @needs_fairseq
-def test_dst_exists_is_refused_then_force_replaces(fixtures_dir, tmp_path):
+def test_force_replaces_only_what_fairport_wrote(fixtures_dir, tmp_path):
+    """--force never deletes a user's file: a folder fairport did not write is refused (with its files intact),
+    so is a fairport folder holding a file fairport did not write; a previous fairport output is replaced."""
+    src = fixtures_dir / "wmt_big_joined"
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "keep.txt").write_text("user data")
-    proc = fairport("convert", fixtures_dir / "wmt_big_joined", dst)
-    assert proc.returncode != 0 and "already exists" in proc.stderr and (dst / "keep.txt").exists()
-    proc = fairport("convert", fixtures_dir / "wmt_big_joined", dst, "--force")
+    (dst / "notes.txt").write_text("user data")
+    proc = fairport("convert", src, dst)
+    assert proc.returncode != 0 and "already exists" in proc.stderr and (dst / "notes.txt").exists()
+    proc = fairport("convert", src, dst, "--force")
+    assert proc.returncode != 0 and "not a fairport model folder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and (dst / "notes.txt").read_text() == "user data"
+    (dst / "notes.txt").unlink()
+    proc = fairport("convert", src, dst, "--force")  # an empty folder may be filled
     assert proc.returncode == 0, proc.stderr
-    assert (dst / "config.json").exists() and not (dst / "keep.txt").exists()
+    (dst / "notes.txt").write_text("user data")
+    proc = fairport("convert", src, dst, "--force", "--beam", "3")
+    assert proc.returncode != 0 and "notes.txt" in proc.stderr and (dst / "notes.txt").exists()
+    (dst / "notes.txt").unlink()
+    (dst / "verify").mkdir()
+    (dst / "verify" / "report.md").write_text("# an old report")
+    proc = fairport("convert", src, dst, "--force", "--beam", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert '"beam": 3' in (dst / "generation_config.json").read_text() and not (dst / "verify").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    file_dst = tmp_path / "a-file"
+    file_dst.write_text("x")
+    proc = fairport("convert", src, file_dst, "--force")
+    assert proc.returncode != 0 and "not a folder" in proc.stderr and file_dst.read_text() == "x"
+
+
+def test_demo_removes_only_what_it_created(tmp_path):
+    """The demo refuses a folder it did not make, and on a rerun clears only the entries its marker lists."""
+    from fairport.validation import demo
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("years of work")
+    proc = subprocess.run([sys.executable, "-m", "fairport.validation.demo", str(busy)], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "not made by the demo" in proc.stderr
+    assert (busy / "thesis.tex").read_text() == "years of work" and list(busy.iterdir()) == [busy / "thesis.tex"]
+    out = tmp_path / "demo"
+    demo.prepare(out)
+    for name in demo.CREATED:
+        (out / name).mkdir()
+        (out / name / "x").write_text("made by the demo")
+    (out / "mine.txt").write_text("the user's")
+    demo.prepare(out)  # a rerun: the demo's entries go, the user's file stays
+    assert sorted(p.name for p in out.iterdir()) == [demo.MARKER, "mine.txt"]
 
 
 def test_missing_source(tmp_path):

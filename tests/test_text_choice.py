@@ -32,7 +32,19 @@ def test_release_files_decide_when_nothing_is_recorded(tmp_path):
     assert (spec["tokenizer"], spec["bpe"], spec["bart"]) == ("moses", "fastbpe", False)  # WMT19's hub entries
     assert (spec["moses_source_lang"], spec["moses_target_lang"]) == ("de", "en")
     assert files == {"bpecodes": tmp_path / "bpecodes"} and notes == []
-    assert resolve({}, tmp_path / "nothing-here") == (None, {}, [])
+
+
+
+def test_nothing_recorded_and_no_files_is_fairseqs_whitespace_pipeline(tmp_path):
+    """fairseq's hub and fairseq-interactive take such a model's text as whitespace-separated dictionary symbols
+    (said once in provenance); BART's hub defaults to GPT-2 BPE, so a BART without those files is ids-only and
+    the note names the flags that give it text."""
+    spec, files, notes = resolve({}, tmp_path / "nothing-here")
+    assert spec == {"tokenizer": None, "bpe": None, "bart": False} and files == {}
+    assert len(notes) == 1 and "whitespace-separated dictionary symbols" in notes[0]
+    spec, files, notes = resolve({}, tmp_path / "nothing-here", family="bart", task="denoising")
+    assert spec is None and "--gpt2-encoder-json" in notes[0]
+    assert resolve({}, tmp_path / "nothing-here", bpe="none")[0] is None  # --bpe none: ids only, on purpose
 
 
 def test_recorded_choice_wins_over_files_and_is_trusted_whole(tmp_path):

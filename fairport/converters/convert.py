@@ -478,7 +478,37 @@ def write_folder(conv: Converted, sources: Sources, out: Path, dtype: str = "aut
         "files": {f: digests.get(f) or sha256(out / f) for f in sorted(files)},
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
-    return {"family": family, "unmet": unmet, "files": files + ["provenance.json"], "dtype": str(torch_dtype)}
+    return {"family": family, "unmet": unmet, "files": files + ["provenance.json"], "dtype": str(torch_dtype),
+            "text": conv.text, "notes": list(conv.notes)}
+
+
+# what fairport writes into a model folder besides the files provenance.json lists
+WRITTEN_BESIDE = ("provenance.json", "README.md", "verify", "ensemble")
+
+
+def check_replaceable(dst: Path) -> None:
+    """`--force` replaces only what fairport wrote: an empty folder, or a model folder whose every entry is
+    fairport's (the files its provenance.json lists, the card, the default report folder, ensemble members).
+    Anything else is refused, so no file of the user's is ever deleted."""
+    if dst.is_symlink() or not dst.is_dir():
+        raise FairportError(f"{dst} exists and is not a folder: --force replaces only a folder fairport wrote")
+    entries = sorted(p.name for p in dst.iterdir())
+    if not entries:
+        return
+    try:
+        prov = json.loads((dst / "provenance.json").read_text())
+        listed = set(prov["files"]) if "fairport_version" in prov else None
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    if listed is None:
+        raise FairportError(f"{dst} exists and is not a fairport model folder (no fairport provenance.json): "
+                            f"--force replaces only a folder fairport wrote, or an empty one; choose another "
+                            f"destination or empty it yourself")
+    foreign = [name for name in entries if name not in listed and name not in WRITTEN_BESIDE]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise FairportError(f"{dst} holds files fairport did not write ({shown}): --force would delete them; "
+                            f"move them out or choose another destination")
 
 
 def ensemble_members(src: str | Path) -> list[Path]:
@@ -501,8 +531,10 @@ def convert(src: str | Path, dst: str | Path, *, force: bool = False, dtype: str
     dst = Path(dst)
     if dtype != "auto" and dtype not in DTYPES:
         raise FairportError(f"--dtype must be auto or one of {sorted(DTYPES)}, not {dtype!r}")
-    if dst.exists() and not force:
-        raise FairportError(f"{dst} already exists (use --force to replace it)")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise FairportError(f"{dst} already exists (use --force to replace a folder fairport wrote)")
+        check_replaceable(dst)
     members = []
     for i, path in enumerate(ensemble_members(src)):
         sources = find_sources(path, **source_overrides)
@@ -539,6 +571,7 @@ def convert(src: str | Path, dst: str | Path, *, force: bool = False, dtype: str
     result["config"] = members[0][1].config
     result["dst"] = str(dst)
     result["members"] = len(members)
+    result["member_checkpoints"] = [str(sources.checkpoint) for sources, _ in members]
     return result
 
 

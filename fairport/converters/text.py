@@ -32,6 +32,14 @@ FLAGS = {"encoder_json": "--gpt2-encoder-json", "vocab_bpe": "--gpt2-vocab-bpe",
          "sentencepiece_model": "--sentencepiece-model"}
 
 
+# A checkpoint that records no --bpe/--tokenizer, with no BPE files beside it: fairseq's hub interface and
+# fairseq-interactive take its text as whitespace-separated dictionary symbols, and give symbols back.
+WHITESPACE = {"tokenizer": None, "bpe": None, "bart": False}
+WHITESPACE_NOTE = ("text pipeline: the checkpoint records no --bpe/--tokenizer and no BPE files were found beside "
+                   "it, so text is whitespace-separated dictionary symbols in and out, as fairseq's hub and "
+                   "fairseq-interactive take it (convert with --bpe/--tokenizer or the BPE files for another)")
+
+
 def _name(value) -> str | None:
     return None if value in (None, "", "none", "None") else str(value)
 
@@ -80,6 +88,12 @@ def resolve(recorded: dict, family: str, task: str, options: dict,
     `sources.bpe`/`sources.tokenizer`: the names given to convert, if any."""
     bpe = choose_bpe(recorded, sources)
     tok = choose_tokenizer(recorded, bpe, sources.tokenizer)
+    bart_hub = family == "bart" and not (task in TASKS and TASKS[task].frames_text)
+    if bpe is None and tok is None and not (sources.bpe or sources.tokenizer):
+        if bart_hub:  # nothing recorded, nothing found: fairseq's BART hub defaults to GPT-2 BPE
+            bpe = "gpt2"
+        else:  # fairseq's hub and fairseq-interactive then take whitespace-separated dictionary symbols
+            return dict(WHITESPACE), {}, [WHITESPACE_NOTE]
     notes = []
     if bpe is not None and bpe not in BPE_FILES:
         notes.append(f"text pipeline: fairseq --bpe {bpe} is not reproduced by fairport (it knows "
@@ -89,21 +103,20 @@ def resolve(recorded: dict, family: str, task: str, options: dict,
                      f"{', '.join(TOKENIZERS)}); the folder takes and gives token ids only")
     if notes or bpe is None and tok is None:
         return None, {}, notes
-    files = {}
-    for field in BPE_FILES.get(bpe, {}):
-        path = find_file(field, recorded, sources)
-        if path is None:
-            rec = recorded.get(BPE_FILES[bpe][field][1])
-            where = f" (the checkpoint recorded {rec})" if rec else ""
-            return None, {}, [f"text pipeline: the checkpoint uses --bpe {bpe} but its {field} file{where} is not "
-                              f"beside the checkpoint; pass {FLAGS[field]} for text in/out (ids only for now)"]
-        files[field] = path
-    spec = {
-        "tokenizer": tok, "bpe": bpe,
-        # fairseq's BART hub interface: `<s> x </s>` in, <s> forced first; translation tasks that frame
-        # their inputs (mBART translation, many-to-many) follow fairseq-generate instead
-        "bart": family == "bart" and not (task in TASKS and TASKS[task].frames_text),
-    }
+    files = {field: find_file(field, recorded, sources) for field in BPE_FILES.get(bpe, {})}
+    missing = [field for field, path in files.items() if path is None]
+    if missing:
+        whose = "the checkpoint records" if _name(recorded.get("bpe")) else "fairseq's BART hub uses" \
+            if bart_hub and not sources.bpe else "it uses"
+        recs = [str(recorded[BPE_FILES[bpe][f][1]]) for f in missing if recorded.get(BPE_FILES[bpe][f][1])]
+        where = f" (the checkpoint recorded {', '.join(recs)})" if recs else ""
+        return None, {}, [f"text pipeline: {whose} --bpe {bpe} but its {' and '.join(missing)} "
+                          f"file{'s' if len(missing) > 1 else ''}{where} "
+                          f"{'is' if len(missing) == 1 else 'are'} not beside the checkpoint; pass "
+                          f"{' and '.join(FLAGS[f] for f in missing)} for text in/out (ids only for now)"]
+    # fairseq's BART hub interface: `<s> x </s>` in, <s> forced first; translation tasks that frame their
+    # inputs (mBART translation, many-to-many) follow fairseq-generate instead
+    spec = {"tokenizer": tok, "bpe": bpe, "bart": bart_hub}
     if tok == "moses":
         spec |= {"moses_source_lang": recorded.get("source_lang") or recorded.get("moses_source_lang")
                  or options.get("source_lang") or "en",

@@ -120,12 +120,16 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
          pack: bool = True):
     """`fairport.reference.load('out/bart-cnn')` -> the reference model (eval mode). A folder converted from
     an ensemble gives an `Ensemble` of its members, which generates as fairseq's EnsembleModel does.
-    `dtype`: a torch dtype or one of PRECISIONS' names; "int8" is a float32 model whose linear layers run
-    through int8 weights with activations quantized per call (CPU only; see EncoderDecoder.quantize).
+    `dtype`: the compute dtype, a torch dtype or one of PRECISIONS' names. None (the default) is float32 whatever
+    the folder stores, as fairseq computes: its hub builds a float32 model and loads fp16 checkpoints into it,
+    so the default gives fairseq's numbers. float16/bfloat16 compute in that dtype; "int8" is a float32 model
+    whose linear layers run through int8 weights with activations quantized per call (CPU only; see
+    EncoderDecoder.quantize).
     `pack=False` skips the oneDNN copies of the weights on the CPU (half the memory, slower matrix products)."""
     from fairport.reference.generate import Ensemble
 
     int8 = dtype == "int8"
+    dtype = torch.float32 if dtype is None else dtype
     if isinstance(dtype, str):
         if dtype not in PRECISIONS:
             raise FairportError(f"unknown dtype {dtype!r} (choose from {', '.join(PRECISIONS)})")

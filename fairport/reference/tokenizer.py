@@ -370,8 +370,13 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         raise FairportError(f"{folder} has no dict.src.txt")
     spec = meta.get("text") or LEGACY.get(meta.get("tokenizer") or "")
     if not spec:
-        raise FairportError(f"{folder} has no text pipeline (convert with its BPE files: --gpt2-encoder-json/"
-                            f"--gpt2-vocab-bpe, --bpecodes or --sentencepiece-model, to get text in/out)")
+        prov = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").exists() else {}
+        why = next((n.split(": ", 1)[1] for n in prov.get("notes", []) if n.startswith("text pipeline:")), None)
+        raise FairportError(f"{folder} has no text pipeline{f' ({why})' if why else ''}: it takes token ids only; "
+                            f"for text in/out "
+                            f"convert again with the BPE files (--gpt2-encoder-json/--gpt2-vocab-bpe, --bpecodes or "
+                            f"--sentencepiece-model) or name the pipeline (--bpe/--tokenizer; --tokenizer space: "
+                            f"whitespace-separated symbols)")
     if spec.get("tokenizer") == "moses":  # legacy folders: the languages were the task's
         spec = {"moses_source_lang": meta.get("source_lang"), "moses_target_lang": meta.get("target_lang"), **spec}
     return Tokenizer(folder, spec, src, tgt, Framing.from_folder(folder))
