@@ -27,7 +27,7 @@ def main(shared: Path) -> None:
     from subword_nmt.learn_bpe import learn_bpe
     from transformers import BartTokenizer, FSMTTokenizer
 
-    from fairport.converters.dictionary import Dictionary
+    from fairport.reference.dictionary import Dictionary
     from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2
 
     langs = ("en", "de", "ru")

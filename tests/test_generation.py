@@ -8,9 +8,9 @@ import torch
 
 from conftest import needs_fairseq
 from fairport.converters.convert import convert
-from fairport.converters.dictionary import Dictionary
-from fairport.reference import load
-from fairport.reference.generate import Ensemble
+from fairport.reference.dictionary import Dictionary
+from fairport.reference import fast, load
+from fairport.reference.ensemble import Ensemble
 from fairport.validation import original
 from fairport.validation.inputs import pad_batch, random_batch
 
@@ -35,7 +35,7 @@ SEED = 11
 
 def load_packed(folder):
     """Every linear weight packed for oneDNN (load() packs only large ones; these fixtures are tiny)."""
-    return load(folder, pack=False).pack(min_numel=0)
+    return fast.pack(load(folder, pack=False), min_numel=0)
 
 
 def assert_same(mine, theirs):
@@ -166,7 +166,7 @@ def test_unpacked_path_matches_fairseq(case, trained_converted, fairseq_generati
     """torch's default matrix products (CUDA, fp16, or load(pack=False)) give fairseq's output too."""
     src, out = fairseq_generations
     model = load(trained_converted / "single", pack=False)
-    assert model.decoder.layers[0].fc1.packed is None
+    assert not fast.packed(model)
     assert_same(model.generate(src, seed=SEED, **CASES[case]), original.unpack_hypotheses(out, case))
 
 
@@ -174,48 +174,51 @@ def test_unpacked_path_matches_fairseq(case, trained_converted, fairseq_generati
 def test_packed_weights_are_used_only_while_valid(trained_converted):
     import torch.nn.functional as F
 
-    from fairport.reference.model import PackedWeight
+    from fairport.reference.fast import PackedLinear
 
     model = load_packed(trained_converted / "single")
-    assert load(trained_converted / "single").decoder.layers[0].fc1.packed is None  # small: not worth packing
+    assert not fast.packed(load(trained_converted / "single"))  # small: not worth packing
     layer = model.decoder.layers[0]
     fc1, attn = layer.fc1, layer.self_attn
-    assert isinstance(fc1.packed, PackedWeight) and isinstance(attn.qkv_packed, PackedWeight)
-    assert attn.q_proj.packed is None  # covered by the fused q/k/v copy, not packed twice
+    assert isinstance(fc1, PackedLinear) and isinstance(attn.qkv_proj, PackedLinear)
+    assert not hasattr(attn, "q_proj")  # fused into qkv_proj: q/k/v are one matrix, packed once
     x = torch.randn(5, fc1.in_features, generator=torch.Generator().manual_seed(0))
-    assert fc1.packed.fits(x, fc1.weight)
+    assert fc1.packed is not None and fc1.key == fc1._key()
     assert torch.allclose(fc1(x), F.linear(x, fc1.weight, fc1.bias), atol=1e-5)
     q, kv = attn.project_qkv(x[None])
-    assert torch.allclose(attn.heads_first(kv)[0], attn.split(attn.k_proj(x[None])), atol=1e-5)
+    w = attn.qkv_proj.weight
+    C = fc1.in_features
+    assert torch.allclose(kv[0, :, 0].reshape(5, C), F.linear(x, w[C:2 * C], attn.qkv_proj.bias[C:2 * C]), atol=1e-5)
     with torch.no_grad():
-        fc1.weight.mul_(2.0)  # an in-place edit: the packed copy is stale and must not be used
-    assert not fc1.packed.fits(x, fc1.weight)
+        fc1.weight.mul_(2.0)  # an in-place edit: the packed copy is stale, and is made again before use
+    assert fc1.key != fc1._key()
     assert torch.allclose(fc1(x), F.linear(x, fc1.weight, fc1.bias), atol=1e-5)
-    model.to(torch.bfloat16)  # moving the model re-packs for the new dtype, with the same size rule
-    assert fc1.packed is not None and fc1.packed.fits(x.bfloat16(), fc1.weight)
-    assert model.unpack().decoder.layers[0].fc1.packed is None
+    model.to(torch.bfloat16)  # moving the model: the copies follow on their next use
+    assert torch.allclose(fc1(x.bfloat16()).float(), F.linear(x.bfloat16(), fc1.weight, fc1.bias).float(), atol=1e-2)
+    assert fc1.packed is not None and fc1.packed.dtype == torch.bfloat16
+    assert not fast.packed(fast.unpack(model)) and type(model.decoder.layers[0].fc1) is torch.nn.Linear
 
 
 def test_int8_weights(trained_converted, trained_dir):
-    """quantize(): every linear layer multiplies through an int8 copy (used only while valid), the product
-    stays within int8's error of the fp32 one, and a model that cannot hold int8 says so."""
+    """quantize(): every linear layer multiplies through int8 weights only (its float32 copy released), the
+    product stays within int8's error of the fp32 one, and a model that cannot hold int8 says so."""
     import torch.nn.functional as F
 
     from fairport.errors import FairportError
-    from fairport.reference.model import Int8Weight, Linear
+    from fairport.reference.fast import Int8Linear
 
     fp32 = load(trained_converted / "single")
     model = load(trained_converted / "single", dtype="int8")
-    assert model.quantized and not model.packed
+    assert fast.quantized(model) and not fast.packed(model)
     for name, m in model.named_modules():
-        if isinstance(m, Linear) and not name.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
-            assert isinstance(m.packed, Int8Weight), name
-    layer = model.decoder.layers[0]
-    assert isinstance(layer.self_attn.qkv_packed, Int8Weight)
-    fc1 = layer.fc1
-    x = torch.randn(7, fc1.in_features, generator=torch.Generator().manual_seed(0))
-    exact = F.linear(x, fc1.weight, fc1.bias)
-    err = (fc1(x) - exact).abs().max().item()
+        assert type(m) is not torch.nn.Linear, f"{name} was not quantized"
+        if isinstance(m, Int8Linear):
+            assert not list(m.parameters()), f"{name} kept a float32 weight"
+    layer, ref = model.decoder.layers[0], fp32.decoder.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Int8Linear)
+    x = torch.randn(7, ref.fc1.in_features, generator=torch.Generator().manual_seed(0))
+    exact = F.linear(x, ref.fc1.weight, ref.fc1.bias)
+    err = (layer.fc1(x) - exact).abs().max().item()
     assert 0 < err <= 0.02 * exact.abs().max().item()  # quantized (not the fp32 product), and close to it
     src = source_batch(trained_dir, n=6)
     prev = torch.cat([torch.full((6, 1), 2), src[:, :-1].clamp(min=4)], dim=1)
@@ -223,14 +226,10 @@ def test_int8_weights(trained_converted, trained_dir):
         a, b = fp32(src, prev), model(src, prev)
     assert (a - b).abs().max().item() <= 0.1 * a.abs().max().item()
     assert len(model.generate(src, beam=3)) == 6
-    with torch.no_grad():
-        fc1.weight.mul_(2.0)  # an in-place edit: the int8 copy is stale and must not be used
-    assert not fc1.packed.fits(x, fc1.weight, fc1.bias)
-    assert torch.equal(fc1(x), F.linear(x, fc1.weight, fc1.bias))
-    model.to(torch.bfloat16)  # int8 is float32-only: moving the model drops it
-    assert not model.quantized and not isinstance(fc1.packed, Int8Weight)
+    with pytest.raises(FairportError, match="int8 model stays on the CPU in float32"):
+        model.to(torch.bfloat16)
     with pytest.raises(FairportError, match="int8 needs the model on the CPU in float32"):
-        model.quantize()
+        fast.quantize(load(trained_converted / "single", dtype="bfloat16"))
 
 
 def test_generate_returns_ordinary_tensors(trained_converted, trained_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import HAVE_TRANSFORMERS, needs_fairseq
-from fairport.reference import load
+from fairport.reference import fast, load
 from fairport.validation import original
 from fairport.validation.fixtures import FIXTURES
 from fairport.validation.inputs import random_batch
@@ -28,7 +28,7 @@ def test_reference_logits_match_fairseq(name, fixtures_dir, converted):
     batch = random_batch(cfg.src_vocab_size, cfg.tgt_vocab_size, batch=5, seed=len(name))
     assert batch["src_tokens"].eq(cfg.pad).any(), "the batch must exercise left padding"
     ref = fairseq_outputs(fixtures_dir, name, batch, heads=list(cfg.classification_heads))
-    packed = load(converted(name), dtype=torch.float32, pack=False).pack(min_numel=0)  # the oneDNN path
+    packed = fast.pack(load(converted(name), dtype=torch.float32, pack=False), min_numel=0)  # the oneDNN path
     for m in (model, packed):
         with torch.no_grad():
             mine = m(batch["src_tokens"], batch["prev_output_tokens"])
@@ -91,7 +91,7 @@ def test_reduced_precision_paths_run_close_to_fp32(dtype, tol, converted):
     keep = batch["prev_output_tokens"].ne(fp32.config.pad)
     with torch.no_grad():
         a = fp32(batch["src_tokens"], batch["prev_output_tokens"])
-    for low in (load(folder, dtype=dtype), load(folder, dtype=dtype, pack=False).pack(min_numel=0)):
+    for low in (load(folder, dtype=dtype), fast.pack(load(folder, dtype=dtype, pack=False), min_numel=0)):
         assert next(low.parameters()).dtype == dtype
         with torch.no_grad():
             b = low(batch["src_tokens"], batch["prev_output_tokens"])

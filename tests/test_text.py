@@ -11,7 +11,7 @@ import torch
 
 from conftest import SHARED, gpt2_files, needs_fairseq, needs_shared
 from fairport.converters.convert import convert
-from fairport.converters.dictionary import Dictionary
+from fairport.reference.dictionary import Dictionary
 from fairport.reference import load
 from fairport.reference.tokenizer import GPT2BPE, Tokenizer, load_tokenizer
 from fairport.validation import original

@@ -23,11 +23,14 @@ import torch
 from fairport import __version__
 from fairport.converters import hf, options as opts, tasks, text, weights
 from fairport.converters.checkpoint import checkpoint_options, load_checkpoint, recorded_text
-from fairport.converters.dictionary import Dictionary
+from fairport.reference.dictionary import Dictionary
 from fairport.converters.multilingual import Multilingual
 from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2, write_sentencepiece
 from fairport.errors import FairportError
 from fairport.reference.config import ModelConfig
+from fairport.reference.load import tied_names
+from fairport.reference.model import EncoderDecoder, sinusoidal_table
+from fairport.reference.names import to_hf_name
 
 CHECKPOINT_NAMES = ("model.pt", "checkpoint_best.pt", "checkpoint_last.pt", "checkpoint.pt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -260,9 +263,6 @@ def convert_state(state: dict, sources: Sources) -> Converted:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes the reference model has for `cfg` (built on the meta device: no memory)."""
-    from fairport.reference.load import tied_names
-    from fairport.reference.model import EncoderDecoder
-
     with torch.device("meta"):
         model = EncoderDecoder(cfg)
     tied = tied_names(cfg)
@@ -329,14 +329,12 @@ def _stored_tensors(conv: Converted, naming: str, dtype: torch.dtype | None) -> 
     out = {}
     for k in list(conv.state_dict):
         t = conv.state_dict.pop(k)
-        name = k if naming == "fairport" else weights.to_hf_name(naming, k)
+        name = k if naming == "fairport" else to_hf_name(naming, k)
         if name is not None:
             out[name] = t
     if naming in ("bart", "mbart"):
         out["final_logits_bias"] = torch.zeros(1, conv.config.tgt_vocab_size, dtype=dtype or torch.float32)
     if naming == "fsmt":  # transformers' FSMT keeps its sinusoidal tables as weights
-        from fairport.reference.model import sinusoidal_table
-
         c = conv.config
         for side, n, dim in (("encoder", c.max_source_positions, c.encoder_embed_dim),
                              ("decoder", c.max_target_positions, c.decoder_embed_dim)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fairport.converters.dictionary import Dictionary
+from fairport.reference.dictionary import Dictionary
 from fairport.errors import FairportError
 
 

@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from fairport.converters.dictionary import SPECIALS, Dictionary
+from fairport.reference.dictionary import SPECIALS, Dictionary
 from fairport.errors import FairportError
 
 

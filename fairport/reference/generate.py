@@ -16,32 +16,43 @@ Two deliberate differences from the installed fairseq 0.12:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from fairport.reference.hub import HubMixin
 from fairport.reference.model import EncoderDecoder, EncoderOut, LayerCache
+
+
+def _option(default, help: str, cli: str | None = None):
+    """A generation option: its fairseq default, a description, and which CLI verbs offer it as a flag
+    ("search": convert and generate; "sample": generate only)."""
+    return field(default=default, metadata={"help": help, "cli": cli})
 
 
 @dataclass
 class GenerationOptions:
-    """fairseq's generation options, with fairseq's names and defaults."""
+    """fairseq's generation options, with fairseq's names and defaults: the one table of them. The converter
+    writes it to generation_config.json ("fairseq"), the CLI offers its flags, the original's worker builds
+    fairseq's SequenceGenerator from it."""
 
-    beam: int = 5
-    lenpen: float = 1.0
-    max_len_a: float = 0.0
-    max_len_b: int = 200
-    min_len: int = 1
-    no_repeat_ngram_size: int = 0
-    unkpen: float = 0.0
-    temperature: float = 1.0
-    match_source_len: bool = False
-    sampling: bool = False
-    sampling_topk: int = -1
-    sampling_topp: float = -1.0
-    normalize_scores: bool = True
-    eos: int | None = None  # the generator's EOS (and first decoder token); None: the dictionary's </s>
+    beam: int = _option(5, "beam size (1: greedy)", "search")
+    lenpen: float = _option(1.0, "length penalty: scores divided by length ** lenpen", "search")
+    max_len_a: float = _option(0.0, "max length = max_len_a * source length + max_len_b", "search")
+    max_len_b: int = _option(200, "max length = max_len_a * source length + max_len_b", "search")
+    min_len: int = _option(1, "minimum length (EOS banned before)", "search")
+    no_repeat_ngram_size: int = _option(0, "ban repeating n-grams of this size (0: off)", "search")
+    unkpen: float = _option(0.0, "penalty subtracted from <unk>'s log-probability")
+    temperature: float = _option(1.0, "divide logits by this before the softmax", "sample")
+    match_source_len: bool = _option(False, "generate exactly as many tokens as the source has")
+    sampling: bool = _option(False, "sample instead of beam search", "sample")
+    sampling_topk: int = _option(-1, "sample from the k most likely tokens (-1: all)", "sample")
+    sampling_topp: float = _option(-1.0, "sample from the smallest set with probability >= p (-1: off)", "sample")
+    normalize_scores: bool = _option(True, "finished hypotheses' scores divided by length ** lenpen")
+    eos: int | None = _option(None, "the generator's EOS and first decoder token (None: the dictionary's </s>)")
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
 
 
 class DecoderState:
@@ -171,27 +182,22 @@ def force_prefix(step, lprobs, scores, tokens, prefix_tokens, beam, pad, eos):
     return lprobs, tokens, scores
 
 
-def max_decoder_positions(models: list[EncoderDecoder]) -> int:
-    return min(m.config.max_target_positions for m in models)
-
-
-def generate(models: EncoderDecoder | list[EncoderDecoder], src_tokens: torch.Tensor,
-             prefix_tokens: torch.Tensor | None = None, bos_token: int | None = None,
-             opts: GenerationOptions | None = None, **kwargs) -> list[list[dict]]:
-    """Generate for each source row (left-padded ids). Returns, per sentence, hypotheses best first:
-    {"tokens" (ending in EOS, no start token), "score", "positional_scores"} as fairseq returns them.
-    Runs under torch.inference_mode (no autograd bookkeeping at all: measured ~14% less per-step overhead
-    than no_grad on a small model); the tensors returned are ordinary ones."""
+def generate(model, src_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None,
+             bos_token: int | None = None, **options) -> list[list[dict]]:
+    """Generate for each source row (left-padded ids) with fairseq's options (GenerationOptions' names).
+    `model`: an EncoderDecoder, or an ensemble (anything with `.members`), decoded as fairseq's EnsembleModel.
+    Returns, per sentence, hypotheses best first: {"tokens" (ending in EOS, no start token), "score",
+    "positional_scores"} as fairseq returns them. Runs under torch.inference_mode (no autograd bookkeeping:
+    measured ~14% less per-step overhead than no_grad on a small model); the tensors returned are ordinary."""
+    opts = GenerationOptions(**options)
+    models = list(getattr(model, "members", None) or [model])
     with torch.inference_mode():
-        finalized = _generate(models, src_tokens, prefix_tokens, bos_token, opts, **kwargs)
+        finalized = _generate(models, src_tokens, prefix_tokens, bos_token, opts)
     return [[{k: v.clone() for k, v in h.items()} for h in hyps] for hyps in finalized]
 
 
-def _generate(models, src_tokens, prefix_tokens, bos_token, opts, **kwargs) -> list[list[dict]]:
-    if isinstance(models, Ensemble):
-        models = list(models.members)
-    models = models if isinstance(models, list) else [models]
-    opts = opts or GenerationOptions(**kwargs)
+def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token,
+              opts: GenerationOptions) -> list[list[dict]]:
     cfg = models[0].config
     pad, unk = cfg.pad, cfg.unk
     eos = cfg.eos if opts.eos is None else opts.eos
@@ -204,7 +210,8 @@ def _generate(models, src_tokens, prefix_tokens, bos_token, opts, **kwargs) -> l
     if opts.match_source_len:
         max_len = int(src_lengths.max().item())
     else:
-        max_len = min(int(opts.max_len_a * src_width + opts.max_len_b), max_decoder_positions(models) - 1)
+        max_positions = min(m.config.max_target_positions for m in models)
+        max_len = min(int(opts.max_len_a * src_width + opts.max_len_b), max_positions - 1)
     if opts.min_len > max_len:
         raise ValueError("min_len cannot be larger than max_len, please adjust these!")
 
@@ -311,42 +318,6 @@ def _generate(models, src_tokens, prefix_tokens, bos_token, opts, **kwargs) -> l
         order = torch.sort(torch.tensor([float(h["score"].item()) for h in finalized[sent]]), descending=True)[1]
         finalized[sent] = [finalized[sent][i] for i in order]
     return finalized
-
-
-class Ensemble(HubMixin, torch.nn.Module):
-    """Models that share dictionaries, decoded together as fairseq's EnsembleModel does."""
-
-    def __init__(self, models: list[EncoderDecoder]):
-        super().__init__()
-        self.members = torch.nn.ModuleList(models)
-        self.config = models[0].config
-        self.fairport_meta = getattr(models[0], "fairport_meta", {})
-        self.folder = getattr(models[0], "folder", None)
-
-    def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) log of the members' mean probabilities (what the ensemble scores tokens with)."""
-        lps = [torch.log_softmax(m(src_tokens, prev_output_tokens).float(), dim=-1) for m in self.members]
-        return torch.logsumexp(torch.stack(lps), dim=0) - math.log(len(lps))
-
-    def pack(self, **kwargs) -> "Ensemble":
-        for m in self.members:
-            m.pack(**kwargs)
-        return self
-
-    def unpack(self) -> "Ensemble":
-        for m in self.members:
-            m.unpack()
-        return self
-
-    def quantize(self, **kwargs) -> "Ensemble":
-        for m in self.members:
-            m.quantize(**kwargs)
-        return self
-
-    def generate(self, src_tokens: torch.Tensor, seed: int | None = None, **opts) -> list[list[dict]]:
-        if seed is not None:
-            torch.manual_seed(seed)
-        return generate(list(self.members), src_tokens, **opts)
 
 
 def _finalize(step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, beam, src_lengths, max_len,

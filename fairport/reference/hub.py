@@ -1,29 +1,45 @@
-"""Text in, text out on a loaded model: the verbs of fairseq's hub interface."""
+"""Text in, text out: fairseq's hub verbs (encode, decode, generate, translate) on a loaded folder.
+
+`load()` returns a `PortedModel` (an EncoderDecoder with these verbs) or a `PortedEnsemble`: the model
+classes stay plain nn.Modules; the verbs compose the model, the folder's tokenizer and its generation
+defaults.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import functools
 
 import torch
 
 from fairport.errors import FairportError
 from fairport.reference.batching import pad_batch
+from fairport.reference.ensemble import Ensemble
+from fairport.reference.folder import ModelFolder
+from fairport.reference.generate import GenerationOptions, generate
+from fairport.reference.model import EncoderDecoder
+from fairport.reference.tokenizer import Tokenizer
 
 
-class HubMixin:
-    """`encode`, `decode`, `sample`/`translate` with the folder's tokenizer and generation defaults.
-    Needs `self.folder`, `self.config` and `self.generate(src_tokens, **opts)`."""
+class HubVerbs:
+    """fairseq's hub interface on a model that has `folder` (its ModelFolder) and `config`."""
 
-    _tokenizer = None
+    folder: ModelFolder
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from fairport.reference.tokenizer import load_tokenizer
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_folder(self.folder)
 
-            self._tokenizer = load_tokenizer(self.folder)
-        return self._tokenizer
+    def generation_defaults(self) -> dict:
+        """The folder's generation options (generation_config.json, fairseq's names: beam, lenpen, ...)."""
+        return {k: v for k, v in self.folder.generation.items() if k in GenerationOptions.names()}
+
+    def generate(self, src_tokens: torch.Tensor, seed: int | None = None, **options) -> list[list[dict]]:
+        """fairseq's SequenceGenerator on ids (see reference/generate.py); options use fairseq's names
+        (beam, lenpen, max_len_a, max_len_b, min_len, no_repeat_ngram_size, prefix_tokens, sampling, ...);
+        `seed` seeds sampling."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        return generate(self, src_tokens, **options)
 
     def encode(self, text: str, source_lang: str | None = None, target_lang: str | None = None) -> torch.Tensor:
         """Text -> the ids the model is fed (a many-to-many model needs the direction, unless the folder
@@ -32,15 +48,6 @@ class HubMixin:
 
     def decode(self, ids, target_lang: str | None = None) -> str:
         return self.tokenizer.decode(ids, target_lang)
-
-    def generation_defaults(self) -> dict:
-        """The folder's generation_config.json, fairseq's names (beam, lenpen, max_len_b, ...)."""
-        from fairport.reference.generate import GenerationOptions
-
-        fields = set(GenerationOptions.__dataclass_fields__)
-        path = Path(self.folder) / "generation_config.json"
-        fairseq = json.loads(path.read_text()).get("fairseq", {}) if path.exists() else {}
-        return {k: v for k, v in fairseq.items() if k in fields}
 
     def hub_generate(self, sentences: list[str], batch_size: int = 32, seed: int | None = None, progress=None,
                      source_lang: str | None = None, target_lang: str | None = None, **gen) -> list[list[dict]]:
@@ -53,15 +60,14 @@ class HubMixin:
         device = next(self.parameters()).device
         encoded = [self.encode(s, source_lang, target_lang) for s in sentences]
         forced = self.tokenizer.framing.forced_prefix(target_lang)
-        too_long = [i for i, e in enumerate(encoded) if e.numel() > self.config.max_source_positions]
+        limit = self.config.max_source_positions
+        too_long = [i for i, e in enumerate(encoded) if e.numel() > limit]
         if too_long:  # fairseq's hub refuses these too ("Size of sample #i is invalid")
             i = too_long[0]
-            raise FairportError(f"{len(too_long)} input(s) longer than the model's {self.config.max_source_positions} "
-                                f"source positions (input {i}: {encoded[i].numel()} tokens)")
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable, ascending like fairseq
+            raise FairportError(f"{len(too_long)} input(s) longer than the model's {limit} source positions "
+                                f"(input {i}: {encoded[i].numel()} tokens)")
         out: list = [None] * len(encoded)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
             src = pad_batch([encoded[i].tolist() for i in idx], self.config.pad, left=True).to(device)
             prefix = None
             if forced is not None:
@@ -83,3 +89,21 @@ class HubMixin:
         return out[0] if single else out
 
     translate = sample
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of `batch_size`, shortest first (a stable sort), as fairseq's hub batches them."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class PortedModel(HubVerbs, EncoderDecoder):
+    """What `load()` returns for a single model: the reference model plus the hub verbs of its folder."""
+
+
+class PortedEnsemble(HubVerbs, Ensemble):
+    """What `load()` returns for an ensemble folder."""
+
+    def __init__(self, models: list[EncoderDecoder], folder: ModelFolder):
+        super().__init__(models)
+        self.folder = folder

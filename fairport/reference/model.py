@@ -1,24 +1,110 @@
-"""The reference encoder-decoder: fairseq's transformer, BART and mBART in one readable file (inference).
+"""The reference encoder-decoder: fairseq's transformer, BART and mBART in one readable file (inference only).
 
+Follows fairseq's TransformerEncoder/TransformerDecoder and MultiheadAttention (fairseq 0.12,
+fairseq/models/transformer/, fairseq/modules/multihead_attention.py). Every variant is a ModelConfig flag.
 Shapes: B batch, S source length, T target length, C model width, H heads, D head width, V vocabulary.
 Tokens are fairseq dictionary ids; sources are left-padded with `pad`, as fairseq batches them.
-Parameter names follow fairseq's (upgraded) state-dict names, so the weight map stays short.
+Parameter names follow fairseq's (upgraded) state-dict names, so the weight map is the identity.
+Speed-ups that swap layers (fused q/k/v, oneDNN-packed and int8 weights) live in fast.py.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fairport.errors import FairportError
 from fairport.reference.config import ModelConfig
-from fairport.reference.hub import HubMixin
+
+
+def residual_block(x: torch.Tensor, norm: nn.LayerNorm, pre_norm: bool, fn, *args) -> torch.Tensor:
+    """x + fn(x, *args) with the layer norm before (pre-norm) or after (post-norm) the residual sum."""
+    y = fn(norm(x) if pre_norm else x, *args)
+    return x + y if pre_norm else norm(x + y)
+
+
+class Attention(nn.Module):
+    """fairseq MultiheadAttention at inference: q scaled before q.k, softmax over keys, no dropout."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
+        super().__init__()
+        kv_dim = kv_dim or dim
+        self.heads, self.head_dim = heads, dim // heads
+        self.scaling = self.head_dim**-0.5
+        # fairseq scales q before q.k; when the scale is a power of two (head width 16, 64, 256, ...) the kernel
+        # scaling q.k instead gives the same bits (checked by the tests), one multiplication fewer per call
+        self.scale_in_kernel = math.frexp(self.scaling)[0] == 0.5
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(kv_dim, dim)
+        self.v_proj = nn.Linear(kv_dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, H, T, D), a view
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T + mask) v, projected out. q (B, T, C) unscaled; k, v (Bk, H, S, D); mask additive,
+        broadcastable to (Bk, H, T, S). k/v may have fewer rows than q: then each k/v row serves G = B / Bk
+        consecutive query rows (the beams of one sentence share its cross-attention keys and values)."""
+        B, T, C = q.shape
+        Bk, H, D = k.size(0), self.heads, self.head_dim
+        G = B // Bk
+        if not self.scale_in_kernel:
+            q = q * self.scaling
+        # (B, T, C) -> (Bk, H, G*T, D): row b = bk*G + g of q is query g*T + t of key row bk (G = 1: the usual
+        # (B, H, T, D)); a view when T == 1, as in incremental decoding
+        q = q.view(Bk, G, T, H, D).permute(0, 3, 1, 2, 4).reshape(Bk, H, G * T, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             scale=self.scaling if self.scale_in_kernel else 1.0)
+        if mask is not None and mask.dim() == 4 and mask.size(-2) > 1:
+            out = out.nan_to_num(0.0)  # a query whose keys are all padding attends to nothing (fairseq/torch)
+        out = out.view(Bk, H, G, T, D).permute(0, 2, 3, 1, 4).reshape(B, T, C)
+        return self.out_proj(out)  # (B, T, C)
+
+
+class SelfAttention(Attention):
+    """Attention of a sequence over itself; in incremental decoding its keys/values go to the layer's cache."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__(dim, heads)
+        self.register_module("qkv_proj", None)  # fast.fuse_qkv: q, k and v as one (3C, C) projection
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, T, C) unscaled, and keys and values side by side (B, T, 2, H, D)."""
+        B, T, C = x.shape
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)  # (B, T, 3C)
+            q, kv = qkv[..., :C], qkv[..., C:]
+        else:
+            q, kv = self.q_proj(x), torch.cat([self.k_proj(x), self.v_proj(x)], dim=-1)
+        return q, kv.view(B, T, 2, self.heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: "LayerCache | None" = None) -> torch.Tensor:
+        q, kv = self.project_qkv(x)
+        if cache is not None:  # incremental decoding: this step's keys/values join the earlier steps'
+            k, v = cache.append(kv)
+        else:
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, T, D) views
+        return self.attend(q, k, v, mask)
+
+
+class CrossAttention(Attention):
+    """The decoder's attention over the encoder output; its keys/values are computed once per source."""
+
+    def forward(self, x: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor | None,
+                cache: "LayerCache | None" = None) -> torch.Tensor:
+        if cache is not None and cache.cross_k is not None:
+            k, v = cache.cross_k, cache.cross_v
+        else:
+            k, v = self.split(self.k_proj(enc)), self.split(self.v_proj(enc))  # (B, H, S, D)
+            if cache is not None:
+                cache.cross_k, cache.cross_v = k, v
+        return self.attend(self.q_proj(x), k, v, mask)
 
 
 def gelu_accurate(x: torch.Tensor) -> torch.Tensor:
@@ -38,244 +124,9 @@ ACTIVATIONS = {
 }
 
 
-def make_positions(tokens: torch.Tensor, pad: int) -> torch.Tensor:
-    """fairseq.utils.make_positions: non-pad tokens count from pad+1; pads keep position `pad`."""
-    mask = tokens.ne(pad).int()
-    return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + pad
-
-
-def sinusoidal_table(num: int, dim: int, pad: int) -> torch.Tensor:
-    """fairseq's SinusoidalPositionalEmbedding.get_embedding (tensor2tensor layout: sin | cos)."""
-    half = dim // 2
-    step = math.log(10000) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float) * -step)
-    angles = torch.arange(num, dtype=torch.float).unsqueeze(1) * freqs.unsqueeze(0)
-    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).view(num, -1)
-    if dim % 2 == 1:
-        table = torch.cat([table, torch.zeros(num, 1)], dim=1)
-    table[pad, :] = 0
-    return table
-
-
-def _onednn_linear_available() -> bool:
-    try:
-        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class PackedWeight:
-    """A (N, K) weight also held in oneDNN's blocked layout, for CPU fp32/bf16 matrix products: measured
-    2.3-4x faster than torch's default CPU path at every row count incremental decoding uses, 1 to 512 rows
-    (`fairport bench` reports the machine's numbers). It costs a second copy of the weight. The copy is used
-    only while the weight it was made from is unchanged: same memory, same version counter (in-place edits
-    through `.data` bypass the counter: call `model.pack()` again after those)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.key = self.key_of(weight)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-
-    @staticmethod
-    def key_of(weight: torch.Tensor | None) -> tuple | None:
-        return None if weight is None else (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
-
-    def fits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-        return (x.device.type == "cpu" and x.dtype == weight.dtype and self.key == self.key_of(weight)
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
-
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
-
-
-def _int8_linear_available() -> bool:
-    engines = torch.backends.quantized.supported_engines
-    return hasattr(torch.ops.quantized, "linear_dynamic") and ("x86" in engines or "fbgemm" in engines)
-
-
-class Int8Weight:
-    """A (N, K) weight (with its bias) as int8 for dynamically quantized CPU products: each output row's
-    weights scaled by its largest |value| (symmetric, per channel, as torch's per-channel observer does);
-    the activations are quantized afresh at every call (7-bit range, as torch's dynamic Linear does on x86).
-    Measured here 2.6-5.8x faster than the packed fp32 product at 1-40 rows (`fairport bench --dtype int8`);
-    results move, and `fairport verify --dtypes int8` measures by how much. Used only while weight and bias
-    are unchanged (see PackedWeight)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.key = (PackedWeight.key_of(weight), PackedWeight.key_of(bias))
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps).double()
-        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; this path is opt-in
-            warnings.simplefilter("ignore")
-            q = torch.quantize_per_channel(w, scale, torch.zeros(scale.shape, dtype=torch.long), 0, torch.qint8)
-            self.params = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-
-    def fits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-        return (x.device.type == "cpu" and x.dtype == torch.float32
-                and self.key == (PackedWeight.key_of(weight), PackedWeight.key_of(bias))
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
-
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.params, True)  # bias is in self.params
-
-
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-# below this many weights a oneDNN call's fixed cost (~13 us measured) outweighs its faster product
-PACK_MIN_NUMEL = 1 << 18
-Prepared = PackedWeight | Int8Weight
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: Prepared | None) -> torch.Tensor:
-    """F.linear, through the packed (oneDNN or int8) copy of the weight when there is a valid one."""
-    if packed is not None and packed.fits(x, weight, bias):
-        return packed(x, bias)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear that uses a PackedWeight or Int8Weight once `pack()` made one (see EncoderDecoder.pack)."""
-
-    packed: Prepared | None = None
-
-    def pack(self, min_numel: int = PACK_MIN_NUMEL, kind: type = PackedWeight) -> None:
-        self.packed = kind(self.weight, self.bias) if self.weight.numel() >= min_numel else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
-
-
-class LearnedPositions(nn.Embedding):
-    def __init__(self, max_positions: int, dim: int, pad: int):
-        super().__init__(max_positions + pad + 1, dim, padding_idx=pad)
-
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
-        return F.embedding(positions, self.weight, self.padding_idx)
-
-    def at(self, position: int) -> torch.Tensor:  # one position's (C,) row, a view
-        return self.weight[position]
-
-
-class SinusoidalPositions(nn.Module):
-    def __init__(self, max_positions: int, dim: int, pad: int):
-        super().__init__()
-        self.dim, self.pad = dim, pad
-        self.register_buffer("table", sinusoidal_table(max_positions + pad + 1, dim, pad), persistent=False)
-
-    def _cover(self, needed: int) -> None:
-        if needed > self.table.size(0):  # fairseq grows the table on demand, computed in fp32
-            self.table = sinusoidal_table(needed, self.dim, self.pad).to(self.table)
-
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
-        self._cover(int(positions.max()) + 1 if positions.numel() else 0)
-        return self.table[positions]  # the buffer follows model.to(dtype), as fairseq's does
-
-    def at(self, position: int) -> torch.Tensor:  # one position's (C,) row, a view
-        self._cover(position + 1)
-        return self.table[position]
-
-
-class Attention(nn.Module):
-    """fairseq MultiheadAttention at inference: q scaled before q.k, softmax in fp32."""
-
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
-        super().__init__()
-        kv_dim = kv_dim or dim
-        self.heads, self.head_dim = heads, dim // heads
-        self.scaling = self.head_dim**-0.5
-        # fairseq scales q before q.k; when the scale is a power of two (head width 16, 64, 256, ...) the kernel
-        # scaling q.k instead gives the same bits (checked by the tests), one multiplication fewer per call
-        self.scale_in_kernel = math.frexp(self.scaling)[0] == 0.5
-        self.q_proj = Linear(dim, dim)
-        self.k_proj = Linear(kv_dim, dim)
-        self.v_proj = Linear(kv_dim, dim)
-        self.out_proj = Linear(dim, dim)
-
-    def split(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, H, T, D)
-        B, T, _ = x.shape
-        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)
-
-    def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split(self.k_proj(kv)), self.split(self.v_proj(kv))
-
-    qkv_packed: Prepared | None = None
-    qkv: tuple[torch.Tensor, torch.Tensor] | None = None  # the fused (3C, C) weight and (3C,) bias
-
-    def pack_qkv(self, min_numel: int = PACK_MIN_NUMEL, kind: type = PackedWeight) -> None:
-        w, b = self.fused_qkv()
-        self.qkv_packed = kind(w, b) if w is not None and w.numel() >= min_numel else None
-
-    def fuse_qkv(self) -> None:
-        """Self-attention: put the q, k and v projections in one (3C, C) matrix (and one bias) that the three
-        parameters become views of, so `project_qkv` is one matrix product. No memory is duplicated; if the
-        parameters are later replaced (load_state_dict(assign=True), .data = ...), the separate path is used
-        again (EncoderDecoder re-fuses after .to())."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        fused = []
-        for name in ("weight", "bias"):
-            whole = torch.cat([getattr(p, name).detach() for p in projs])
-            for p, part in zip(projs, whole.chunk(3)):
-                getattr(p, name).data = part
-            fused.append(whole)
-        self.qkv = (fused[0], fused[1])
-
-    def fused_qkv(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The fused weight and bias while the three projections are still views of them, else (None, None)."""
-        if self.qkv is None:
-            return None, None
-        w, b = self.qkv
-        ws, bs = w.numel() // 3 * w.element_size(), b.numel() // 3 * b.element_size()
-        q, k, v = self.q_proj, self.k_proj, self.v_proj
-        if (q.weight.data_ptr(), k.weight.data_ptr(), v.weight.data_ptr(), q.bias.data_ptr(), k.bias.data_ptr(),
-                v.bias.data_ptr()) != (w.data_ptr(), w.data_ptr() + ws, w.data_ptr() + 2 * ws, b.data_ptr(),
-                                       b.data_ptr() + bs, b.data_ptr() + 2 * bs):
-            return None, None
-        return w, b
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self-attention projections of x (B, T, C): q (B, T, C) unscaled, and keys and values side by side
-        (B, T, 2, H, D), as LayerCache stores them (a view of the fused product: no copy)."""
-        B, T, C = x.shape
-        w, b = self.fused_qkv()
-        if w is None:
-            q, kv = self.q_proj(x), torch.stack([self.k_proj(x), self.v_proj(x)], dim=2)
-        else:
-            qkv = linear(x, w, b, self.qkv_packed)  # (B, T, 3C)
-            q, kv = qkv[..., :C], qkv[..., C:]
-        return q, kv.reshape(B, T, 2, self.heads, self.head_dim)
-
-    @staticmethod
-    def heads_first(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, 2, H, D) -> k, v (B, H, T, D), views."""
-        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None, q: torch.Tensor | None = None) -> torch.Tensor:
-        # x (B, T, C); k, v (B, H, S, D); mask additive, broadcastable to (B, H, T, S); q: q_proj(x) if known
-        # k/v may have fewer rows than x: then each k/v row serves G consecutive query rows (the beams
-        # of one sentence share its cross-attention keys/values; they are never copied per beam)
-        B, T, C = x.shape
-        Bk, H, D = k.size(0), self.heads, self.head_dim
-        G = B // Bk
-        q = self.q_proj(x) if q is None else q
-        if not self.scale_in_kernel:
-            q = q * self.scaling
-        # (B, T, C) -> (Bk, H, G*T, D): row b = bk*G + g of x is query g*T + t of key row bk (G = 1: the usual
-        # (B, H, T, D)); a view when T == 1, as in incremental decoding
-        q = q.view(Bk, G, T, H, D).permute(0, 3, 1, 2, 4).reshape(Bk, H, G * T, D)
-        # softmax(q k^T + mask) v with q scaled as fairseq scales it; one fused kernel
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             scale=self.scaling if self.scale_in_kernel else 1.0)  # (Bk, H, G*T, D)
-        if mask is not None and mask.dim() == 4 and mask.size(-2) > 1:
-            out = out.nan_to_num(0.0)  # a query whose keys are all padding attends to nothing (fairseq/torch)
-        out = out.view(Bk, H, G, T, D).permute(0, 2, 3, 1, 4).reshape(B, T, C)
-        return self.out_proj(out)  # (B, T, C)
-
-
-def residual_block(x, norm: nn.LayerNorm, pre_norm: bool, fn):
-    """x + fn(x) with the layer norm before (pre-norm) or after (post-norm) the residual sum."""
-    y = fn(norm(x) if pre_norm else x)
-    return x + y if pre_norm else norm(x + y)
+def feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """fc2(act(fc1(x))): a layer's position-wise feed-forward block (fairseq keeps fc1/fc2 on the layer)."""
+    return layer.fc2(layer.act(layer.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -283,22 +134,18 @@ class EncoderLayer(nn.Module):
         super().__init__()
         C = cfg.encoder_embed_dim
         self.pre_norm = cfg.encoder_normalize_before
-        self.self_attn = Attention(C, cfg.encoder_heads)
+        self.self_attn = SelfAttention(C, cfg.encoder_heads)
         self.self_attn_layer_norm = nn.LayerNorm(C)
-        self.fc1 = Linear(C, cfg.encoder_ffn_dim)
-        self.fc2 = Linear(cfg.encoder_ffn_dim, C)
+        self.fc1 = nn.Linear(C, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, C)
         self.act = ACTIVATIONS[cfg.activation_fn]
         self.final_layer_norm = nn.LayerNorm(C)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return feed_forward(self, x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # (B, S, C)
-        def attend(h):
-            q, kv = self.self_attn.project_qkv(h)
-            return self.self_attn(h, *Attention.heads_first(kv), mask, q)
-
-        x = residual_block(x, self.self_attn_layer_norm, self.pre_norm, attend)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # (B, S, C) -> (B, S, C)
+        x = residual_block(x, self.self_attn_layer_norm, self.pre_norm, self.self_attn, mask)
         return residual_block(x, self.final_layer_norm, self.pre_norm, self.ffn)
 
 
@@ -307,7 +154,7 @@ class LayerCache:
     preallocated time-major buffer (capacity, 2, B, H, D): the first t steps are one contiguous block, a step
     writes its rows in place (one copy for both), and a beam reorder gathers rows into a spare buffer (one
     gather per step, no allocation; fairseq's concatenate-then-reorder copies k and v twice each).
-    Cross-attention keys/values are computed once per source."""
+    Cross-attention keys/values (B, H, S, D) are computed once per source sentence."""
 
     def __init__(self) -> None:
         self.kv: torch.Tensor | None = None  # (capacity, 2, B, H, D)
@@ -355,45 +202,82 @@ class DecoderLayer(nn.Module):
         super().__init__()
         C = cfg.decoder_embed_dim
         self.pre_norm = cfg.decoder_normalize_before
-        self.self_attn = Attention(C, cfg.decoder_heads)
+        self.self_attn = SelfAttention(C, cfg.decoder_heads)
         self.self_attn_layer_norm = nn.LayerNorm(C)
-        self.encoder_attn = Attention(C, cfg.decoder_heads, kv_dim=cfg.encoder_embed_dim)
+        self.encoder_attn = CrossAttention(C, cfg.decoder_heads, kv_dim=cfg.encoder_embed_dim)
         self.encoder_attn_layer_norm = nn.LayerNorm(C)
-        self.fc1 = Linear(C, cfg.decoder_ffn_dim)
-        self.fc2 = Linear(cfg.decoder_ffn_dim, C)
+        self.fc1 = nn.Linear(C, cfg.decoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, C)
         self.act = ACTIVATIONS[cfg.activation_fn]
         self.final_layer_norm = nn.LayerNorm(C)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return feed_forward(self, x)
 
-    def forward(self, x, enc, enc_mask, self_mask, cache: LayerCache | None = None):
-        # x (B, T, C); enc (B, S, C); enc_mask additive (B, 1, 1, S); self_mask additive (T, T) or None
-        def self_attend(h):
-            q, kv = self.self_attn.project_qkv(h)
-            k, v = cache.append(kv) if cache is not None else Attention.heads_first(kv)
-            return self.self_attn(h, k, v, self_mask, q)
-
-        def cross_attend(h):
-            if cache is not None and cache.cross_k is not None:
-                k, v = cache.cross_k, cache.cross_v
-            else:
-                k, v = self.encoder_attn.project_kv(enc)
-                if cache is not None:
-                    cache.cross_k, cache.cross_v = k, v
-            return self.encoder_attn(h, k, v, enc_mask)
-
-        x = residual_block(x, self.self_attn_layer_norm, self.pre_norm, self_attend)
-        x = residual_block(x, self.encoder_attn_layer_norm, self.pre_norm, cross_attend)
+    def forward(self, x: torch.Tensor, enc: torch.Tensor, enc_mask: torch.Tensor | None,
+                self_mask: torch.Tensor | None, cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, C); enc (Bs, S, C) with Bs = B or B / beams; enc_mask additive (Bs, 1, 1, S); self_mask
+        additive (T, T) (or (B, 1, T, T) with padded targets) or None (incremental decoding)."""
+        x = residual_block(x, self.self_attn_layer_norm, self.pre_norm, self.self_attn, self_mask, cache)
+        x = residual_block(x, self.encoder_attn_layer_norm, self.pre_norm, self.encoder_attn, enc, enc_mask, cache)
         return residual_block(x, self.final_layer_norm, self.pre_norm, self.ffn)
+
+
+def make_positions(tokens: torch.Tensor, pad: int) -> torch.Tensor:
+    """fairseq.utils.make_positions: non-pad tokens count from pad+1; pads keep position `pad`."""
+    mask = tokens.ne(pad).int()
+    return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + pad
+
+
+def sinusoidal_table(num: int, dim: int, pad: int) -> torch.Tensor:
+    """fairseq's SinusoidalPositionalEmbedding.get_embedding (tensor2tensor layout: sin | cos), in fp32."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float) * -step)
+    angles = torch.arange(num, dtype=torch.float).unsqueeze(1) * freqs.unsqueeze(0)
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).view(num, -1)
+    if dim % 2 == 1:
+        table = torch.cat([table, torch.zeros(num, 1)], dim=1)
+    table[pad, :] = 0
+    return table
+
+
+class LearnedPositions(nn.Embedding):
+    def __init__(self, max_positions: int, dim: int, pad: int):
+        super().__init__(max_positions + pad + 1, dim, padding_idx=pad)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        return F.embedding(positions, self.weight, self.padding_idx)
+
+    def at(self, position: int) -> torch.Tensor:  # one position's (C,) row, a view
+        return self.weight[position]
+
+
+class SinusoidalPositions(nn.Module):
+    def __init__(self, max_positions: int, dim: int, pad: int):
+        super().__init__()
+        self.dim, self.pad = dim, pad
+        self.register_buffer("table", sinusoidal_table(max_positions + pad + 1, dim, pad), persistent=False)
+
+    def _cover(self, needed: int) -> None:
+        if needed > self.table.size(0):  # fairseq grows the table on demand, computed in fp32
+            self.table = sinusoidal_table(needed, self.dim, self.pad).to(self.table)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        self._cover(int(positions.max()) + 1 if positions.numel() else 0)
+        return self.table[positions]  # the buffer follows model.to(dtype), as fairseq's does
+
+    def at(self, position: int) -> torch.Tensor:  # one position's (C,) row, a view
+        self._cover(position + 1)
+        return self.table[position]
+
+
+def positions_module(learned: bool, max_positions: int, dim: int, pad: int) -> nn.Module:
+    return (LearnedPositions if learned else SinusoidalPositions)(max_positions, dim, pad)
 
 
 def scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x if scale == 1.0 else scale * x  # times 1.0 changes nothing: one operation fewer per step
-
-
-def _positions_module(learned: bool, max_positions: int, dim: int, pad: int) -> nn.Module:
-    return (LearnedPositions if learned else SinusoidalPositions)(max_positions, dim, pad)
 
 
 @dataclass
@@ -418,7 +302,7 @@ class Encoder(nn.Module):
         self.pad = cfg.pad
         self.embed_scale = cfg.encoder_embed_scale
         self.embed_tokens = embed_tokens
-        self.embed_positions = (_positions_module(cfg.encoder_learned_pos, cfg.max_source_positions, C, cfg.pad)
+        self.embed_positions = (positions_module(cfg.encoder_learned_pos, cfg.max_source_positions, C, cfg.pad)
                                 if cfg.positional_embeddings else None)
         self.layernorm_embedding = nn.LayerNorm(C) if cfg.layernorm_embedding else None
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
@@ -432,23 +316,16 @@ class Encoder(nn.Module):
             x = self.layernorm_embedding(x)
         return x
 
-    def forward(self, src_tokens: torch.Tensor, hiddens: dict | None = None) -> EncoderOut:
-        """`hiddens`, when given, collects every stage's output (B, S, C) by name, for `fairport verify`."""
+    def forward(self, src_tokens: torch.Tensor) -> EncoderOut:  # (B, S) -> (B, S, C)
         padding_mask = src_tokens.eq(self.pad)  # (B, S)
         x = self.embed(src_tokens)
         x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))  # fairseq zeroes pad rows
         out = EncoderOut(x, padding_mask)
         mask = out.attn_mask
-        if hiddens is not None:
-            hiddens["encoder.embed"] = x
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             x = layer(x, mask)
-            if hiddens is not None:
-                hiddens[f"encoder.layers.{i}"] = x
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-            if hiddens is not None:
-                hiddens["encoder.layer_norm"] = x
         out.x = x  # same padding, dtype and device: the mask computed above serves the decoder too
         return out
 
@@ -460,22 +337,21 @@ class Decoder(nn.Module):
         self.pad = cfg.pad
         self.embed_scale = cfg.decoder_embed_scale
         self.embed_tokens = embed_tokens
-        self.project_in_dim = (Linear(cfg.decoder_input_embed_dim, C, bias=False)
+        self.project_in_dim = (nn.Linear(cfg.decoder_input_embed_dim, C, bias=False)
                                if cfg.decoder_input_embed_dim != C else None)
-        self.embed_positions = (_positions_module(cfg.decoder_learned_pos, cfg.max_target_positions, C, cfg.pad)
+        self.embed_positions = (positions_module(cfg.decoder_learned_pos, cfg.max_target_positions, C, cfg.pad)
                                 if cfg.positional_embeddings else None)
         self.layernorm_embedding = nn.LayerNorm(C) if cfg.layernorm_embedding else None
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.layer_norm = nn.LayerNorm(C) if cfg.decoder_final_norm else None
-        self.project_out_dim = (Linear(C, cfg.decoder_output_dim, bias=False)
+        self.project_out_dim = (nn.Linear(C, cfg.decoder_output_dim, bias=False)
                                 if cfg.decoder_output_dim != C else None)
-        self.output_projection = Linear(cfg.decoder_output_dim, cfg.tgt_vocab_size, bias=False)
+        self.output_projection = nn.Linear(cfg.decoder_output_dim, cfg.tgt_vocab_size, bias=False)
         if cfg.share_decoder_input_output_embed:
             self.output_projection.weight = embed_tokens.weight
 
-    def features(self, prev_output_tokens: torch.Tensor, enc: EncoderOut,
-                 caches: list[LayerCache] | None = None, step: int | None = None,
-                 hiddens: dict | None = None) -> torch.Tensor:
+    def features(self, prev_output_tokens: torch.Tensor, enc: EncoderOut, caches: list[LayerCache] | None = None,
+                 step: int | None = None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, C_out) features before the output projection.
         Incremental decoding: pass only the newest token (B, 1), its 0-based `step`, and `caches`."""
         x = scaled(self.embed_tokens(prev_output_tokens), self.embed_scale)
@@ -491,30 +367,22 @@ class Decoder(nn.Module):
 
         T = x.size(1)
         self_mask = None
-        if step is None:
+        if step is None:  # a whole target at once: causal, and padded target keys masked as fairseq does
             self_mask = torch.triu(torch.full((T, T), float("-inf"), dtype=x.dtype, device=x.device), 1)
             pads = prev_output_tokens.eq(self.pad)
-            if pads.any():  # fairseq also masks padded target keys
+            if pads.any():
                 self_mask = self_mask + torch.zeros(pads.shape, dtype=x.dtype, device=x.device).masked_fill(
                     pads, float("-inf"))[:, None, None, :]
-        enc_mask = enc.attn_mask
-        if hiddens is not None:
-            hiddens["decoder.embed"] = x
         for i, layer in enumerate(self.layers):
-            x = layer(x, enc.x, enc_mask, self_mask, caches[i] if caches is not None else None)
-            if hiddens is not None:
-                hiddens[f"decoder.layers.{i}"] = x
+            x = layer(x, enc.x, enc.attn_mask, self_mask, caches[i] if caches is not None else None)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-            if hiddens is not None:
-                hiddens["decoder.layer_norm"] = x
         if self.project_out_dim is not None:
             x = self.project_out_dim(x)
         return x
 
     def forward(self, prev_output_tokens, enc, caches=None, step=None) -> torch.Tensor:  # (B, T, V)
-        x = self.features(prev_output_tokens, enc, caches, step)
-        return self.output_projection(x)
+        return self.output_projection(self.features(prev_output_tokens, enc, caches, step))
 
 
 class ClassificationHead(nn.Module):
@@ -522,15 +390,15 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, dim: int, inner_dim: int, num_classes: int, activation: str):
         super().__init__()
-        self.dense = Linear(dim, inner_dim)
+        self.dense = nn.Linear(dim, inner_dim)
         self.act = ACTIVATIONS[activation]
-        self.out_proj = Linear(inner_dim, num_classes)
+        self.out_proj = nn.Linear(inner_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.act(self.dense(x)))
 
 
-class EncoderDecoder(HubMixin, nn.Module):
+class EncoderDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -544,115 +412,9 @@ class EncoderDecoder(HubMixin, nn.Module):
                                      cfg.pooler_activation_fn)
             for name, h in cfg.classification_heads.items()})
 
-    def self_attentions(self) -> list[Attention]:
-        return [layer.self_attn for layer in [*self.encoder.layers, *self.decoder.layers]]
-
-    def fuse_qkv(self) -> "EncoderDecoder":
-        """One matrix product for each self-attention's q, k, v (see Attention.fuse_qkv); load() does this."""
-        for attn in self.self_attentions():
-            attn.fuse_qkv()
-        return self
-
-    def pack(self, min_numel: int = PACK_MIN_NUMEL) -> "EncoderDecoder":
-        """CPU, fp32/bf16: hold each linear layer's weight of at least `min_numel` values also in oneDNN's
-        blocked layout (PackedWeight), a fused self-attention's q/k/v as one. load() does this on the CPU
-        unless asked not to; other devices and dtypes: nothing to do. Moving the model (`.to(...)`) re-packs
-        for where it lands."""
-        self.unpack()
-        p = next(self.parameters())
-        if p.device.type == "cpu" and p.dtype in PACKABLE_DTYPES and _onednn_linear_available():
-            try:
-                self._prepare(PackedWeight, min_numel)
-            except RuntimeError:  # this oneDNN build cannot pack this dtype here: torch's default path it is
-                self.unpack()
-        return self
-
-    def quantize(self, min_numel: int = 0) -> "EncoderDecoder":
-        """int8: every linear layer with at least `min_numel` weights (all by default, the output projection
-        included; embeddings stay fp32) multiplies through an int8 copy of its weight, activations quantized
-        per call (Int8Weight). CPU and float32 only; replaces the oneDNN copies. Undo with `unpack()`."""
-        p = next(self.parameters())
-        if p.device.type != "cpu" or p.dtype != torch.float32:
-            raise FairportError(f"int8 needs the model on the CPU in float32 (it is on {p.device}, {p.dtype})")
-        if not _int8_linear_available():
-            raise FairportError(f"int8: this torch ({torch.__version__}) has no quantized dynamic linear "
-                                f"(engines: {torch.backends.quantized.supported_engines})")
-        self.unpack()
-        self._prepare(Int8Weight, min_numel)
-        return self
-
-    def _prepare(self, kind: type, min_numel: int) -> None:
-        covered: set[int] = set()
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.pack_qkv(min_numel, kind)
-                if m.fused_qkv()[0] is not None:  # q/k/v run as one product, packed or not
-                    covered |= {id(m.q_proj), id(m.k_proj), id(m.v_proj)}
-        for m in self.modules():
-            if isinstance(m, Linear) and id(m) not in covered:
-                m.pack(min_numel, kind)
-        self.prepared = (kind, min_numel)
-
-    @property
-    def packed(self) -> int | bool:
-        """The min_numel the weights were packed for oneDNN with, or False."""
-        kind, min_numel = getattr(self, "prepared", None) or (None, 0)
-        return min_numel if kind is PackedWeight else False
-
-    @property
-    def quantized(self) -> bool:
-        """True while the linear layers run through int8 copies (see quantize)."""
-        kind, _ = getattr(self, "prepared", None) or (None, 0)
-        return kind is Int8Weight
-
-    def unpack(self) -> "EncoderDecoder":
-        """Drop the packed (oneDNN or int8) copies: frees their memory; torch's default products are used."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.packed = None
-            elif isinstance(m, Attention):
-                m.qkv_packed = None
-        self.prepared: tuple[type, int] | None = None
-        return self
-
-    def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): packed copies follow the weights
-        prepared = getattr(self, "prepared", None)
-        fused = all(attn.fused_qkv()[0] is not None for attn in self.self_attentions())
-        self.unpack()
-        for attn in self.self_attentions():
-            attn.qkv = None
-        out = super()._apply(fn, recurse)
-        if fused:
-            self.fuse_qkv()
-        if prepared is not None:
-            kind, min_numel = prepared
-            p = next(self.parameters())
-            if kind is PackedWeight:
-                self.pack(min_numel)
-            elif p.device.type == "cpu" and p.dtype == torch.float32:  # int8 where it can be, else plain
-                self.quantize(min_numel)
-        return out
-
-    def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor,
-                hiddens: dict | None = None) -> torch.Tensor:
-        """(B, S) left-padded source ids, (B, T) decoder input ids -> (B, T, V) logits.
-        `hiddens` (a dict) collects each stage's output by name: encoder.embed, encoder.layers.{i},
-        encoder.layer_norm, decoder.embed, decoder.layers.{i}, decoder.layer_norm, decoder.logits."""
-        enc = self.encoder(src_tokens, hiddens)
-        logits = self.decoder.output_projection(self.decoder.features(prev_output_tokens, enc, hiddens=hiddens))
-        if hiddens is not None:
-            hiddens["decoder.logits"] = logits
-        return logits
-
-    def generate(self, src_tokens: torch.Tensor, seed: int | None = None, **opts) -> list[list[dict]]:
-        """fairseq SequenceGenerator with fairseq's option names (see fairport.reference.generate):
-        beam, lenpen, max_len_a, max_len_b, min_len, no_repeat_ngram_size, unkpen, temperature,
-        prefix_tokens, match_source_len, sampling, sampling_topk, sampling_topp; `seed` seeds sampling."""
-        from fairport.reference.generate import generate
-
-        if seed is not None:
-            torch.manual_seed(seed)
-        return generate(self, src_tokens, **opts)
+    def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S) left-padded source ids, (B, T) decoder input ids -> (B, T, V) logits."""
+        return self.decoder(prev_output_tokens, self.encoder(src_tokens))
 
     def predict(self, head: str, src_tokens: torch.Tensor) -> torch.Tensor:
         """fairseq BART hub `predict(head, tokens, return_logits=True)`: the decoder reads the source

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from fairport.converters.dictionary import Dictionary
 from fairport.errors import FairportError
+from fairport.reference.dictionary import Dictionary
+from fairport.reference.folder import ModelFolder
 
 SPACE = re.compile(r"\s+")
 
@@ -37,6 +38,25 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+def apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE on one word: merge the adjacent pair of lowest rank, everywhere it occurs, until no pair has a rank."""
+    while len(symbols) > 1:
+        best = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged: list[str] = []
+        i = 0
+        while i < len(symbols):
+            if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
 
 
 class GPT2BPE:
@@ -64,24 +84,7 @@ class GPT2BPE:
         return cls(vocab, merges, unk)
 
     def _bpe(self, token: str) -> tuple[str, ...]:
-        word = tuple(token)
-        while len(word) > 1:
-            pairs = {(a, b) for a, b in zip(word, word[1:])}
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            first, second = best
-            out: list[str] = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    out.append(first + second)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            word = tuple(out)
-        return word
+        return tuple(apply_merges(list(token), self.ranks))
 
     def encode(self, text: str) -> list[int]:
         ids = []
@@ -107,25 +110,7 @@ class FastBPE:
         self.word = lru_cache(maxsize=65536)(self._word)
 
     def _word(self, word: str) -> str:
-        subwords = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(subwords) > 1:
-            best, best_rank = None, None
-            for pair in zip(subwords, subwords[1:]):
-                r = self.ranks.get(pair)
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = pair, r
-            if best is None:
-                break
-            out: list[str] = []
-            i = 0
-            while i < len(subwords):
-                if i < len(subwords) - 1 and (subwords[i], subwords[i + 1]) == best:
-                    out.append(subwords[i] + subwords[i + 1])
-                    i += 2
-                else:
-                    out.append(subwords[i])
-                    i += 1
-            subwords = out
+        subwords = apply_merges(list(word[:-1]) + [word[-1] + "</w>"], self.ranks)
         last = subwords[-1][: -len("</w>")]
         pieces = [s + "@@" for s in subwords[:-1]] + ([last] if last else [])
         if not last and pieces:  # a word whose last merge left only "</w>": drop the trailing marker
@@ -199,11 +184,6 @@ TOKENIZERS = {"moses": Moses, "space": Space}
 STRING_BPES = {"fastbpe": lambda folder: FastBPE(folder / "bpecodes"),
                "subword_nmt": lambda folder: FastBPE(folder / "bpecodes"),
                "sentencepiece": lambda folder: SentencePiece(folder / "sentencepiece.bpe.model")}
-# folders written before config.json carried `fairport.text` named their pipeline in one word
-LEGACY = {"gpt2": {"tokenizer": None, "bpe": "gpt2", "bart": True},
-          "fastbpe": {"tokenizer": "moses", "bpe": "fastbpe", "bart": False}}
-
-
 @dataclass
 class Framing:
     """How the task frames what the model is fed and what it generates, on ids (no text needed): BART's hub
@@ -220,16 +200,19 @@ class Framing:
     target_lang: str | None = None
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Framing":
-        from fairport.reference.load import read_config
-
-        folder = Path(folder)
-        cfg, meta = read_config(folder)
-        spec = meta.get("text") or LEGACY.get(meta.get("tokenizer") or "") or {}
-        gen = folder / "generation_config.json"
-        eos = json.loads(gen.read_text()).get("fairseq", {}).get("eos") if gen.exists() else None
-        return cls(cfg.bos, cfg.eos, bool(spec.get("bart")), meta.get("source_suffix"), eos,
+    def from_folder(cls, folder: ModelFolder) -> "Framing":
+        cfg, meta, spec = folder.config, folder.meta, folder.text or {}
+        return cls(cfg.bos, cfg.eos, bool(spec.get("bart")), meta.get("source_suffix"), folder.generation.get("eos"),
                    meta.get("multilingual"), meta.get("source_lang"), meta.get("target_lang"))
+
+    def default_direction(self) -> tuple[str | None, str | None]:
+        """The direction used when none is named: the recorded one, else (many-to-many) the first language
+        pair (or the first and last language)."""
+        if self.multi and not (self.source_lang and self.target_lang):
+            pair = (self.multi["lang_pairs"] or [f"{self.multi['langs'][0]}-{self.multi['langs'][-1]}"])[0]
+            src, tgt = pair.split("-")
+            return self.source_lang or src, self.target_lang or tgt
+        return self.source_lang, self.target_lang
 
     def lang_token(self, lang: str | None, role: str) -> int:
         """A many-to-many model's token for `lang`; a clear error when the direction is not named."""
@@ -260,9 +243,10 @@ class Framing:
         (`--encoder-langtok src`: the source's; `tgt`: the target's), before the task's suffix."""
         prefix = []
         if self.multi and self.multi["encoder_langtok"]:
-            by_source = self.multi["encoder_langtok"].startswith("src")
-            prefix = [self.lang_token(source_lang or self.source_lang if by_source else target_lang
-                                      or self.target_lang, "source" if by_source else "target")]
+            if self.multi["encoder_langtok"].startswith("src"):  # the source's language token leads
+                prefix = [self.lang_token(source_lang or self.source_lang, "source")]
+            else:  # `--encoder-langtok tgt`: the target's
+                prefix = [self.lang_token(target_lang or self.target_lang, "target")]
         suffix = [self.source_suffix] if self.source_suffix is not None else []
         return prefix + ids + [self.eos] + suffix
 
@@ -317,6 +301,23 @@ class Tokenizer:
         self.gpt2 = GPT2BPE.from_folder(folder, src_dict.unk) if spec.get("bpe") == "gpt2" else None
         self.bpe = STRING_BPES[spec["bpe"]](folder) if spec.get("bpe") in STRING_BPES else None
 
+    @classmethod
+    def from_folder(cls, folder: ModelFolder) -> "Tokenizer":
+        src_path, tgt_path = folder.file("dict.src.txt"), folder.file("dict.tgt.txt")
+        if not src_path.exists():
+            raise FairportError(f"{folder.path} has no dict.src.txt")
+        src = Dictionary.load(src_path)
+        tgt = Dictionary.load(tgt_path) if tgt_path.exists() else src
+        spec = folder.text
+        if not spec:
+            why = next((n.split(": ", 1)[1] for n in folder.notes if n.startswith("text pipeline:")), None)
+            raise FairportError(
+                f"{folder.path} has no text pipeline{f' ({why})' if why else ''}: it takes token ids only; for text "
+                f"in/out convert again with the BPE files (--gpt2-encoder-json/--gpt2-vocab-bpe, --bpecodes or "
+                f"--sentencepiece-model) or name the pipeline (--bpe/--tokenizer; --tokenizer space: "
+                f"whitespace-separated symbols)")
+        return cls(folder.path, spec, src, tgt, Framing.from_folder(folder))
+
     @property
     def bart(self) -> bool:
         return self.framing.bart
@@ -359,24 +360,5 @@ class Tokenizer:
         return self.pre.decode(text) if self.pre is not None else text
 
 
-def load_tokenizer(folder: str | Path) -> Tokenizer:
-    from fairport.reference.load import read_config
-
-    folder = Path(folder)
-    _, meta = read_config(folder)
-    src = Dictionary.load(folder / "dict.src.txt") if (folder / "dict.src.txt").exists() else None
-    tgt = Dictionary.load(folder / "dict.tgt.txt") if (folder / "dict.tgt.txt").exists() else src
-    if src is None:
-        raise FairportError(f"{folder} has no dict.src.txt")
-    spec = meta.get("text") or LEGACY.get(meta.get("tokenizer") or "")
-    if not spec:
-        prov = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").exists() else {}
-        why = next((n.split(": ", 1)[1] for n in prov.get("notes", []) if n.startswith("text pipeline:")), None)
-        raise FairportError(f"{folder} has no text pipeline{f' ({why})' if why else ''}: it takes token ids only; "
-                            f"for text in/out "
-                            f"convert again with the BPE files (--gpt2-encoder-json/--gpt2-vocab-bpe, --bpecodes or "
-                            f"--sentencepiece-model) or name the pipeline (--bpe/--tokenizer; --tokenizer space: "
-                            f"whitespace-separated symbols)")
-    if spec.get("tokenizer") == "moses":  # legacy folders: the languages were the task's
-        spec = {"moses_source_lang": meta.get("source_lang"), "moses_target_lang": meta.get("target_lang"), **spec}
-    return Tokenizer(folder, spec, src, tgt, Framing.from_folder(folder))
+def load_tokenizer(folder: str | Path | ModelFolder) -> Tokenizer:
+    return Tokenizer.from_folder(folder if isinstance(folder, ModelFolder) else ModelFolder.open(folder))

@@ -160,8 +160,7 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
     dtype the matmul GFLOP/s and weight-read GB/s (256 MB matrix times one row) of torch's default path
     (`F.linear`, what fairseq and transformers use) and of the reference's packed oneDNN path (CPU); for
     int8, of the int8 product (weight bytes counted at one byte a value)."""
-    from fairport.reference.model import (PACKABLE_DTYPES, Int8Weight, PackedWeight, _int8_linear_available,
-                                          _onednn_linear_available, linear)
+    from fairport.reference.fast import PACKABLE_DTYPES, Int8Linear, PackedLinear, int8_available, onednn_available
 
     big = torch.randn(64 << 20, device=device)  # 256 MB
     _, times = _timed(lambda: big.sum(), 10, warmup_s=0.2)
@@ -169,26 +168,34 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
     del big
     for name in dtypes:
         dt = PRECISIONS[name]  # int8: float32 activations
-        paths = {"torch": lambda w: None}
+        paths = {"torch": lambda lin: lin}
         if name == "int8":
-            paths = {"int8": Int8Weight} if device == "cpu" and _int8_linear_available() else {}
-        elif device == "cpu" and dt in PACKABLE_DTYPES and _onednn_linear_available():
-            paths["packed"] = PackedWeight
+            paths = {"int8": Int8Linear} if device == "cpu" and int8_available() else {}
+        elif device == "cpu" and dt in PACKABLE_DTYPES and onednn_available():
+            paths["packed"] = PackedLinear.wrap
         for path, make in paths.items():
-            w = torch.randn(ffn, dim, dtype=dt, device=device)
-            pw = make(w)
+            lin = make(_linear(ffn, dim, dt, device))
             for r in rows:
                 x = torch.randn(r, dim, dtype=dt, device=device)
-                _, times = _timed(lambda: linear(x, w, None, pw), 20, warmup_s=0.2)
+                _, times = _timed(lambda: lin(x), 20, warmup_s=0.2)
                 out["matmul_gflops"][f"{path}:{name}:{r}x{dim}x{ffn}"] = 2 * r * dim * ffn / min(times) / 1e9
-            big = torch.randn((256 << 20) // (dim * w.element_size()), dim, dtype=dt, device=device)
-            pb = make(big)
+            rows_256mb = (256 << 20) // (dim * torch.finfo(dt).bits // 8)
+            big = make(_linear(rows_256mb, dim, dt, device))
             v = torch.randn(1, dim, dtype=dt, device=device)
-            _, times = _timed(lambda: linear(v, big, None, pb), 10, warmup_s=0.2)
-            value_bytes = 1 if path == "int8" else big.element_size()
-            out["weight_read_gbps"][f"{path}:{name}"] = big.numel() * value_bytes / min(times) / 1e9
-            del big, pb
+            _, times = _timed(lambda: big(v), 10, warmup_s=0.2)
+            value_bytes = 1 if path == "int8" else torch.finfo(dt).bits // 8
+            out["weight_read_gbps"][f"{path}:{name}"] = rows_256mb * dim * value_bytes / min(times) / 1e9
+            del big
     return out
+
+
+def _linear(rows: int, cols: int, dtype, device):
+    """A bias-free (rows, cols) linear layer of random weights, for timing products."""
+    from torch import nn
+
+    lin = nn.Linear(cols, rows, bias=False, device="meta")
+    lin.weight = nn.Parameter(torch.randn(rows, cols, dtype=dtype, device=device), requires_grad=False)
+    return lin
 
 
 def step_weight_bytes(cfg, bytes_per_value: int = 4, matrix_bytes_per_value: int | None = None) -> int:
@@ -232,7 +239,7 @@ def _convert_measured(src: Path, dst: Path) -> dict:
 def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
           repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print,
           warmup_s: float = 1.0) -> dict:
-    from fairport.reference.load import read_config
+    from fairport.reference.folder import ModelFolder
     from fairport.validation.fixtures import BENCH_PRESETS
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -265,8 +272,9 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
             raise FairportError(f"{folder}: the source checkpoint in provenance.json is not available; "
                                 f"bench the reference alone with --sides reference")
         src_len = src_len or 32
-    cfg, meta = read_config(folder)
-    if "transformers" in sides and not meta.get("transformers"):
+    opened = ModelFolder.open(folder)
+    cfg = opened.config
+    if "transformers" in sides and not opened.transformers:
         say("transformers: no compatible architecture for this folder; side skipped")
         sides = [s for s in sides if s != "transformers"]
     g = torch.Generator().manual_seed(0)

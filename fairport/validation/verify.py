@@ -8,6 +8,7 @@ settings), tokenizer ids, quality (BLEU/ROUGE), the precision matrix, speed and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,8 +26,8 @@ from fairport.converters.checkpoint import load_checkpoint
 from fairport.converters.text import BPE_FILES
 from fairport.errors import FairportError
 from fairport.reference import load
-from fairport.reference.load import read_config
-from fairport.reference.tokenizer import LEGACY, Framing
+from fairport.reference.folder import ModelFolder
+from fairport.reference.tokenizer import Framing
 from fairport.validation import data as vdata
 from fairport.validation import original
 from fairport.validation.inputs import pad_batch
@@ -117,7 +118,7 @@ def original_overrides(dst: Path, source_lang: str, target_lang: str) -> dict:
     out = {"source_lang": source_lang, "target_lang": target_lang}
     if inputs.get("lang_dict"):  # the list the converter read (fairseq refuses --langs next to it)
         out |= {"lang_dict": inputs["lang_dict"], "langs": None}
-    if read_config(dst)[1].get("multilingual", {}).get("fixed_dictionary") and inputs.get("src_dict"):
+    if (ModelFolder.open(dst).meta.get("multilingual") or {}).get("fixed_dictionary") and inputs.get("src_dict"):
         out["fixed_dictionary"] = inputs["src_dict"]
     return out
 
@@ -126,8 +127,7 @@ def hub_request(dst: Path, method: str, sentences: list[str], key: str = "ids", 
                 files: dict | None = None) -> dict | None:
     """A request for fairseq's hub with the folder's text pipeline and the original's BPE files (as recorded in
     provenance.json, or `files`); None when the folder has no text pipeline or those files are gone."""
-    _, meta = read_config(dst)
-    spec = meta.get("text") or LEGACY.get(meta.get("tokenizer") or "")
+    spec = ModelFolder.open(dst).text
     if not spec:
         return None
     prov = json.loads((dst / "provenance.json").read_text()) if (dst / "provenance.json").exists() else {}
@@ -166,7 +166,8 @@ def _rouge_l(hyps: list[str], refs: list[str]) -> float | None:
 
 def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     dst = Path(dst)
-    cfg, meta = read_config(dst)
+    folder = ModelFolder.open(dst)
+    cfg, meta = folder.config, folder.meta
     ckpts, src_dir = _checkpoints(Path(src))
     report = Report()
     torch.manual_seed(opts.seed)
@@ -179,7 +180,7 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
 
     # ---- the direction (many-to-many models) and the task's framing
     # without a text pipeline, no BART hub framing either: the ids are the dataset's
-    framing = tok.framing if tok is not None else dataclasses.replace(Framing.from_folder(dst), bart=False)
+    framing = tok.framing if tok is not None else dataclasses.replace(Framing.from_folder(folder), bart=False)
     multi = framing.multi
     src_lang, tgt_lang = opts.source_lang or meta.get("source_lang"), opts.target_lang or meta.get("target_lang")
     overrides = {}
@@ -293,9 +294,8 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
                f"on {target_kind}")
 
     # ---- 2. per-layer divergence (first batch)
-    hid: dict = {}
-    with torch.no_grad():
-        sides["reference"](worker_inputs["src.0"].to(opts.device), worker_inputs["prev.0"].to(opts.device), hiddens=hid)
+    with torch.no_grad(), layer_outputs(sides["reference"]) as hid:
+        sides["reference"](worker_inputs["src.0"].to(opts.device), worker_inputs["prev.0"].to(opts.device))
     curve = []
     first_bad = None
     src_keep = worker_inputs["src.0"].ne(cfg.pad)
@@ -416,6 +416,35 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions) -> Report:
     report.sections["environment"] = _environment(ckpts, dst, opts)
     report.sections["inputs"] = {"origin": inputs.origin, "count": n, "teacher_forcing_target": target_kind}
     return report
+
+
+@contextlib.contextmanager
+def layer_outputs(model):
+    """Collect every stage's output (B, T, C) by name while the model runs, with forward hooks: encoder.embed,
+    encoder.layers.{i}, encoder.layer_norm, decoder.embed, decoder.layers.{i}, decoder.layer_norm,
+    decoder.logits (the names the original's worker uses for fairseq's intermediate outputs)."""
+    out: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def keep(name, pre=False):
+        if pre:  # the first layer's input is the embedding stage's output
+            return lambda module, args: out.__setitem__(name, args[0])
+        return lambda module, args, result: out.__setitem__(name, result)
+
+    for side in ("encoder", "decoder"):
+        stack = getattr(model, side)
+        if len(stack.layers):
+            hooks.append(stack.layers[0].register_forward_pre_hook(keep(f"{side}.embed", pre=True)))
+        for i, layer in enumerate(stack.layers):
+            hooks.append(layer.register_forward_hook(keep(f"{side}.layers.{i}")))
+        if stack.layer_norm is not None:
+            hooks.append(stack.layer_norm.register_forward_hook(keep(f"{side}.layer_norm")))
+    hooks.append(model.decoder.output_projection.register_forward_hook(keep("decoder.logits")))
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _hf_logits(model, src, prev, pad) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""The model folder `fairport convert` writes, read in one place (converters/write.py writes it).
+
+    config.json              transformers' fields when one of its architectures reproduces the model, and
+                             "fairport": {"model": ModelConfig fields, "weight_names", "text", "multilingual", ...}
+    generation_config.json   transformers' names, and "fairseq": fairseq's generation options
+    provenance.json          the source checkpoint and its sha256, the inputs read, notes, dropped tensors, and
+                             the sha256 of every file written
+    model.safetensors        or model-0000N-of-0000M.safetensors with model.safetensors.index.json
+    dict.src.txt, dict.tgt.txt, tokenizer files; ensemble/model{N}/ for an ensemble's later members
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fairport.errors import FairportError
+from fairport.reference.config import ModelConfig
+
+CONFIG, GENERATION, PROVENANCE = "config.json", "generation_config.json", "provenance.json"
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+
+# folders written before config.json carried `fairport.text` named their pipeline in one word
+LEGACY_TEXT = {"gpt2": {"tokenizer": None, "bpe": "gpt2", "bart": True},
+               "fastbpe": {"tokenizer": "moses", "bpe": "fastbpe", "bart": False}}
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise FairportError(f"{path} is not valid JSON ({e})") from None
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    path: Path
+    config: ModelConfig
+    meta: dict  # config.json's "fairport" section
+    generation: dict  # generation_config.json's "fairseq" section: fairseq's option names
+    provenance: dict
+    dtype: str  # the stored weights' dtype (config.json torch_dtype)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelFolder":
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise FairportError(f"{path} is not a fairport model folder (no {CONFIG}; make one with fairport convert)")
+        config = _json(path / CONFIG)
+        try:
+            meta = config["fairport"]
+            model = ModelConfig.from_dict(meta["model"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise FairportError(f"{path / CONFIG} is not a fairport config ({e})") from None
+        return cls(path, model, meta, _json(path / GENERATION).get("fairseq", {}), _json(path / PROVENANCE),
+                   str(config.get("torch_dtype", "float32")))
+
+    @property
+    def text(self) -> dict | None:
+        """The text pipeline (tokenizer, BPE, BART framing), or None: the folder takes token ids only."""
+        spec = self.meta.get("text") or LEGACY_TEXT.get(self.meta.get("tokenizer") or "")
+        if spec and spec.get("tokenizer") == "moses" and "moses_source_lang" not in spec:
+            # legacy folders: Moses ran in the task's languages
+            spec = {"moses_source_lang": self.meta.get("source_lang"),
+                    "moses_target_lang": self.meta.get("target_lang"), **spec}
+        return spec
+
+    @property
+    def weight_names(self) -> str:
+        """How the weights are named: "fairport" (the reference's) or a transformers family."""
+        return self.meta.get("weight_names", "fairport")
+
+    @property
+    def transformers(self) -> str | None:
+        """The transformers architecture that loads this folder (bart, mbart, fsmt, m2m_100), if any."""
+        return self.meta.get("transformers")
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        """The files conversion read besides the checkpoint (dictionaries, BPE files, a language list)."""
+        return self.provenance.get("inputs", {})
+
+    @property
+    def notes(self) -> list[str]:
+        return self.provenance.get("notes", [])
+
+    @property
+    def checkpoint(self) -> Path | None:
+        recorded = self.provenance.get("source", {}).get("checkpoint")
+        return Path(recorded) if recorded else None
+
+    def members(self) -> list["ModelFolder"]:
+        """This folder and, for an ensemble, its other members (ensemble/model{N})."""
+        return [self] + [ModelFolder.open(self.path / sub) for sub in self.meta.get("ensemble") or []]
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def weight_files(self) -> list[Path]:
+        if (self.path / INDEX).exists():
+            index = _json(self.path / INDEX)
+            return [self.path / f for f in sorted(set(index["weight_map"].values()))]
+        if (self.path / SINGLE).exists():
+            return [self.path / SINGLE]
+        raise FairportError(f"{self.path} has no {SINGLE} (or {INDEX})")
