@@ -1,32 +1,50 @@
 """`fairport card` and `fairport upload`: a model card built from the parity report, and a checked upload.
 
 The card's YAML header comes from huggingface_hub's `ModelCardData` (with `model-index` results from the
-report); the body describes the source, the conversion, usage, generation defaults, parity, speed and
-known deviations. `upload` refuses a folder that fails its own integrity check (provenance hashes) or has
-no passing report (unless --allow-unverified, which says so on the card), then pushes with
-`create_repo(exist_ok=True)` + `upload_folder`. The token is never printed.
+report); the body describes the source, the conversion, usage, generation defaults, parity, speed and known
+deviations. `upload` refuses a folder that fails its own integrity check (provenance hashes) or has no passing
+report (unless --allow-unverified, which says so on the card), then pushes one commit (`create_repo(exist_ok=
+True)` + `create_commit`), retrying transient failures. Nothing published carries a local path: the card and
+reports name files only, and the uploaded provenance.json keeps base names. The token is never printed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 from fairport import __version__
-from fairport.converters.convert import sha256
+from fairport.converters.write import sha256
 from fairport.errors import FairportError
+from fairport.reference.folder import ModelFolder
+from fairport.reference.tokenizer import Framing
+from fairport.util import first_line
+from fairport.verify.report import num
 
 PIPELINES = {"translation": "translation", "denoising": "summarization", "multilingual_denoising": "translation",
-             "translation_from_pretrained_bart": "translation", "sentence_prediction": "text-classification"}
+             "translation_from_pretrained_bart": "translation", "sentence_prediction": "text-classification",
+             "translation_multi_simple_epoch": "translation"}
 UNVERIFIED_BANNER = ("> **UNVERIFIED PORT.** This upload was made with `--allow-unverified`: no passing fairport "
                      "parity report backs it. Its outputs may differ from the original fairseq model.")
+# transient network failures, by class name in the HTTP libraries huggingface_hub has used (requests, httpx,
+# httpx2): retried, then one error line
+NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout",
+                  "Timeout", "TimeoutException", "NetworkError", "TransportError", "RemoteProtocolError",
+                  "ReadError", "WriteError", "ChunkedEncodingError"}
 
 
-def _translate_example(meta: dict) -> str:
-    multi = meta.get("multilingual")
-    if multi and not (meta.get("source_lang") and meta.get("target_lang")):
-        src, tgt = (multi["lang_pairs"] or [f"{multi['langs'][0]}-{multi['langs'][-1]}"])[0].split("-")
+def is_network_error(e: BaseException) -> bool:
+    return isinstance(e, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ in NETWORK_ERRORS and cls.__module__.split(".")[0] in ("requests", "httpx", "httpx2", "urllib3")
+        for cls in type(e).__mro__)
+
+
+def _translate_example(folder: ModelFolder) -> str:
+    framing = Framing.from_folder(folder)
+    if framing.multi and not (framing.source_lang and framing.target_lang):
+        src, tgt = framing.default_direction()
         return f'print(model.translate(["Hello world!"], source_lang="{src}", target_lang="{tgt}"))'
     return 'print(model.translate(["Hello world!"]))'
 
@@ -49,21 +67,33 @@ def integrity_problems(folder: Path) -> list[str]:
 
 def load_report(folder: Path, report_dir: Path | None) -> dict | None:
     path = (report_dir or folder / "verify") / "report.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise FairportError(f"{path} is not valid JSON: run `fairport verify` again") from None
 
 
-def _metric_results(report: dict | None, card_name: str, pipeline: str):
+def dataset_name(report: dict | None, given: str | None) -> str:
+    """What the card calls the verification data: the name given, else the report's (a file name, never a path)."""
+    if given:
+        return given
+    origin = (report or {}).get("inputs", {}).get("origin", "fairport verify inputs")
+    return " ".join(Path(w).name if "/" in w else w for w in origin.split(" "))[:80]
+
+
+def _metric_results(report: dict | None, pipeline: str, dataset: str):
     from huggingface_hub import EvalResult
 
     if not report:
         return None
     results = []
-    dataset = report.get("inputs", {}).get("origin", "fairport verify inputs")
     task = pipeline if pipeline in ("translation", "summarization") else "text2text-generation"
 
     def add(metric_type, name, value):
         if value is not None:
-            results.append(EvalResult(task_type=task, dataset_type="fairport-verify", dataset_name=dataset[:80],
+            results.append(EvalResult(task_type=task, dataset_type="fairport-verify", dataset_name=dataset,
                                       metric_type=metric_type, metric_name=name, metric_value=float(value)))
 
     q = report.get("quality", {})
@@ -77,27 +107,35 @@ def _metric_results(report: dict | None, card_name: str, pipeline: str):
     return results or None
 
 
+def existing_license(folder: Path) -> str | None:
+    """The license a card already in the folder declares (`fairport card --license`), so upload keeps it."""
+    card = folder / "README.md"
+    if not card.exists():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # a README that is not a model card: nothing to keep
+        return None
+
+
 def build_card(folder: str | Path, report_dir: str | Path | None = None, license: str | None = None,
-               unverified: bool = False, repo_id: str | None = None) -> str:
+               unverified: bool = False, repo_id: str | None = None, dataset: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    meta = config["fairport"]
-    model = meta["model"]
-    prov = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").exists() else {}
-    gen = json.loads((folder / "generation_config.json").read_text()).get("fairseq", {}) \
-        if (folder / "generation_config.json").exists() else {}
-    report = load_report(folder, Path(report_dir) if report_dir else None)
-    family = meta.get("transformers")
-    pipeline = PIPELINES.get(meta.get("task") or "", "text2text-generation")
-    langs = [x for x in [meta.get("source_lang"), meta.get("target_lang")] if x] or None
-    name = repo_id or folder.name
+    f = ModelFolder.open(folder)
+    model, prov = f.meta["model"], f.provenance
+    report = load_report(f.path, Path(report_dir) if report_dir else None)
+    pipeline = PIPELINES.get(f.meta.get("task") or "", "text2text-generation")
+    langs = [x for x in [f.meta.get("source_lang"), f.meta.get("target_lang")] if x] or None
+    name = repo_id or f.path.name
     data = ModelCardData(
-        library_name="transformers" if family else "fairport", license=license, language=langs,
-        tags=["fairseq", "fairport", model["arch"], model["family"]] + ([family] if family else [])
+        library_name="transformers" if f.transformers else "fairport", license=license, language=langs,
+        tags=["fairseq", "fairport", model["arch"], model["family"]] + ([f.transformers] if f.transformers else [])
         + (["unverified"] if unverified else []),
-        pipeline_tag=pipeline, model_name=name, eval_results=_metric_results(report, name, pipeline))
+        pipeline_tag=pipeline, model_name=name,
+        eval_results=_metric_results(report, pipeline, dataset_name(report, dataset)))
 
     src = prov.get("source", {})
     L = [f"# {name}", ""]
@@ -120,57 +158,59 @@ def build_card(folder: str | Path, report_dir: str | Path | None = None, license
           f"{'learned' if model['decoder_learned_pos'] else 'sinusoidal'} |",
           f"| vocabulary | {model['src_vocab_size']} | {model['tgt_vocab_size']} |", "",
           f"Activation `{model['activation_fn']}`, layernorm_embedding {model['layernorm_embedding']}, "
-          f"shared embeddings {model['share_all_embeddings']}, dtype `{config.get('torch_dtype')}`.", ""]
+          f"shared embeddings {model['share_all_embeddings']}, stored dtype `{f.dtype}`.", ""]
     L += ["## Usage", ""]
-    if family:
-        hf_tok = (folder / "tokenizer_config.json").exists()
+    if f.transformers:
+        hf_tok = (f.path / "tokenizer_config.json").exists()
         L += ["With transformers:", "", "```python",
               "from transformers import AutoModelForSeq2SeqLM" + (", AutoTokenizer" if hf_tok else ""),
               *([f'tok = AutoTokenizer.from_pretrained("{name}")'] if hf_tok else []),
               f'model = AutoModelForSeq2SeqLM.from_pretrained("{name}")', "```", ""]
     L += ["With fairport (fairseq-exact generation and tokenization):", "", "```python",
           "from huggingface_hub import snapshot_download", "from fairport.reference import load",
-          f'model = load(snapshot_download("{name}"))', _translate_example(meta) if meta.get(
-              "text") or meta.get("tokenizer") else "hyps = model.generate(src_tokens)  # fairseq dictionary ids", "```", ""]
-    if gen:
+          f'model = load(snapshot_download("{name}"))',
+          _translate_example(f) if f.text else "hyps = model.generate(src_tokens)  # fairseq dictionary ids", "```", ""]
+    if f.generation:
         L += ["## Generation defaults (fairseq names)", "", "| option | value |", "|---|---|"]
-        L += [f"| {k} | {v} |" for k, v in gen.items()] + [""]
-    L += _parity_section(report)
+        L += [f"| {k} | {v} |" for k, v in f.generation.items() if v is not None] + [""]
+    L += _parity_section(report, dataset_name(report, dataset))
     L += ["## Known deviations", "",
           "- `no_repeat_ngram_size` blocks as fairseq 0.10.2 and its CUDA kernel do; the Python fallback of "
           "fairseq 0.12 never blocks (fairseq issues #5206, #4709).", ""]
-    if meta.get("transformers") is None:
-        unmet = meta.get("transformers_unmet", {})
+    if f.transformers is None:
+        unmet = f.meta.get("transformers_unmet", {})
         L += ["- No transformers architecture reproduces this model exactly: "
-              + "; ".join(f"{f} needs {', '.join(u)}" for f, u in unmet.items()) + ".", ""]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(L))
-    return str(card)
+              + "; ".join(f"{fam} needs {', '.join(u)}" for fam, u in unmet.items()) + ".", ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(L)))
 
 
-def _parity_section(report: dict | None) -> list[str]:
+def _parity_section(report: dict | None, dataset: str) -> list[str]:
     if not report:
         return ["## Parity", "", "No fairport parity report was found for this folder.", ""]
     L = ["## Parity with the original (fairport verify)", "",
-         f"Result: **{'PASS' if report['passed'] else 'FAIL'}** on {report['inputs']['origin']} "
-         f"({report['inputs']['count']} inputs).", "", "| check | result | value | threshold |", "|---|---|---|---|"]
+         f"Result: **{'PASS' if report['passed'] else 'FAIL'}** on {dataset} ({report['inputs']['count']} inputs).", "",
+         "| check | result | value | threshold |", "|---|---|---|---|"]
     for c in report["checks"]:
-        L.append(f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {c['value']} | {c['threshold']} |")
+        L.append(f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {num(c['value'])} | {num(c['threshold'])} |")
     if report.get("plots", {}).get("layers"):
         L += ["", "![per-layer divergence](verify/layers.png)"]
     L += ["", "## Speed (same inputs, same run)", "", "| setting | side | sentences/s | tokens/s |", "|---|---|---|---|"]
     for k, v in report.get("speed", {}).items():
-        if isinstance(v, dict) and isinstance(v.get("original"), dict):
+        if k in ("greedy", "beam"):
             for side in ("original", "reference"):
-                L.append(f"| {k} | {side} | {v[side]['sentences_per_s']:.1f} | {v[side]['tokens_per_s']:.1f} |")
+                L.append(f"| {k} | {side} | {num(v[side]['sentences_per_s'])} | {num(v[side]['tokens_per_s'])} |")
     env = report.get("environment", {})
-    L += ["", f"Hardware: {env.get('device')} ({env.get('machine')}, {env.get('threads')} threads); "
-          f"versions {env.get('versions')}.", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+    L += ["", f"Hardware: {env.get('device')} ({env.get('processor') or env.get('machine')}, {env.get('threads')} "
+              f"threads); versions: {versions}.", ""]
     return L
 
 
-def write_card(folder: str | Path, report_dir=None, license=None, unverified=False, repo_id=None) -> Path:
+def write_card(folder: str | Path, report_dir=None, license=None, unverified=False, repo_id=None,
+               dataset=None) -> Path:
     folder = Path(folder)
-    (folder / "README.md").write_text(build_card(folder, report_dir, license, unverified, repo_id), encoding="utf-8")
+    text = build_card(folder, report_dir, license, unverified, repo_id, dataset)
+    (folder / "README.md").write_text(text, encoding="utf-8")
     return folder / "README.md"
 
 
@@ -179,13 +219,39 @@ def _files(folder: Path) -> list[Path]:
                                                                             p.relative_to(folder).parts))
 
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])(?:/|~/|[A-Za-z]:\\)[^\s,;()'\"]+")
+
+
+def public_provenance(path: Path) -> bytes:
+    """provenance.json as published: every local path it records (the checkpoint, the inputs, paths quoted in
+    notes) reduced to its file name."""
+    prov = json.loads(path.read_text())
+
+    def names(node):
+        if isinstance(node, dict):
+            return {k: names(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [names(v) for v in node]
+        if isinstance(node, str):
+            return ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name, node)
+        return node
+
+    return json.dumps(names(prov), indent=2).encode()
+
+
 def upload(folder: str | Path, repo_id: str, *, private: bool = False, revision: str = "main",
            commit_message: str | None = None, create_pr: bool = False, dry_run: bool = False,
            allow_unverified: bool = False, license: str | None = None, report_dir=None, retries: int = 3,
-           out=print) -> dict:
+           dataset: str | None = None, out=print) -> dict:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise FairportError(f"{folder} is not a fairport model folder (no config.json)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise FairportError(f"{repo_id!r} is not a Hub repository id (namespace/name): {first_line(e)}") from None
+    ModelFolder.open(folder)  # a clear error for a folder that is not a model
     problems = integrity_problems(folder)
     if problems:
         raise FairportError(f"{folder} fails its integrity check: " + "; ".join(problems))
@@ -194,9 +260,12 @@ def upload(folder: str | Path, repo_id: str, *, private: bool = False, revision:
     if not verified and not allow_unverified:
         why = "has no parity report" if report is None else "has a failing parity report"
         raise FairportError(f"{folder} {why} (run `fairport verify` first, or pass --allow-unverified)")
-    card = build_card(folder, report_dir, license, unverified=not verified, repo_id=repo_id)
-    files = [p for p in _files(folder) if p.name != "README.md" or p.parent != folder]
-    listing = [(str(p.relative_to(folder)), p.stat().st_size) for p in files] + [("README.md", len(card.encode()))]
+    license = license or existing_license(folder)
+    card = build_card(folder, report_dir, license, unverified=not verified, repo_id=repo_id, dataset=dataset)
+    contents = {str(p.relative_to(folder)): p for p in _files(folder) if p != folder / "README.md"}
+    contents["README.md"] = card.encode()
+    contents["provenance.json"] = public_provenance(folder / "provenance.json")
+    listing = [(name, len(v) if isinstance(v, bytes) else v.stat().st_size) for name, v in sorted(contents.items())]
     if dry_run:
         out(f"dry run: would upload to {repo_id} (revision {revision}{', as a pull request' if create_pr else ''}"
             f"{', private' if private else ''}):")
@@ -207,11 +276,11 @@ def upload(folder: str | Path, repo_id: str, *, private: bool = False, revision:
         out(card)
         return {"dry_run": True, "files": listing}
     (folder / "README.md").write_text(card, encoding="utf-8")
-    return _push(folder, repo_id, private, revision, commit_message, create_pr, retries, out, listing)
+    return _push(contents, repo_id, private, revision, commit_message, create_pr, retries, out, listing)
 
 
-def _push(folder, repo_id, private, revision, commit_message, create_pr, retries, out, listing) -> dict:
-    from huggingface_hub import HfApi
+def _push(contents, repo_id, private, revision, commit_message, create_pr, retries, out, listing) -> dict:
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     api = HfApi()  # token: HF_TOKEN or the stored login; endpoint: HF_ENDPOINT
@@ -220,9 +289,10 @@ def _push(folder, repo_id, private, revision, commit_message, create_pr, retries
     for attempt in range(1, retries + 1):
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                                     commit_message=message, create_pr=create_pr, repo_type="model",
-                                     ignore_patterns=[".*", "**/.*"])
+            ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=v if isinstance(v, bytes) else str(v))
+                   for name, v in sorted(contents.items())]
+            info = api.create_commit(repo_id, ops, commit_message=message, revision=revision, create_pr=create_pr,
+                                     repo_type="model")
             url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or str(info)
             out(f"uploaded {len(listing)} files to {repo_id}: {url}")
             return {"dry_run": False, "files": listing, "url": url}
@@ -234,16 +304,13 @@ def _push(folder, repo_id, private, revision, commit_message, create_pr, retries
                 raise FairportError(f"the Hub refused the upload ({status}): check HF_TOKEN or `hf auth login` "
                                     f"and your write access to {repo_id}") from None
             if status is not None and status < 500 and status != 429:
-                raise FairportError(f"the Hub answered {status}: {_short(e)}") from None
+                raise FairportError(f"the Hub answered {status}: {first_line(e)[:200]}") from None
             last = e
-        except (OSError, ConnectionError) as e:
+        except Exception as e:
+            if not is_network_error(e):
+                raise
             last = e
         if attempt < retries:
-            out(f"transient Hub error ({_short(last)}); retrying ({attempt}/{retries - 1}) ...")
+            out(f"transient Hub error ({first_line(last)[:200]}); retrying ({attempt}/{retries - 1}) ...")
             time.sleep(min(2 ** attempt, 10) * 0.1)
-    raise FairportError(f"upload failed after {retries} attempts: {_short(last)}")
-
-
-def _short(e) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[:200]
+    raise FairportError(f"upload failed after {retries} attempts: {first_line(last)[:200]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def first_line(e: BaseException) -> str:
@@ -29,3 +30,17 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
 
 def stderr_tail(proc: subprocess.CompletedProcess, lines: int = 15) -> str:
     return "\n".join((proc.stderr or "").strip().splitlines()[-lines:])
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory in MB (VmHWM). Not ru_maxrss: on Linux a child's ru_maxrss
+    starts from its parent's peak at fork (a child of a 600 MB parent that itself peaks at 14 MB reports 613)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -7,4 +7,4 @@ set -euo pipefail
 out="$(realpath -m "${1:-$(dirname "$0")/../fairport-demo}")"  # OUTDIR is relative to where you run this
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-python -m fairport.validation.demo "$out"
+python -m fairport.demo "$out"

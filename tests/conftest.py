@@ -1,60 +1,50 @@
-"""Session-wide fixtures: checkpoints made by fairseq itself (in a subprocess), converted once."""
+"""Session-wide fixtures: checkpoints made by fairseq itself (in a subprocess), converted once. Shared helpers
+live in helpers.py."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FAIRPORT_SHARED_DATA", ROOT.parent / "shared" / "data"))
-HAVE_FAIRSEQ = importlib.util.find_spec("fairseq") is not None
-HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+from helpers import HAVE_FAIRSEQ, SHARED, gpt2_files
+from fairport.util import run_module, stderr_tail
 
-needs_fairseq = pytest.mark.skipif(not HAVE_FAIRSEQ, reason="fairseq (the original) is not installed: "
-                                   "pip install -e .[fairseq]")
-needs_shared = pytest.mark.skipif(not (SHARED / "gpt2" / "encoder.json").exists(),
-                                  reason=f"shared data not found at {SHARED}")
+# fixtures that need fairseq: a test that uses one is marked `fairseq` (and skipped without it)
+FAIRSEQ_FIXTURES = {"fixtures_dir", "converted", "real_sizes_dir", "trained_dir", "verified_port", "trained_port",
+                    "trained_converted", "fairseq_generations", "port"}
 
 
-def run_fixture_builder(out: Path, *args: str) -> None:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "fairport.validation.fixtures", str(out), *args,
-                           "--shared", str(SHARED)], capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError("fairseq fixture builder failed:\n" + proc.stderr[-3000:])
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="fairseq (the original) is not installed: pip install -e .[fairseq] "
+                                   "(or bash scripts/install.sh)")
+    for item in items:
+        if FAIRSEQ_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.fairseq)
+        if "fairseq" in item.keywords and not HAVE_FAIRSEQ:
+            item.add_marker(skip)
 
 
 def built_by_fairseq(tmp_path_factory, name: str, *args: str) -> Path:
-    """A fresh folder the fixture builder filled (skips when fairseq is not installed)."""
+    """A fresh folder the fixture builder (fairport/original/fixtures.py, run by fairseq) filled."""
     if not HAVE_FAIRSEQ:
         pytest.skip("fairseq (the original) is not installed")
     out = tmp_path_factory.mktemp(name)
-    run_fixture_builder(out, *args)
+    proc = run_module("fairport.original.fixtures", out, *args, "--shared", SHARED)
+    if proc.returncode != 0:
+        raise RuntimeError("fairseq fixture builder failed:\n" + stderr_tail(proc, 40))
     return out
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir(tmp_path_factory) -> Path:
-    """All fixtures from fairport.validation.fixtures.FIXTURES, built by fairseq."""
+    """All fixtures of fairport.original.fixtures.FIXTURES, built by fairseq."""
     return built_by_fairseq(tmp_path_factory, "fairseq-fixtures")
 
 
 @pytest.fixture(scope="session")
 def real_sizes_dir(tmp_path_factory) -> Path:
     return built_by_fairseq(tmp_path_factory, "fairseq-real-sizes", "--real-sizes")
-
-
-def gpt2_files(name: str) -> dict:
-    from fairport.validation.fixtures import FIXTURES
-
-    if FIXTURES.get(name, {}).get("dicts") == "gpt2" and (SHARED / "gpt2" / "encoder.json").exists():
-        return {"encoder_json": SHARED / "gpt2" / "encoder.json", "vocab_bpe": SHARED / "gpt2" / "vocab.bpe"}
-    return {}
 
 
 @pytest.fixture(scope="session")
@@ -84,12 +74,12 @@ def trained_dir(tmp_path_factory) -> Path:
 def verified_port(trained_dir, tmp_path_factory) -> Path:
     """The trained fixture converted and verified (a passing report in DST/verify)."""
     from fairport.converters.convert import convert
-    from fairport.validation import report as report_writer
-    from fairport.validation.verify import VerifyOptions, verify
+    from fairport.verify.report import write
+    from fairport.verify.run import VerifyOptions, verify
 
     dst = tmp_path_factory.mktemp("verified") / "port"
     convert(trained_dir, dst)
     rep = verify(trained_dir, dst, VerifyOptions(limit=8, fairseq_data=trained_dir / "bin", progress=False))
-    report_writer.write(rep, dst / "verify", str(trained_dir), str(dst))
+    write(rep, dst / "verify", str(trained_dir), str(dst))
     assert rep.passed
     return dst

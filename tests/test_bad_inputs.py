@@ -12,22 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, needs_fairseq
+from helpers import ROOT, assert_one_error_line, needs_fairseq, run_cli
 from fairport.converters.checkpoint import load_checkpoint
 from fairport.errors import FairportError
 
 
-def fairport(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fairport.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+def fairport(*args) -> subprocess.CompletedProcess:
+    return run_cli(*args)
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, dst: Path, *words: str) -> None:
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fairport: error:"), proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+    assert_one_error_line(proc, *words)
     assert not dst.exists()
     assert not [p for p in dst.parent.iterdir() if "fairport-tmp" in p.name], "temporary folder left behind"
 
@@ -153,12 +148,12 @@ def test_force_replaces_only_what_fairport_wrote(fixtures_dir, tmp_path):
 
 def test_demo_removes_only_what_it_created(tmp_path):
     """The demo refuses a folder it did not make, and on a rerun clears only the entries its marker lists."""
-    from fairport.validation import demo
+    from fairport import demo
 
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "thesis.tex").write_text("years of work")
-    proc = subprocess.run([sys.executable, "-m", "fairport.validation.demo", str(busy)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "fairport.demo", str(busy)], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode != 0 and "not made by the demo" in proc.stderr
     assert (busy / "thesis.tex").read_text() == "years of work" and list(busy.iterdir()) == [busy / "thesis.tex"]

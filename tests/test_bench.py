@@ -4,19 +4,15 @@ against fairseq's while timed. (Timings themselves are measured by the benchmark
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 import pytest
 
-from conftest import ROOT, needs_fairseq
+from helpers import needs_fairseq, run_cli
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "-m", "fairport.cli", "bench", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    return run_cli("bench", *args)
 
 
 @needs_fairseq

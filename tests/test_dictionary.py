@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SHARED, needs_fairseq, needs_shared
+from helpers import SHARED, needs_fairseq, needs_shared
 from fairport.reference.dictionary import Dictionary
 from fairport.converters.tokenizer_files import fsmt_vocab, gpt2_vocab
 from fairport.errors import FairportError

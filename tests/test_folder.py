@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared
-from fairport.converters.convert import convert, sha256
+from helpers import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared
+from fairport.converters.convert import convert
+from fairport.converters.write import sha256
 from fairport.reference import load
-from fairport.validation.inputs import random_batch
+from fairport.verify.inputs import random_batch
 
 
 def logits(folder, seed=0):
@@ -133,7 +134,7 @@ assert not any(k.startswith('fairseq') and sys.modules[k] is not None for k in s
 def test_streaming_safetensors_writer_round_trips(tmp_path):
     from safetensors.torch import load_file
 
-    from fairport.converters.convert import write_safetensors
+    from fairport.converters.write import write_safetensors
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(6, 4, generator=g)

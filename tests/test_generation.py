@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import needs_fairseq
+from helpers import needs_fairseq
 from fairport.converters.convert import convert
 from fairport.reference.dictionary import Dictionary
 from fairport.reference import fast, load
 from fairport.reference.ensemble import Ensemble
-from fairport.validation import original
-from fairport.validation.inputs import pad_batch, random_batch
+from fairport.original.protocol import Generate, run
+from fairport.reference.batching import pad_batch
+from fairport.verify.inputs import random_batch
 
 SCORE_TOL = 1e-4
 
@@ -65,10 +66,8 @@ def trained_converted(trained_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fairseq_generations(trained_dir):
     src = source_batch(trained_dir)
-    reqs = [{"kind": "generate", "key": k, "options": o, "fixed_ngram_blocking": True, "seed": SEED}
-            for k, o in CASES.items()]
-    out = original.run([trained_dir / "model.pt"], trained_dir, {"src_tokens": src}, reqs)
-    return src, out
+    results = run([trained_dir / "model.pt"], trained_dir, *[Generate(src, o, seed=SEED) for o in CASES.values()])
+    return src, {case: r["hypotheses"] for case, r in zip(CASES, results)}
 
 
 @needs_fairseq
@@ -86,7 +85,7 @@ def test_generation_matches_fairseq(case, trained_converted, fairseq_generations
     src, out = fairseq_generations
     model = load_packed(trained_converted / "single")
     mine = model.generate(src, seed=SEED, **CASES[case])
-    assert_same(mine, original.unpack_hypotheses(out, case))
+    assert_same(mine, out[case])
 
 
 @needs_fairseq
@@ -94,9 +93,9 @@ def test_ensemble_of_two_matches_fairseq(trained_converted, trained_dir):
     src = source_batch(trained_dir)
     ens = load_packed(trained_converted / "ensemble")
     assert isinstance(ens, Ensemble) and len(ens.members) == 2
-    reqs = [{"kind": "generate", "key": "ens", "options": {"beam": 4, "lenpen": 1.2}}]
-    out = original.run([trained_dir / "model.pt", trained_dir / "model2.pt"], trained_dir, {"src_tokens": src}, reqs)
-    assert_same(ens.generate(src, beam=4, lenpen=1.2), original.unpack_hypotheses(out, "ens"))
+    [out] = run([trained_dir / "model.pt", trained_dir / "model2.pt"], trained_dir,
+                Generate(src, {"beam": 4, "lenpen": 1.2}))
+    assert_same(ens.generate(src, beam=4, lenpen=1.2), out["hypotheses"])
 
 
 @needs_fairseq
@@ -104,15 +103,13 @@ def test_installed_fairseq_ngram_fallback_never_blocks(trained_dir):
     """The deviation fairport corrects: fairseq 0.12's Python fallback returns exactly what no blocking
     returns, while the corrected blocking (0.10.2 / CUDA kernel behaviour) changes the output."""
     src = source_batch(trained_dir)
-    reqs = [{"kind": "generate", "key": "none", "options": {"beam": 4, "max_len_b": 30}},
-            {"kind": "generate", "key": "bug", "options": {"beam": 4, "max_len_b": 30, "no_repeat_ngram_size": 2}}]
-    out = original.run([trained_dir / "model.pt"], trained_dir, {"src_tokens": src}, reqs)
-    none, bug = original.unpack_hypotheses(out, "none"), original.unpack_hypotheses(out, "bug")
+    none, bug = (r["hypotheses"] for r in run(
+        [trained_dir / "model.pt"], trained_dir, Generate(src, {"beam": 4, "max_len_b": 30}, fixed_ngram_blocking=False),
+        Generate(src, {"beam": 4, "max_len_b": 30, "no_repeat_ngram_size": 2}, fixed_ngram_blocking=False)))
     assert [[h["tokens"].tolist() for h in s] for s in none] == [[h["tokens"].tolist() for h in s] for s in bug]
-    reqs = [{"kind": "generate", "key": "fixed", "options": {"beam": 4, "max_len_b": 30, "no_repeat_ngram_size": 2},
-             "fixed_ngram_blocking": True}]
-    out = original.run([trained_dir / "model.pt"], trained_dir, {"src_tokens": src}, reqs)
-    fixed = original.unpack_hypotheses(out, "fixed")
+    [out] = run([trained_dir / "model.pt"], trained_dir,
+                Generate(src, {"beam": 4, "max_len_b": 30, "no_repeat_ngram_size": 2}, fixed_ngram_blocking=True))
+    fixed = out["hypotheses"]
     assert [[h["tokens"].tolist() for h in s] for s in fixed] != [[h["tokens"].tolist() for h in s] for s in none]
     for sent in fixed:  # bigram blocking: no bigram twice (the start token </s> counts, as in fairseq)
         toks = [2] + sent[0]["tokens"].tolist()
@@ -129,12 +126,10 @@ def test_prefix_forcing_and_random_fixtures(name, fixtures_dir, converted):
     src = random_batch(cfg.src_vocab_size, cfg.tgt_vocab_size, batch=4, seed=5)["src_tokens"]
     prefix = torch.full((src.size(0), 1), cfg.bos)
     opts = {"beam": 4, "max_len_b": 9, "lenpen": 1.3}
-    reqs = [{"kind": "generate", "key": "p", "options": opts, "prefix": True}]
-    out = original.run([fixtures_dir / name / "model.pt"], fixtures_dir / name,
-                       {"src_tokens": src, "prefix_tokens": prefix}, reqs)
+    [out] = run([fixtures_dir / name / "model.pt"], fixtures_dir / name, Generate(src, opts, prefix=prefix))
     mine = model.generate(src, prefix_tokens=prefix, **opts)
     assert all(h["tokens"][0].item() == cfg.bos for s in mine for h in s)
-    assert_same(mine, original.unpack_hypotheses(out, "p"))
+    assert_same(mine, out["hypotheses"])
 
 
 @needs_fairseq
@@ -167,7 +162,7 @@ def test_unpacked_path_matches_fairseq(case, trained_converted, fairseq_generati
     src, out = fairseq_generations
     model = load(trained_converted / "single", pack=False)
     assert not fast.packed(model)
-    assert_same(model.generate(src, seed=SEED, **CASES[case]), original.unpack_hypotheses(out, case))
+    assert_same(model.generate(src, seed=SEED, **CASES[case]), out[case])
 
 
 @needs_fairseq

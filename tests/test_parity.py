@@ -6,18 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAVE_TRANSFORMERS, needs_fairseq
+from helpers import HAVE_TRANSFORMERS, needs_fairseq
 from fairport.reference import fast, load
-from fairport.validation import original
-from fairport.validation.fixtures import FIXTURES
-from fairport.validation.inputs import random_batch
+from fairport.original.fixtures import FIXTURES
+from fairport.original.protocol import Logits, Predict, run
+from fairport.verify.inputs import random_batch
 
 TOL = 1e-4
 
 
 def fairseq_outputs(fixtures_dir, name, batch, heads=()):
-    reqs = [{"kind": "logits"}] + [{"kind": "predict", "head": h} for h in heads]
-    return original.run([fixtures_dir / name / "model.pt"], fixtures_dir / name, batch, reqs)
+    src = batch["src_tokens"]
+    logits, *preds = run([fixtures_dir / name / "model.pt"], fixtures_dir / name,
+                         Logits(src, batch["prev_output_tokens"]), *[Predict(src, h) for h in heads])
+    return {"logits": logits["logits"], **{f"predict.{h}": p for h, p in zip(heads, preds)}}
 
 
 @needs_fairseq

@@ -4,20 +4,17 @@
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
-import torch
 
-from conftest import SHARED, gpt2_files, needs_fairseq, needs_shared
+from helpers import SHARED, gpt2_files, needs_fairseq, needs_shared, run_cli
 from fairport.converters.convert import convert
 from fairport.reference.dictionary import Dictionary
 from fairport.reference import load
 from fairport.reference.tokenizer import GPT2BPE, Tokenizer, load_tokenizer
-from fairport.validation import original
-from fairport.validation.fixtures import train_sentencepiece
 from fairport.errors import FairportError
-from fairport.validation.verify import hub_request, original_overrides
+from fairport.original.fixtures import train_sentencepiece
+from fairport.original.protocol import direction_overrides, hub_request, run
 
 LANGS = ("en", "de", "ru")
 
@@ -151,9 +148,9 @@ def test_sentencepiece_models_equal_fairseq_hub(name, fixtures_dir, converted):
     model = load(folder)
     src = [s for s in sentences("en") if len(s) < 70][:10]
     opts = {"beam": 3, "max_len_b": 12}
-    reqs = [hub_request(folder, "encode", src, "ids"), hub_request(folder, "generate", src, "gen", opts),
-            hub_request(folder, "interactive", src, "text", opts), hub_request(folder, "roundtrip", src, "rt")]
-    out = original.run([fixtures_dir / name / "model.pt"], fixtures_dir / name, {}, reqs)
+    reqs = [hub_request(folder, "encode", src), hub_request(folder, "generate", src, opts),
+            hub_request(folder, "interactive", src, opts), hub_request(folder, "roundtrip", src)]
+    out = dict(zip(("ids", "gen", "text", "rt"), run([fixtures_dir / name / "model.pt"], fixtures_dir / name, *reqs)))
     assert [model.encode(s).tolist() for s in src] == out["ids"]
     gen = [h[0]["tokens"].tolist() for h in model.hub_generate(src, **opts)]
     assert gen == out["gen"]
@@ -180,10 +177,10 @@ def test_many_to_many_model_equals_fairseq(name, direction, fixtures_dir, conver
     src_lang, tgt_lang = direction
     src = [s for s in sentences("en") if len(s) < 70][:10]
     opts = {"beam": 3, "max_len_b": 12}
-    reqs = [hub_request(folder, "encode", src, "ids"), hub_request(folder, "generate", src, "gen", opts),
-            hub_request(folder, "interactive", src, "text", opts), hub_request(folder, "roundtrip", src, "rt")]
-    out = original.run([fixtures_dir / name / "model.pt"], fixtures_dir / name, {}, reqs,
-                       overrides=original_overrides(folder, src_lang, tgt_lang))
+    reqs = [hub_request(folder, "encode", src), hub_request(folder, "generate", src, opts),
+            hub_request(folder, "interactive", src, opts), hub_request(folder, "roundtrip", src)]
+    out = dict(zip(("ids", "gen", "text", "rt"), run([fixtures_dir / name / "model.pt"], fixtures_dir / name, *reqs,
+                                                     overrides=direction_overrides(folder, src_lang, tgt_lang))))
     langs = model.tokenizer.multi["tokens"]
     assert [model.encode(s, src_lang, tgt_lang).tolist() for s in src] == out["ids"]
     assert all(ids[0] == langs[src_lang] for ids in out["ids"])
@@ -210,8 +207,7 @@ def test_translate_equals_fairseq_hub(trained_dir, tmp_path):
         assert model.generation_defaults()["beam"] == 4
         ours = model.translate(src, batch_size=7)
         assert load_tokenizer(tmp_path / name).spec["tokenizer"] == "moses"  # fastBPE codes: WMT19's hub
-        reqs = [hub_request(tmp_path / name, "sample", src, "t", {"beam": 4, "lenpen": 1.1})]
-        theirs = original.run(members, trained_dir, {}, reqs)["t"]
+        [theirs] = run(members, trained_dir, hub_request(tmp_path / name, "sample", src, {"beam": 4, "lenpen": 1.1}))
         assert ours == theirs
 
 
@@ -225,35 +221,30 @@ def test_bart_hub_generate_equals_fairseq_hub(fixtures_dir, converted):
     src = sentences("en")[:6]
     opts = {"beam": 3, "max_len_b": 12, "lenpen": 1.5, "min_len": 3}
     ours = [h[0]["tokens"].tolist() for h in model.hub_generate(src, **opts)]
-    reqs = [hub_request(folder, "generate", src, "s", opts), hub_request(folder, "roundtrip", src, "rt")]
-    out = original.run([fixtures_dir / "bart_base_mnli" / "model.pt"], fixtures_dir / "bart_base_mnli", {}, reqs)
+    reqs = [hub_request(folder, "generate", src, opts), hub_request(folder, "roundtrip", src)]
+    out = dict(zip(("s", "rt"), run([fixtures_dir / "bart_base_mnli" / "model.pt"], fixtures_dir / "bart_base_mnli",
+                                    *reqs)))
     assert ours == out["s"]
     assert [model.decode(model.encode(s)) for s in src] == out["rt"]
 
 
 @needs_fairseq
 def test_generate_cli_writes_one_line_per_input(trained_dir, tmp_path):
-    import subprocess
-    import sys
-
     convert(trained_dir, tmp_path / "m")
     inp = tmp_path / "in.txt"
     inp.write_text("\n".join((trained_dir / "test.en").read_text().splitlines()[:9]) + "\n")
     out = tmp_path / "out.txt"
-    proc = subprocess.run([sys.executable, "-m", "fairport.cli", "generate", str(tmp_path / "m"), "--input", str(inp),
-                           "--output", str(out), "--beam", "2", "--batch-size", "4"], capture_output=True, text=True)
+    proc = run_cli("generate", tmp_path / "m", "--input", inp, "--output", out, "--beam", "2", "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr
     assert "9/9" in proc.stderr  # the progress bar
     lines = out.read_text().splitlines()
     assert lines == load(tmp_path / "m").translate(inp.read_text().splitlines(), beam=2)
-    proc = subprocess.run([sys.executable, "-m", "fairport.cli", "generate", str(tmp_path / "m"), "--input", str(inp),
-                           "--output", str(tmp_path / "out2.txt"), "--beam", "2", "--no-pack", "--quiet"],
-                          capture_output=True, text=True)
+    proc = run_cli("generate", tmp_path / "m", "--input", inp, "--output", tmp_path / "out2.txt", "--beam", "2",
+                   "--no-pack", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out2.txt").read_text().splitlines() == lines
-    proc = subprocess.run([sys.executable, "-m", "fairport.cli", "generate", str(tmp_path / "m"), "--input", str(inp),
-                           "--output", str(tmp_path / "out3.txt"), "--beam", "2", "--dtype", "int8", "--quiet"],
-                          capture_output=True, text=True)
+    proc = run_cli("generate", tmp_path / "m", "--input", inp, "--output", tmp_path / "out3.txt", "--beam", "2",
+                   "--dtype", "int8", "--quiet")
     assert proc.returncode == 0, proc.stderr  # int8 outputs may differ: verify measures by how much
     assert (tmp_path / "out3.txt").read_text().splitlines() == load(tmp_path / "m", dtype="int8").translate(
         inp.read_text().splitlines(), beam=2)

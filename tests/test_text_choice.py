@@ -9,17 +9,14 @@ import argparse
 import pytest
 import torch
 
-from conftest import needs_fairseq
+from helpers import needs_fairseq
 from fairport.converters import text
 from fairport.converters.checkpoint import recorded_text
-from fairport.converters.convert import Sources
+from fairport.converters.sources import Sources
 
 
 def sources(folder, **kw):
-    s = Sources(folder / "model.pt", folder)
-    for k, v in kw.items():
-        setattr(s, k, v)
-    return s
+    return Sources(folder / "model.pt", folder, **kw)
 
 
 def resolve(recorded, folder, family="transformer", task="translation", **kw):
@@ -75,7 +72,7 @@ def test_recorded_file_is_found_by_its_name_beside_the_checkpoint(tmp_path):
 def test_explicit_flags_beat_the_record(tmp_path):
     spm = tmp_path / "x.model"
     spm.write_bytes(b"x")
-    spec, files, _ = resolve({"bpe": "gpt2"}, tmp_path, sentencepiece_model=spm, explicit={"sentencepiece_model"})
+    spec, files, _ = resolve({"bpe": "gpt2"}, tmp_path, sentencepiece_model=spm)
     assert spec["bpe"] == "sentencepiece" and files["sentencepiece_model"] == spm
     (tmp_path / "spm.model").write_bytes(b"x")
     spec, _, _ = resolve({"bpe": "sentencepiece", "tokenizer": None}, tmp_path, bpe="sentencepiece",
@@ -169,8 +166,8 @@ def test_dictionary_padded_to_the_embedding_rows_as_fairseq_pads_it(fixtures_dir
     state["model"]["encoder.embed_tokens.weight"] = torch.cat([w, torch.zeros(8 - n % 8, w.shape[1])])
     conv = convert_state(state, Sources(folder / "model.pt", folder))
     assert conv.config.src_vocab_size == conv.config.tgt_vocab_size == 408
-    assert conv.src_dict.symbols[n:] == [f"madeupword{i:04d}" for i in range(408 - n)]
-    assert conv.multilingual["tokens"] == {"en": 401, "de": 402, "fr": 403}
+    assert conv.dicts.src.symbols[n:] == [f"madeupword{i:04d}" for i in range(408 - n)]
+    assert conv.dicts.multilingual.meta(conv.dicts.src)["tokens"] == {"en": 401, "de": 402, "fr": 403}
     assert any("padded with 4 madeupwordNNNN" in note for note in conv.notes)
     state = load_checkpoint(folder / "model.pt")
     state["model"]["encoder.embed_tokens.weight"] = torch.cat([w, torch.zeros(6, w.shape[1])])

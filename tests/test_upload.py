@@ -5,25 +5,22 @@ shows in output."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
+
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, needs_fairseq
+from helpers import needs_fairseq, run_cli
 from fakehub import FakeHub
 
 TOKEN = "hf_fairportTESTtoken0123456789"
 
 
 def upload(folder, repo, hub_url, *extra, token=TOKEN):
-    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_TOKEN=token, HF_HUB_DISABLE_XET="1",
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "fairport.cli", "upload", str(folder), repo, *extra],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = run_cli("upload", folder, repo, *extra, env={"HF_ENDPOINT": hub_url, "HF_TOKEN": token,
+                                                        "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
     assert TOKEN not in proc.stdout + proc.stderr, "the token leaked into the output"
     return proc
 
@@ -49,7 +46,16 @@ def test_upload_sends_exact_files_and_a_valid_card(port):
     local = {str(p.relative_to(port)): p.read_bytes() for p in port.rglob("*") if p.is_file()}
     assert set(sent) == set(local)
     for name, data in local.items():
-        assert sent[name] == data, name
+        if name != "provenance.json":
+            assert sent[name] == data, name
+    # provenance.json is published with its local paths reduced to file names (and nothing else changed)
+    published, mine = json.loads(sent["provenance.json"]), json.loads(local["provenance.json"])
+    assert mine["source"]["checkpoint"].startswith("/") and "/tmp/" not in sent["provenance.json"].decode()
+    assert all("/" not in path for path in published["inputs"].values())
+    assert published["files"] == mine["files"] and published["source"]["sha256"] == mine["source"]["sha256"]
+    assert published["source"]["checkpoint"] == Path(mine["source"]["checkpoint"]).name
+    for text in (sent["README.md"], sent["verify/report.json"], sent["verify/report.md"]):
+        assert "/tmp" not in text.decode() and str(Path.home()) not in text.decode(), "a local path is published"
     assert any("lfs-upload" in line for line in hub.log), "the LFS path was exercised"
     meta = card_meta(sent["README.md"].decode())
     assert meta["library_name"] == "transformers" and "fairport" in meta["tags"]
@@ -120,8 +126,7 @@ def test_integrity_check_refuses_changed_folder(port):
 
 @needs_fairseq
 def test_card_command_writes_readme(port):
-    proc = subprocess.run([sys.executable, "-m", "fairport.cli", "card", str(port), "--license", "mit"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_cli("card", port, "--license", "mit")
     assert proc.returncode == 0, proc.stderr
     text = (port / "README.md").read_text()
     assert card_meta(text)["license"] == "mit"

@@ -11,25 +11,41 @@ leaves an ids-only folder and says why in provenance.json's notes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from fairport.converters.checkpoint import recorded_file
 from fairport.converters.tasks import TASKS
 
-# fairseq --bpe name -> {Sources field: (file names looked for beside the checkpoint, the option recording it)}
-BPE_FILES: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
-    "gpt2": {"encoder_json": (("encoder.json",), "gpt2_encoder_json"),
-             "vocab_bpe": (("vocab.bpe",), "gpt2_vocab_bpe")},
-    "fastbpe": {"bpecodes": (("bpecodes",), "bpe_codes")},
-    "subword_nmt": {"bpecodes": (("bpecodes", "codes", "code"), "bpe_codes")},
-    "sentencepiece": {"sentencepiece_model": (("sentencepiece.bpe.model", "sentence.bpe.model", "spm.model"),
-                                              "sentencepiece_model")},
+
+@dataclass(frozen=True)
+class TextFile:
+    """A file of the text pipeline: its Sources field (also its key in provenance "inputs"), the command-line
+    flag that names it, and the fairseq option under which a checkpoint records it."""
+
+    field: str
+    flag: str
+    option: str
+    help: str
+
+
+TEXT_FILES: dict[str, TextFile] = {f.field: f for f in (
+    TextFile("encoder_json", "--gpt2-encoder-json", "gpt2_encoder_json", "GPT-2 encoder.json (BART)"),
+    TextFile("vocab_bpe", "--gpt2-vocab-bpe", "gpt2_vocab_bpe", "GPT-2 vocab.bpe (BART)"),
+    TextFile("bpecodes", "--bpecodes", "bpe_codes", "fastBPE / subword-nmt codes (WMT19)"),
+    TextFile("sentencepiece_model", "--sentencepiece-model", "sentencepiece_model",
+             "sentencepiece model (mBART's sentence.bpe.model)"),
+)}
+
+# fairseq --bpe name -> {TEXT_FILES field: the file names a release archive uses for it beside the checkpoint}
+BPE_FILES: dict[str, dict[str, tuple[str, ...]]] = {
+    "gpt2": {"encoder_json": ("encoder.json",), "vocab_bpe": ("vocab.bpe",)},
+    "fastbpe": {"bpecodes": ("bpecodes",)},
+    "subword_nmt": {"bpecodes": ("bpecodes", "codes", "code")},
+    "sentencepiece": {"sentencepiece_model": ("sentencepiece.bpe.model", "sentence.bpe.model", "spm.model")},
 }
 # fairseq --tokenizer names reproduced (no tokenizer: None)
 TOKENIZERS = ("moses", "space")
-# the flag that names each file on the command line, for messages
-FLAGS = {"encoder_json": "--gpt2-encoder-json", "vocab_bpe": "--gpt2-vocab-bpe", "bpecodes": "--bpecodes",
-         "sentencepiece_model": "--sentencepiece-model"}
 
 
 # A checkpoint that records no --bpe/--tokenizer, with no BPE files beside it: fairseq's hub interface and
@@ -44,22 +60,21 @@ def _name(value) -> str | None:
     return None if value in (None, "", "none", "None") else str(value)
 
 
-def find_file(field: str, recorded: dict, sources) -> Path | None:
+def find_file(field: str, bpe: str, recorded: dict, sources) -> Path | None:
     """The file for `field`: given on the command line, else where the checkpoint recorded it (that path, or
     its base name beside the checkpoint: recorded paths are usually the trainer's, or a URL), else a release
     archive's usual names beside the checkpoint."""
     given = getattr(sources, field)
     if given is not None:
         return Path(given)
-    names, option = next(files[field] for files in BPE_FILES.values() if field in files)
-    return recorded_file(recorded.get(option), sources.folder) or next(
-        (p for p in (sources.folder / n for n in names) if p.is_file()), None)
+    return recorded_file(recorded.get(TEXT_FILES[field].option), sources.folder) or next(
+        (p for p in (sources.folder / n for n in BPE_FILES[bpe][field]) if p.is_file()), None)
 
 
 def choose_bpe(recorded: dict, sources) -> str | None:
     if sources.bpe:
         return _name(sources.bpe)
-    explicit = sources.explicit
+    explicit = sources.explicit_files
     if {"encoder_json", "vocab_bpe"} & explicit:
         return "gpt2"
     if "sentencepiece_model" in explicit:
@@ -69,7 +84,7 @@ def choose_bpe(recorded: dict, sources) -> str | None:
     if _name(recorded.get("bpe")):
         return _name(recorded.get("bpe"))
     for bpe in ("gpt2", "fastbpe", "sentencepiece"):  # a release archive's files
-        if all(find_file(f, recorded, sources) for f in BPE_FILES[bpe]):
+        if all(find_file(f, bpe, recorded, sources) for f in BPE_FILES[bpe]):
             return bpe
     return None
 
@@ -103,17 +118,17 @@ def resolve(recorded: dict, family: str, task: str, options: dict,
                      f"{', '.join(TOKENIZERS)}); the folder takes and gives token ids only")
     if notes or bpe is None and tok is None:
         return None, {}, notes
-    files = {field: find_file(field, recorded, sources) for field in BPE_FILES.get(bpe, {})}
+    files = {field: find_file(field, bpe, recorded, sources) for field in BPE_FILES.get(bpe, {})}
     missing = [field for field, path in files.items() if path is None]
     if missing:
         whose = "the checkpoint records" if _name(recorded.get("bpe")) else "fairseq's BART hub uses" \
             if bart_hub and not sources.bpe else "it uses"
-        recs = [str(recorded[BPE_FILES[bpe][f][1]]) for f in missing if recorded.get(BPE_FILES[bpe][f][1])]
+        recs = [str(recorded[TEXT_FILES[f].option]) for f in missing if recorded.get(TEXT_FILES[f].option)]
         where = f" (the checkpoint recorded {', '.join(recs)})" if recs else ""
         return None, {}, [f"text pipeline: {whose} --bpe {bpe} but its {' and '.join(missing)} "
                           f"file{'s' if len(missing) > 1 else ''}{where} "
                           f"{'is' if len(missing) == 1 else 'are'} not beside the checkpoint; pass "
-                          f"{' and '.join(FLAGS[f] for f in missing)} for text in/out (ids only for now)"]
+                          f"{' and '.join(TEXT_FILES[f].flag for f in missing)} for text in/out (ids only for now)"]
     # fairseq's BART hub interface: `<s> x </s>` in, <s> forced first; translation tasks that frame their
     # inputs (mBART translation, many-to-many) follow fairseq-generate instead
     spec = {"tokenizer": tok, "bpe": bpe, "bart": bart_hub}

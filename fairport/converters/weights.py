@@ -11,6 +11,7 @@ import re
 import torch
 
 from fairport.errors import FairportError
+from fairport.reference.model import sinusoidal_table
 from fairport.reference.names import is_reference_key
 
 # Buffers fairseq keeps in its state dict that carry no weights.
@@ -101,3 +102,61 @@ def check_unknown(unknown: list[str]) -> None:
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
         raise FairportError(f"checkpoint has tensors the reference model does not know: {shown}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor surgery: each change the converter makes to a tensor, as one named function.
+
+EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
+
+
+def rows(sd: dict, key: str) -> int | None:
+    t = sd.get(key)
+    return int(t.shape[0]) if t is not None else None
+
+
+def drop_mask_row(sd: dict, dictionary_size: int) -> dict:
+    """BART fine-tuned on a task whose dictionary has no <mask>: fairseq truncates the pretrained <mask> row.
+
+        embeddings (V + 1, C)   [ ... symbols ... | <mask> ]  ->  (V, C)   [ ... symbols ... ]
+    """
+    if rows(sd, "encoder.embed_tokens.weight") != dictionary_size + 1:
+        return sd
+    return {k: (v[:-1] if k in EMBEDDINGS or k == "encoder.output_projection.weight" else v) for k, v in sd.items()}
+
+
+def untie(sd: dict, share_all: bool, share_decoder_input_output: bool) -> dict:
+    """Tied tensors are stored once: the decoder's token embedding is the encoder's (share_all_embeddings),
+    the output projection is the decoder's token embedding (share_decoder_input_output_embed)."""
+    drop = ({"decoder.output_projection.weight"} if share_decoder_input_output else set()) | \
+        ({"decoder.embed_tokens.weight"} if share_all else set())
+    return {k: v for k, v in sd.items() if k not in drop}
+
+
+def classification_heads(sd: dict) -> dict[str, dict]:
+    """BART sentence-classification heads by name: {"inner_dim": dense rows, "num_classes": out_proj rows}."""
+    heads = {}
+    for k, v in sd.items():
+        if k.startswith("classification_heads.") and k.endswith(".out_proj.weight"):
+            name = k.split(".")[1]
+            heads[name] = {"inner_dim": int(sd[f"classification_heads.{name}.dense.weight"].shape[0]),
+                           "num_classes": int(v.shape[0])}
+    return heads
+
+
+def transformers_extras(sd: dict, family: str | None, cfg) -> tuple[dict, list[str]]:
+    """What transformers' classes keep as weights that fairseq computes or shares (returns tensors, notes):
+    BART/mBART's zero `final_logits_bias`; FSMT's sinusoidal position tables (fp32, as fairseq computes them);
+    FSMT's decoder output projection stored again when only the decoder's input/output are tied (FSMT ties
+    all or nothing)."""
+    extra, notes = {}, []
+    if family in ("bart", "mbart"):
+        extra["final_logits_bias"] = torch.zeros(1, cfg.tgt_vocab_size)
+    if family == "fsmt":
+        for side, n, dim in (("encoder", cfg.max_source_positions, cfg.encoder_embed_dim),
+                             ("decoder", cfg.max_target_positions, cfg.decoder_embed_dim)):
+            extra[f"model.{side}.embed_positions.weight"] = sinusoidal_table(n + cfg.pad + 1, dim, cfg.pad)
+        if not cfg.share_all_embeddings and cfg.share_decoder_input_output_embed:
+            extra["model.decoder.output_projection.weight"] = sd["model.decoder.embed_tokens.weight"]
+            notes.append("decoder embeddings stored twice (tied in fairseq; FSMT ties only all-or-nothing)")
+    return extra, notes

@@ -183,21 +183,23 @@ def force_prefix(step, lprobs, scores, tokens, prefix_tokens, beam, pad, eos):
 
 
 def generate(model, src_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None,
-             bos_token: int | None = None, **options) -> list[list[dict]]:
+             bos_token: int | None = None, trace: list | None = None, **options) -> list[list[dict]]:
     """Generate for each source row (left-padded ids) with fairseq's options (GenerationOptions' names).
     `model`: an EncoderDecoder, or an ensemble (anything with `.members`), decoded as fairseq's EnsembleModel.
     Returns, per sentence, hypotheses best first: {"tokens" (ending in EOS, no start token), "score",
     "positional_scores"} as fairseq returns them. Runs under torch.inference_mode (no autograd bookkeeping:
-    measured ~14% less per-step overhead than no_grad on a small model); the tensors returned are ordinary."""
+    measured ~14% less per-step overhead than no_grad on a small model); the tensors returned are ordinary.
+    `trace`: a list that receives, at each step, what the search saw and chose, in the form the original's
+    worker records fairseq's search (fairport/verify/mismatch.py compares the two)."""
     opts = GenerationOptions(**options)
     models = list(getattr(model, "members", None) or [model])
     with torch.inference_mode():
-        finalized = _generate(models, src_tokens, prefix_tokens, bos_token, opts)
+        finalized = _generate(models, src_tokens, prefix_tokens, bos_token, opts, trace)
     return [[{k: v.clone() for k, v in h.items()} for h in hyps] for hyps in finalized]
 
 
-def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token,
-              opts: GenerationOptions) -> list[list[dict]]:
+def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token, opts: GenerationOptions,
+              trace: list | None = None) -> list[list[dict]]:
     cfg = models[0].config
     pad, unk = cfg.pad, cfg.unk
     eos = cfg.eos if opts.eos is None else opts.eos
@@ -227,6 +229,8 @@ def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token
     bbsz_offsets = (torch.arange(0, bsz) * beam).unsqueeze(1).to(tokens)
     cand_offsets = torch.arange(0, cand_size).to(tokens)
     pad_only, pad_eos = torch.tensor([pad], device=device), torch.tensor([pad, eos], device=device)
+    sentences = torch.arange(bsz, device=device)  # which input sentence each batch row is (fairseq's
+    # original_batch_idxs)
     reorder_state: torch.Tensor | None = None  # decoder rows are sentences x beams
     batch_idxs: torch.Tensor | None = None  # encoder rows stay one per sentence
 
@@ -262,6 +266,10 @@ def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token
         else:
             cand_scores, cand_indices, cand_beams = beam_search_step(
                 step, lprobs.view(bsz, -1, vocab), scores.view(bsz, beam, -1)[:, :, :step], beam)
+        if trace is not None:
+            trace.append({k: v.to("cpu", copy=True) for k, v in (
+                ("sentences", sentences), ("prev", tokens[:, : step + 1]), ("cand_scores", cand_scores),
+                ("cand_indices", cand_indices), ("cand_beams", cand_beams))})
         cand_bbsz_idx = cand_beams.add(bbsz_offsets)
 
         # finalise hypotheses that end in EOS among the top `beam` candidates
@@ -292,6 +300,7 @@ def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token
             if prefix_tokens is not None:
                 prefix_tokens = prefix_tokens[batch_idxs]
             src_lengths = src_lengths[batch_idxs]
+            sentences = sentences[batch_idxs]
             cands_to_ignore = cands_to_ignore[batch_idxs]
             scores = scores.view(bsz, -1)[batch_idxs].view(new_bsz * beam, -1)
             tokens = tokens.view(bsz, -1)[batch_idxs].view(new_bsz * beam, -1)

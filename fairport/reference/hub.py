@@ -54,20 +54,34 @@ class HubVerbs:
         """fairseq hub `generate([encode(s) for s in sentences], **gen)`: hypotheses per sentence, in input
         order. Batches are length-sorted as fairseq's hub builds them. The task's first token is forced as
         fairseq forces it (<s> for BART, the target language token for many-to-many models)."""
+        encoded = self.encode_all(sentences, source_lang, target_lang)
+        batches = length_sorted_batches([len(e) for e in encoded], batch_size)
+        return self.generate_batches(encoded, batches, seed, progress, target_lang, **gen)
+
+    def encode_all(self, sentences: list[str], source_lang: str | None = None,
+                   target_lang: str | None = None) -> list[torch.Tensor]:
+        """Every sentence encoded; inputs longer than the model's source positions are refused, as fairseq's
+        hub refuses them ("Size of sample #i is invalid")."""
+        encoded = [self.encode(s, source_lang, target_lang) for s in sentences]
+        limit = self.config.max_source_positions
+        too_long = [i for i, e in enumerate(encoded) if e.numel() > limit]
+        if too_long:
+            i = too_long[0]
+            raise FairportError(f"{len(too_long)} input(s) longer than the model's {limit} source positions "
+                                f"(input {i}: {encoded[i].numel()} tokens)")
+        return encoded
+
+    def generate_batches(self, encoded: list[torch.Tensor], batches: list[list[int]], seed: int | None = None,
+                         progress=None, target_lang: str | None = None, **gen) -> list[list[dict] | None]:
+        """Generate for the inputs in `batches` (lists of indices into `encoded`), the folder's generation
+        defaults overridden by `gen`; None for inputs in no batch (another process's share)."""
         opts = {**self.generation_defaults(), **gen}
         if seed is not None:
             torch.manual_seed(seed)
         device = next(self.parameters()).device
-        encoded = [self.encode(s, source_lang, target_lang) for s in sentences]
         forced = self.tokenizer.framing.forced_prefix(target_lang)
-        limit = self.config.max_source_positions
-        too_long = [i for i, e in enumerate(encoded) if e.numel() > limit]
-        if too_long:  # fairseq's hub refuses these too ("Size of sample #i is invalid")
-            i = too_long[0]
-            raise FairportError(f"{len(too_long)} input(s) longer than the model's {limit} source positions "
-                                f"(input {i}: {encoded[i].numel()} tokens)")
         out: list = [None] * len(encoded)
-        for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+        for idx in batches:
             src = pad_batch([encoded[i].tolist() for i in idx], self.config.pad, left=True).to(device)
             prefix = None
             if forced is not None:

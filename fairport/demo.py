@@ -1,7 +1,7 @@
 """The README's demo: fairseq builds a small BART-like checkpoint and trains a small WMT-like translation
 model; fairport converts both and verifies each against its original, with the same commands a user types.
 
-`python -m fairport.validation.demo [OUTDIR]` (default `fairport-demo`). OUTDIR must be new, empty, or an
+`python -m fairport.demo [OUTDIR]` (default `fairport-demo`). OUTDIR must be new, empty, or an
 earlier demo's folder: the demo marks what it creates (`.fairport-demo` lists it) and only ever removes that.
 """
 
@@ -63,8 +63,8 @@ def main(out: str = "fairport-demo") -> int:
     t0 = time.time()
     print("[1/3] fairseq builds a BART-like checkpoint (bart_base preset, shrunk) and trains a WMT-like "
           "translation model (transformer_wmt_en_de, shrunk; fairseq-train, ~1 min):", flush=True)
-    run(["fairport.validation.fixtures", str(src_dir), "bart_base_mnli"] + (["--shared", str(shared)] if shared else []))
-    run(["fairport.validation.fixtures", str(src_dir), "--trained"])
+    run(["fairport.original.fixtures", str(src_dir), "bart_base_mnli"] + (["--shared", str(shared)] if shared else []))
+    run(["fairport.original.fixtures", str(src_dir), "--trained"])
 
     bart_convert, bart_verify = ["--beam", "4", "--max-len-b", "30", "--lenpen", "2.0", "--no-repeat-ngram-size", "3"], \
         ["--limit", "12"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -99,9 +98,8 @@ def _transformers_worker(job: dict) -> dict:
 
 def _fairseq_worker(job: dict) -> dict:
     from fairseq import checkpoint_utils
-    from fairseq.sequence_generator import SequenceGenerator
 
-    from fairport.validation.original import _fix_ngram_blocking
+    from fairport.original.worker import _fix_ngram_blocking, sequence_generator
 
     _fix_ngram_blocking()
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([job["checkpoint"]],
@@ -111,10 +109,7 @@ def _fairseq_worker(job: dict) -> dict:
     inputs = torch.load(job["inputs"], weights_only=True)
     results = {}
     for cfg in job["configs"]:
-        o = cfg["options"]
-        gen = SequenceGenerator(models, task.target_dictionary, beam_size=o["beam"], max_len_a=0,
-                                max_len_b=o["max_len_b"], min_len=o["min_len"], len_penalty=o.get("lenpen", 1.0),
-                                no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0))
+        gen = sequence_generator(models, task, cfg["options"])
         src = inputs[f"src.{cfg['batch']}"].to(job["device"])
         sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(job["pad"]).sum(1)}}
 
@@ -138,7 +133,7 @@ def _run_side(side: str, job: dict, tmp: Path, timeout: float) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if side == "fairseq":
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # fairseq 0.12 under torch >= 2.6, on its own side only
-    proc = subprocess.run([sys.executable, "-m", "fairport.validation.bench", "--worker", str(job_path)],
+    proc = subprocess.run([sys.executable, "-m", "fairport.bench", "--worker", str(job_path)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise FairportError(f"bench side {side} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-12:]))
@@ -146,10 +141,12 @@ def _run_side(side: str, job: dict, tmp: Path, timeout: float) -> dict:
 
 
 def worker_main(job_path: str) -> None:
+    from fairport.util import peak_rss_mb
+
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job.get("threads") or torch.get_num_threads())
     results = WORKERS[job["side"]](job)
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    results["peak_rss_mb"] = peak_rss_mb()  # this process's own peak (VmHWM), not ru_maxrss (see peak_rss_mb)
     Path(job["out"]).write_text(json.dumps(results))
 
 
@@ -162,10 +159,10 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
     int8, of the int8 product (weight bytes counted at one byte a value)."""
     from fairport.reference.fast import PACKABLE_DTYPES, Int8Linear, PackedLinear, int8_available, onednn_available
 
-    big = torch.randn(64 << 20, device=device)  # 256 MB
-    _, times = _timed(lambda: big.sum(), 10, warmup_s=0.2)
-    out = {"memory_read_gbps": big.numel() * 4 / min(times) / 1e9, "matmul_gflops": {}, "weight_read_gbps": {}}
-    del big
+    block = torch.randn(64 << 20, device=device)  # 256 MB
+    _, times = _timed(lambda: block.sum(), 10, warmup_s=0.2)
+    out = {"memory_read_gbps": block.numel() * 4 / min(times) / 1e9, "matmul_gflops": {}, "weight_read_gbps": {}}
+    del block
     for name in dtypes:
         dt = PRECISIONS[name]  # int8: float32 activations
         paths = {"torch": lambda lin: lin}
@@ -182,7 +179,7 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
             rows_256mb = (256 << 20) // (dim * torch.finfo(dt).bits // 8)
             big = make(_linear(rows_256mb, dim, dt, device))
             v = torch.randn(1, dim, dtype=dt, device=device)
-            _, times = _timed(lambda: big(v), 10, warmup_s=0.2)
+            _, times = _timed(lambda big=big: big(v), 10, warmup_s=0.2)
             value_bytes = 1 if path == "int8" else torch.finfo(dt).bits // 8
             out["weight_read_gbps"][f"{path}:{name}"] = rows_256mb * dim * value_bytes / min(times) / 1e9
             del big
@@ -214,10 +211,10 @@ def step_weight_bytes(cfg, bytes_per_value: int = 4, matrix_bytes_per_value: int
 
 
 def _convert_measured(src: Path, dst: Path) -> dict:
-    code = ("import json, resource, sys, time\nfrom fairport.converters.convert import convert\n"
+    code = ("import json, sys, time\nfrom fairport.converters.convert import convert\n"
+            "from fairport.util import peak_rss_mb\n"
             f"t0 = time.time(); convert({str(src)!r}, {str(dst)!r}, force=True)\n"
-            "print(json.dumps({'seconds': time.time() - t0, "
-            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+            "print(json.dumps({'seconds': time.time() - t0, 'peak_rss_mb': peak_rss_mb()}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise FairportError("conversion failed:\n" + proc.stderr[-1500:])
@@ -238,9 +235,9 @@ def _convert_measured(src: Path, dst: Path) -> dict:
 
 def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
           repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print,
-          warmup_s: float = 1.0) -> dict:
+          warmup_s: float = 1.0, procs: list[int] = ()) -> dict:
     from fairport.reference.folder import ModelFolder
-    from fairport.validation.fixtures import BENCH_PRESETS
+    from fairport.original.fixtures import BENCH_PRESETS
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         return {"device": device, "status": "not measured: no CUDA device on this machine"}
@@ -253,7 +250,7 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
         src_dir = workdir / target
         if not (src_dir / "model.pt").exists():
             say(f"fairseq builds {target} at its published size (random weights) ...")
-            proc = subprocess.run([sys.executable, "-m", "fairport.validation.fixtures", str(workdir), target,
+            proc = subprocess.run([sys.executable, "-m", "fairport.original.fixtures", str(workdir), target,
                                    "--bench"], capture_output=True, text=True,
                                   env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if proc.returncode != 0:
@@ -402,3 +399,39 @@ if __name__ == "__main__":
         worker_main(sys.argv[2])
     else:
         raise SystemExit("use `fairport bench`")
+
+
+def print_results(result: dict, out: Path) -> None:
+    """Write the results (JSON and a plot) and print the table `fairport bench` shows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    if "runs" not in result:
+        print(f"{result['device']}: {result['status']}")
+        return
+    print(f"{'config':<24}{'side':<14}{'ms/step':>9}{'sent/s':>9}{'tok/s':>9}{'vs fairseq':>11}  same output")
+    for row in result["runs"]:
+        for side, r in row["sides"].items():
+            sp = r.get("speedup_vs_fairseq_fp32")
+            same = r.get("outputs_equal_fairseq")
+            same = "-" if same is None else "True" if same else f"False ({r['exact_match_rate']:.0%} of sentences)"
+            print(f"{row['key']:<24}{side:<14}{r['ms_per_step']:>9.2f}{r['sentences_per_s']:>9.2f}"
+                  f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}  {same}")
+    over = {(row["dtype"], side): r["over_batch1_bound"] for row in result["runs"]
+            for side, r in row["sides"].items() if "over_batch1_bound" in r}
+
+    def over_text(dtype):
+        return ", ".join(f"{side} {x:.2f}x" for (d, side), x in over.items() if d == dtype) or "-"
+
+    if result.get("batch1_bound_ms_per_step"):
+        print(f"fp32 floor at batch 1: {result['batch1_bound_ms_per_step']:.2f} ms/step (the step's "
+              f"{result['step_weights_mb_fp32']:.0f} MB of weights at {result['roofline']['memory_read_gbps']:.0f} "
+              f"GB/s memory read); greedy batch-1 step over it: {over_text('float32')}")
+    if result.get("batch1_int8_bound_ms_per_step"):
+        print(f"int8 floor at batch 1: {result['batch1_int8_bound_ms_per_step']:.2f} ms/step (its matrices at one "
+              f"byte a value); greedy batch-1 step over it: {over_text('int8')}")
+    if "conversion" in result:
+        c = result["conversion"]
+        print(f"conversion: {c['seconds']:.1f}s, peak RSS {c['peak_rss_mb']:.0f} MB = {c['rss_over_file']:.2f}x the "
+              f"{c['checkpoint_mb']:.0f} MB checkpoint (plain read+write: {c['plain_read_write_seconds']:.1f}s)")
+    print(f"results: {out} (+ {out.with_suffix('.png').name})")

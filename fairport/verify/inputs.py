@@ -1,4 +1,5 @@
-"""Inputs for `fairport verify`: a text file, a binarized fairseq data folder, or random valid ids."""
+"""Inputs for `fairport verify`: a text file, a binarized fairseq data folder, or random valid ids; and
+random batches for the tests."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fairport.converters.tasks import infer_language_pair
 from fairport.errors import FairportError
+from fairport.reference.batching import pad_batch
 
 # fairseq/data/indexed_dataset.py: MMapIndexedDataset dtype codes
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.double,
@@ -61,15 +64,13 @@ def from_text_file(path: Path, tokenizer, limit: int | None, max_positions: int,
     ref_text = [ln.split("\t", 1)[1] for ln in lines] if all("\t" in ln for ln in lines) else None
     src = [tokenizer.encode(s, max_positions, source_lang, target_lang).tolist() for s in src_text]
     refs = [tokenizer.encode_target(r, max_positions, target_lang) for r in ref_text] if ref_text is not None else None
-    return Inputs(src, refs, src_text, ref_text, origin=f"text file {path}")
+    return Inputs(src, refs, src_text, ref_text, origin=f"text file {Path(path).name}")
 
 
 def from_fairseq_data(folder: Path, split: str, src_lang: str | None, tgt_lang: str | None,
                       limit: int | None) -> Inputs:
     folder = Path(folder)
     if src_lang is None or tgt_lang is None:
-        from fairport.converters.tasks import infer_language_pair
-
         src_lang, tgt_lang = infer_language_pair(folder)
     if src_lang is None:
         raise FairportError(f"cannot tell the language pair of {folder}")
@@ -79,7 +80,7 @@ def from_fairseq_data(folder: Path, split: str, src_lang: str | None, tgt_lang: 
     if limit:
         src = src[:limit]
         refs = refs[:limit] if refs else None
-    return Inputs(src, refs, origin=f"fairseq data {base}.*")
+    return Inputs(src, refs, origin=f"fairseq data {folder.name}/{base.name}.*")
 
 
 def random_inputs(src_vocab: int, tgt_vocab: int, n: int, seed: int, eos: int = 2, max_len: int = 20) -> Inputs:
@@ -89,3 +90,19 @@ def random_inputs(src_vocab: int, tgt_vocab: int, n: int, seed: int, eos: int = 
         length = int(torch.randint(3, max_len + 1, (1,), generator=g))
         src.append(torch.randint(4, src_vocab, (length,), generator=g).tolist() + [eos])
     return Inputs(src, None, origin=f"{n} random valid id sequences (seed {seed})")
+def random_batch(src_vocab: int, tgt_vocab: int, batch: int = 5, min_len: int = 2, max_len: int = 14,
+                 pad: int = 1, eos: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random valid ids (specials excluded), unequal lengths. Sources end in </s>; decoder inputs start
+    with </s> (fairseq's prev_output_tokens); `target` is the matching right-padded reference."""
+    g = torch.Generator().manual_seed(seed)
+    src, prev, tgt = [], [], []
+    for i in range(batch):
+        n = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        m = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        s = torch.randint(4, src_vocab, (n,), generator=g).tolist()
+        t = torch.randint(4, tgt_vocab, (m,), generator=g).tolist()
+        src.append(s + [eos])
+        prev.append([eos] + t)
+        tgt.append(t + [eos])
+    return {"src_tokens": pad_batch(src, pad, left=True), "prev_output_tokens": pad_batch(prev, pad, left=False),
+            "target": pad_batch(tgt, pad, left=False)}

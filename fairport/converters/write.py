@@ -1,0 +1,265 @@
+"""Writing the model folder (reference/folder.py reads it): weights streamed into safetensors, config.json,
+generation_config.json, tokenizer files, dictionaries and provenance.json, into a temporary folder beside
+DST that replaces DST only when everything succeeded."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import struct
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from fairport import __version__
+from fairport.converters import hf, tasks, weights
+from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2, write_sentencepiece
+from fairport.errors import FairportError
+from fairport.reference.generate import GenerationOptions
+from fairport.reference.names import to_hf_name
+
+if TYPE_CHECKING:
+    from fairport.converters.convert import Converted
+    from fairport.converters.sources import Sources
+
+# what fairport writes into a model folder besides the files provenance.json lists
+WRITTEN_BESIDE = ("provenance.json", "README.md", "verify", "ensemble")
+KEEP_FP32 = ("embed_positions.weight",)  # stored names ending so keep fp32 in FSMT folders (sinusoids)
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_replaceable(dst: Path) -> None:
+    """`--force` replaces only what fairport wrote: an empty folder, or a model folder whose every entry is
+    fairport's (the files its provenance.json lists, the card, the default report folder, ensemble members).
+    Anything else is refused, so no file of the user's is ever deleted."""
+    if dst.is_symlink() or not dst.is_dir():
+        raise FairportError(f"{dst} exists and is not a folder: --force replaces only a folder fairport wrote")
+    entries = sorted(p.name for p in dst.iterdir())
+    if not entries:
+        return
+    try:
+        prov = json.loads((dst / "provenance.json").read_text())
+        listed = set(prov["files"]) if "fairport_version" in prov else None
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    if listed is None:
+        raise FairportError(f"{dst} exists and is not a fairport model folder (no fairport provenance.json): "
+                            f"--force replaces only a folder fairport wrote, or an empty one; choose another "
+                            f"destination or empty it yourself")
+    foreign = [name for name in entries if name not in listed and name not in WRITTEN_BESIDE]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise FairportError(f"{dst} holds files fairport did not write ({shown}): --force would delete them; "
+                            f"move them out or choose another destination")
+
+
+def generation_config(conv: "Converted", overrides: dict | None = None) -> dict:
+    """generation_config.json: fairseq's options (the checkpoint's, else fairseq's defaults, then `overrides`)
+    under "fairseq", and transformers' names for the same settings."""
+    found = {k: conv.generation.get(k, conv.options.get(k)) for k in GenerationOptions.names() - {"eos"}}
+    found.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    gen = asdict(GenerationOptions(**{k: v for k, v in found.items() if v is not None}))
+    gen["eos"] = conv.symbols.get("generation_eos")  # a task's generator ending (and starting) with a language token
+    c = conv.config
+    eos = c.eos if gen["eos"] is None else gen["eos"]
+    return {
+        "num_beams": int(gen["beam"]), "length_penalty": float(gen["lenpen"]),
+        "max_length": min(int(gen["max_len_b"]), c.max_target_positions - 1), "min_length": int(gen["min_len"]),
+        "no_repeat_ngram_size": int(gen["no_repeat_ngram_size"]), "early_stopping": True,
+        "bos_token_id": c.bos, "eos_token_id": eos, "pad_token_id": c.pad, "decoder_start_token_id": eos,
+        "fairseq": gen, "fairseq_source": "checkpoint" if conv.generation else "fairseq defaults",
+    }
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
+                      metadata: dict[str, str]) -> str:
+    """Write a safetensors file one tensor at a time, popping each from `tensors` once written: memory holds
+    one converted tensor at a time (the format: 8-byte header length, JSON header, then the raw bytes).
+    Returns the file's sha256, computed while writing."""
+    if sys.byteorder != "little":
+        raise FairportError("writing safetensors needs a little-endian machine")
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * dtypes[name].itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtypes[name]], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            f.write(chunk)
+            digest.update(chunk)
+        for name in list(tensors):
+            t = tensors.pop(name).to(dtypes[name]).contiguous()
+            if t.numel():
+                data = t.reshape(-1).view(torch.uint8).numpy().data
+                f.write(data)
+                digest.update(data)
+            del t
+    return digest.hexdigest()
+
+
+def write_weights(out: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
+                  max_shard_bytes: int) -> dict[str, str]:
+    """model.safetensors, or shards of at most `max_shard_bytes` with model.safetensors.index.json.
+    Consumes `tensors`. Returns {file name: sha256} of the weight files."""
+    sizes = {k: t.numel() * dtypes[k].itemsize for k, t in tensors.items()}
+    total = sum(sizes.values())
+    meta = {"format": "pt", "producer": f"fairport {__version__}"}
+    if total <= max_shard_bytes:
+        return {"model.safetensors": write_safetensors(out / "model.safetensors", tensors, dtypes, meta)}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k in tensors:
+        if shards[-1] and size + sizes[k] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += sizes[k]
+    digests, weight_map = {}, {}
+    for i, keys in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        digests[name] = write_safetensors(out / name, {k: tensors.pop(k) for k in keys}, dtypes, meta)
+        weight_map.update({k: name for k in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return digests | {"model.safetensors.index.json": sha256(out / "model.safetensors.index.json")}
+
+
+def stored_tensors(conv: "Converted", family: str | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Output name -> tensor (the reference's names, or transformers' for `family`), plus notes. Takes the
+    tensors out of `conv.state_dict` (it is left empty), so each is materialised only while it is written."""
+    out = {}
+    for k in list(conv.state_dict):
+        t = conv.state_dict.pop(k)
+        name = k if family is None else to_hf_name(family, k)
+        if name is not None:
+            out[name] = t
+    extra, notes = weights.transformers_extras(out, family, conv.config)
+    return out | extra, notes
+
+
+@dataclass
+class MemberWritten:
+    transformers: str | None
+    unmet: dict[str, list[str]]
+    dtype: str
+    files: dict[str, str | None]  # file name -> sha256 (None: hash it from disk)
+
+
+def write_member(conv: "Converted", sources: "Sources", out: Path, dtype: torch.dtype | None,
+                 max_shard_bytes: int, generation_overrides: dict | None) -> MemberWritten:
+    """One model's folder contents (an ensemble's later members get one each, under ensemble/)."""
+    cfg = conv.config
+    family, unmet = hf.hf_family(cfg)
+    files: dict[str, str | None] = {}
+    langs = [x for x in (conv.options.get("source_lang"), conv.options.get("target_lang")) if x] or None
+    tf, bpe = conv.text_files, (conv.text or {}).get("bpe")
+    if bpe == "gpt2":
+        written = write_gpt2(out, tf["encoder_json"], tf["vocab_bpe"], conv.dicts.tgt, cfg.max_source_positions)
+    elif bpe in ("fastbpe", "subword_nmt"):
+        written = write_fastbpe(out, tf["bpecodes"], conv.dicts.src, conv.dicts.tgt, langs or ["src", "tgt"],
+                                cfg.max_source_positions)
+    elif bpe == "sentencepiece":
+        written = write_sentencepiece(out, tf["sentencepiece_model"])
+    else:
+        written = []
+    conv.dicts.src.write(out / "dict.src.txt")
+    conv.dicts.tgt.write(out / "dict.tgt.txt")
+    files.update(dict.fromkeys([*written, "dict.src.txt", "dict.tgt.txt"]))
+
+    source_dtype = conv.state_dict["encoder.embed_tokens.weight"].dtype
+    torch_dtype = dtype or source_dtype
+    tensors, notes = stored_tensors(conv, family)
+    conv.notes += notes
+    dtypes = {k: torch_dtype if t.is_floating_point() and not (family == "fsmt" and k.endswith(KEEP_FP32))
+              else t.dtype for k, t in tensors.items()}
+    files.update(write_weights(out, tensors, dtypes, max_shard_bytes))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(conv, generation_overrides), indent=2))
+    files["generation_config.json"] = None
+
+    meta = {
+        "version": __version__, "model": cfg.to_dict(), "weight_names": family or "fairport", "text": conv.text,
+        "source_suffix": conv.symbols.get("source_suffix"),
+        "multilingual": conv.dicts.multilingual.meta(conv.dicts.src) if conv.dicts.multilingual else None,
+        "task": conv.options.get("task"), "langs": tasks.task_langs(conv.options) or None,
+        "source_lang": conv.options.get("source_lang"), "target_lang": conv.options.get("target_lang"),
+        "transformers": family, "transformers_unmet": unmet,
+    }
+    config = hf.hf_config(family, cfg, {"langs": langs}) if family else {"model_type": "fairport"}
+    config["torch_dtype"] = str(torch_dtype).replace("torch.", "")
+    config["fairport"] = meta
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    files["config.json"] = None
+
+    provenance = {
+        "fairport_version": __version__,
+        "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"checkpoint": str(sources.checkpoint), "sha256": sha256(sources.checkpoint),
+                   "bytes": sources.checkpoint.stat().st_size},
+        "inputs": {k: str(v) for k, v in conv.inputs.items()},
+        "dtype": config["torch_dtype"], "arch": cfg.arch, "task": conv.options.get("task"),
+        "dropped": conv.dropped, "notes": conv.notes,
+        "files": {f: digest or sha256(out / f) for f, digest in sorted(files.items())},
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    return MemberWritten(family, unmet, config["torch_dtype"], files)
+
+
+def write_model_folder(dst: Path, members: list[Callable[[Path], MemberWritten]]) -> MemberWritten:
+    """Write the folder with `members` (callables filling a folder: the model, then any ensemble members under
+    ensemble/model{N}/) into a temporary folder beside DST, then put it in DST's place (DST, if any, stays
+    untouched until everything succeeded)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".fairport-tmp", dir=dst.parent))
+    try:
+        first = members[0](tmp)
+        for n, write in enumerate(members[1:], start=2):
+            sub = tmp / "ensemble" / f"model{n}"
+            sub.mkdir(parents=True)
+            write(sub)
+        if len(members) > 1:
+            _record_ensemble(tmp, len(members))
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.fairport-old")
+            shutil.rmtree(old, ignore_errors=True)
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return first
+
+
+def _record_ensemble(folder: Path, n: int) -> None:
+    """config.json lists the ensemble's members; provenance.json their sources (and config.json's new hash)."""
+    config = json.loads((folder / "config.json").read_text())
+    config["fairport"]["ensemble"] = [f"ensemble/model{i}" for i in range(2, n + 1)]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    prov = json.loads((folder / "provenance.json").read_text())
+    prov["files"]["config.json"] = sha256(folder / "config.json")
+    members = sorted((folder / "ensemble").iterdir())
+    prov["ensemble"] = [json.loads((m / "provenance.json").read_text())["source"] for m in members]
+    (folder / "provenance.json").write_text(json.dumps(prov, indent=2))

@@ -1,0 +1,74 @@
+"""`fairport generate`: a file of sources through a converted folder, in one process or many.
+
+Under torchrun (or with `--nproc N`) every rank loads the folder, encodes the whole input, cuts it into the
+same length-sorted batches as one process would (so each output is the one process's output), generates its
+share of the batches, and rank 0 gathers the outputs and writes one file in input order.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fairport.distributed import Ranks
+from fairport.errors import FairportError
+from fairport.reference import load
+from fairport.reference.hub import length_sorted_batches
+
+
+def read_lines(path: str) -> list[str]:
+    if path == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except OSError as e:
+        raise FairportError(f"cannot read --input {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise FairportError(f"--input {path} is not UTF-8 text") from None
+
+
+def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", dtype: str | None = None,
+                  pack: bool = True, batch_size: int = 32, seed: int | None = None, quiet: bool = False,
+                  source_lang: str | None = None, target_lang: str | None = None, **gen) -> int:
+    from tqdm import tqdm
+
+    ranks = Ranks.from_env()
+    device = ranks.start(device)
+    try:
+        model = load(folder, device=device, dtype=dtype, pack=pack)
+        framing = model.tokenizer.framing  # fails early: no text pipeline
+        recorded = {"--source-lang": (source_lang, framing.source_lang), "--target-lang": (target_lang, framing.target_lang)}
+        named = [flag for flag, (given, fixed) in recorded.items() if given and given != fixed]
+        if named and not framing.multi:
+            raise FairportError(f"{' and '.join(named)}: {folder} is not a many-to-many model (it translates "
+                                f"{framing.source_lang or '?'}-{framing.target_lang or '?'} only); these flags choose "
+                                f"a many-to-many model's direction")
+        framing.check_direction(source_lang, target_lang)
+        lines = read_lines(input)
+        encoded = model.encode_all(lines, source_lang, target_lang)
+        batches = length_sorted_batches([len(e) for e in encoded], batch_size)
+        mine = [batches[b] for b in ranks.deal([len(b) for b in batches])]
+        desc = "generate" if ranks.world == 1 else f"generate (rank 0 of {ranks.world})"
+        with tqdm(total=sum(map(len, mine)), unit="sent", desc=desc, disable=quiet or not ranks.main,
+                  file=sys.stderr) as bar:
+            hyps = model.generate_batches(encoded, mine, seed, bar, target_lang, **gen)
+        texts = {i: model.decode(h[0]["tokens"].tolist(), target_lang) for i, h in enumerate(hyps) if h is not None}
+        shares = ranks.gather(texts)
+        if ranks.main:
+            merged = {i: t for share in shares for i, t in share.items()}
+            write_lines(output, [merged[i] for i in range(len(lines))])
+        return 0
+    finally:
+        ranks.stop()
+
+
+def write_lines(path: str, lines: list[str]) -> None:
+    text = "".join(line + "\n" for line in lines)
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise FairportError(f"cannot write --output {path}: {e.strerror}") from None

@@ -1,0 +1,1 @@
+"""Everything that imports fairseq. It runs only in subprocesses: the worker that runs the original beside the port (worker.py; the unsafe-unpickling switch fairseq 0.12 needs under torch >= 2.6 is set only in its environment) and the fixture builder (fixtures.py)."""

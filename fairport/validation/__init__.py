@@ -1,1 +1,0 @@
-"""Run the fairseq originals beside the port: fixtures, parity, reports."""
