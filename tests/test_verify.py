@@ -53,18 +53,23 @@ def test_correct_port_passes_with_full_report(trained_dir, trained_port, tmp_pat
 
 @needs_fairseq
 def test_perturbed_layer_fails_and_is_named(trained_dir, trained_port, tmp_path):
+    """A wrong port fails, names the layer where it diverges, and its generation mismatches are divergences:
+    its logits |Δ| is beyond the logits check, so no flip is explained as a tie."""
     bad = tmp_path / "bad"
     shutil.copytree(trained_port, bad)
     weights = load_file(str(bad / "model.safetensors"))
     key = "model.decoder.layers.1.fc2.weight"
     weights[key] = weights[key] + 0.05 * torch.randn(weights[key].shape, generator=torch.Generator().manual_seed(0))
     save_file(weights, str(bad / "model.safetensors"))
-    proc = run_verify(trained_dir, bad, "--limit", "8", "--out", tmp_path / "r")
+    proc = run_verify(trained_dir, bad, "--fairseq-data", trained_dir / "bin", "--limit", "24", "--out", tmp_path / "r")
     assert proc.returncode == 1
     assert "FAIL" in proc.stdout.splitlines()[-1]
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["layers"]["first_divergent"] == "decoder.layers.1"
     assert "decoder.layers.1" in proc.stdout  # named among the failing checks, listed last
+    mismatches = [m for g in rep["generation"].values() for m in g["mismatches"]]
+    assert mismatches and all(m["class"] == "divergence" for m in mismatches)
+    assert any(c["name"].endswith("every mismatch explained") and not c["passed"] for c in rep["checks"])
 
 
 @needs_fairseq
@@ -131,3 +136,104 @@ def test_verify_random_ids_framed_as_the_task_frames_them(name, args, fixtures_d
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["passed"] and rep["generation"]["beam"]["exact_match"] == 1.0
+
+
+@needs_fairseq
+def test_an_exact_tie_is_a_near_tie_with_margin_zero_and_passes(fixtures_dir, tmp_path):
+    """Two output rows made identical in the original, so two tokens score exactly the same wherever one is
+    chosen; the port breaks that tie the other way (its row moved by 1e-6 along the decoder state at that step).
+    With the defaults, verify passes and reports the mismatch as a near-tie whose original margin is 0."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fairport.original.protocol import Generate, Original
+    from fairport.reference import load
+    from fairport.reference.batching import pad_batch
+    from fairport.reference.hub import length_sorted_batches
+    from fairport.verify.inputs import random_inputs
+
+    name = "iwslt_legacy_2019"  # its output projection is its own (untied): one row changes nothing else
+    convert(fixtures_dir / name, tmp_path / "before")
+    model = load(tmp_path / "before")
+    c = model.config
+    inputs = random_inputs(c.src_vocab_size, c.tgt_vocab_size, 100, 0, c.eos)  # verify's default inputs
+    batches = length_sorted_batches([len(s) for s in inputs.src], 16)
+    seen: dict = {}
+    for idx in batches:
+        src = pad_batch([inputs.src[j] for j in idx], c.pad, left=True)
+        for beam in (1, 5):
+            for j, h in zip(idx, model.generate(src, beam=beam)):
+                for tok in set(h[0]["tokens"].tolist()):
+                    seen.setdefault(tok, set()).add((beam, j))
+    # a: a token the outputs of one input only use (its greedy output among them); b: a token no output uses
+    a = next(t for t, uses in sorted(seen.items()) if t >= 4 and len({j for _, j in uses}) == 1
+             and (1, next(iter(uses))[1]) in uses)
+    b = next(t for t in range(4, c.tgt_vocab_size) if t not in seen)
+    [i] = {j for _, j in seen[a]}
+    src = tmp_path / "src"
+    shutil.copytree(fixtures_dir / name, src)
+    state = torch.load(src / "model.pt", weights_only=False)  # a fixture we built: a trusted file
+    state["model"]["decoder.embed_out"][b] = state["model"]["decoder.embed_out"][a]
+    torch.save(state, src / "model.pt", _use_new_zipfile_serialization=False)
+    convert(src, tmp_path / "port")
+    batch = next(idx for idx in batches if i in idx)
+    with Original([src / "model.pt"], src) as fairseq:
+        theirs = fairseq(Generate(pad_batch([inputs.src[j] for j in batch], c.pad, left=True), {"beam": 1}))
+    theirs = theirs["hypotheses"][batch.index(i)][0]["tokens"].tolist()
+    t = next(k for k, tok in enumerate(theirs) if tok in (a, b))
+    chosen, other = theirs[t], ({a, b} - {theirs[t]}).pop()
+    port = load(tmp_path / "port", pack=False)
+    with torch.no_grad():  # the decoder state where the original chose: move the other row 1e-6 up along it
+        h = port.decoder.features(torch.tensor([[c.eos] + theirs[:t]]), port.encoder(torch.tensor([inputs.src[i]])))
+    h = h[0, -1]
+    weights = load_file(str(tmp_path / "port" / "model.safetensors"))
+    key = "model.decoder.output_projection.weight"
+    weights[key][other] = weights[key][chosen] + 1e-6 * h / h.dot(h)
+    save_file(weights, str(tmp_path / "port" / "model.safetensors"), metadata={"format": "pt"})
+
+    proc = run_verify(src, tmp_path / "port", "--out", tmp_path / "r")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("verify: PASS"), proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    [m] = rep["generation"]["greedy"]["mismatches"]
+    assert m["input"] == i and m["class"] == "near-tie" and m["evidence"]["step"] == t
+    assert m["evidence"]["margin"]["original"] == 0.0 and 0 < m["evidence"]["margin"]["port"] < 1e-5
+    assert m["evidence"]["flip"] <= m["evidence"]["tolerance"]
+    assert all(x["class"] == "near-tie" for g in rep["generation"].values() for x in g["mismatches"])
+    assert "near-tie" in (tmp_path / "r" / "report.md").read_text()
+
+
+@needs_fairseq
+def test_a_batch_dependent_original_is_recognised(trained_dir, tmp_path):
+    """By construction: fairseq's max length grows with the padded width of the batch (max_len_a * width +
+    max_len_b), so a short input batched with long ones may generate longer than it does alone. A port that
+    ran that input alone gives the original's alone output: verify classifies the mismatch as a batch-dependent
+    original, with the original's alone output as evidence."""
+    import torch
+
+    from fairport.distributed import Ranks
+    from fairport.reference.folder import ModelFolder
+    from fairport.verify import run as stages
+    from fairport.verify.run import VerifyOptions, VerifyRun
+
+    port = tmp_path / "port"
+    convert(trained_dir, port, generation_overrides={"max_len_a": 0.5, "max_len_b": 0})
+    opts = VerifyOptions(fairseq_data=trained_dir / "bin", limit=60, batch_size=64, out=tmp_path / "r", progress=False)
+    run = VerifyRun(trained_dir, ModelFolder.open(port), opts, Ranks(), "cpu")
+    try:
+        for stage in stages.EVERY_RANK + [stages.logits_and_nll]:
+            stage(run)
+        [batch] = run.batches  # every input in one batch: its width is the longest input's
+        # a short input of 2-7 words: alone its max length (half its width) cuts it short, in the batch not
+        i = min((j for j in batch if 3 <= len(run.inputs.src[j]) <= 8), key=lambda j: len(run.inputs.src[j]))
+        alone = run.port.generate(torch.tensor([run.inputs.src[i]]), **run.settings["greedy"])
+        in_batch = run.results[0]["greedy"]["reference"][batch.index(i)]
+        assert alone[0][0]["tokens"].tolist() != in_batch["tokens"], "the construction needs a batch-dependent input"
+        run.results[0]["greedy"]["reference"][batch.index(i)] = stages.top(alone[0])  # the port, batched otherwise
+        stages.generation(run)
+    finally:
+        if run.original is not None:
+            run.original.close()
+    [m] = run.report.sections["generation"]["greedy"]["mismatches"]
+    assert m["input"] == i and m["class"] == "batch-dependent original"
+    assert m["evidence"]["original_alone"] == m["port"] != m["original"]
+    assert "run alone, the original gives the port's output" in m["explanation"]

@@ -347,14 +347,15 @@ class Tokenizer:
         """A reference translation as the task's dataset holds targets (see Framing.task_target)."""
         return self.framing.target(self.ids(text, self.tgt_dict), max_positions, target_lang)
 
-    def decode(self, ids, target_lang: str | None = None) -> str:
+    def decode(self, ids, target_lang: str | None = None, source: bool = False) -> str:
         """fairseq-generate's text: Dictionary.string of the ids Framing.strip keeps, then BPE removal and the
-        detokenizer."""
+        detokenizer. `source`: ids of the source side (its dictionary)."""
         ids = self.framing.strip([int(i) for i in ids], target_lang)
         if self.gpt2 is not None:
             text = self.gpt2.decode(ids)
         else:
-            text = " ".join(self.tgt_dict.symbols[i] for i in ids)
+            d = self.src_dict if source else self.tgt_dict
+            text = " ".join(d.symbols[i] for i in ids)
             if self.bpe is not None:
                 text = self.bpe.remove(text)
         return self.pre.decode(text) if self.pre is not None else text
