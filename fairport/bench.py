@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fairport.errors import FairportError
+from fairport.reference.batching import pad_batch
 from fairport.reference.load import PRECISIONS
 
 # "int8" (float32 model, int8 linear layers) is the reference's alone: no other side has it
@@ -309,6 +310,11 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
             say(f"timing {side} on {len(side_configs)} configurations ...")
             runs[side] = _run_side(side, {**job, "configs": side_configs}, tmp, timeout=7200)
     result["runs"] = _compare(runs, configs)
+    if procs:
+        say(f"throughput of the reference on {THROUGHPUT_SENTENCES} sentences with {', '.join(map(str, procs))} "
+            f"process(es) ...")
+        result["throughput"] = [throughput(folder, n, dtypes[0], max(batches), beams[-1], steps, src_len, device,
+                                           preset_gen) for n in procs]
     # the fp32 floor of one decoder step at batch 1: its weights read once at the memory's bandwidth
     result["batch1_bound_ms_per_step"] = step_bytes / (result["roofline"]["memory_read_gbps"] * 1e9) * 1000
     if "int8" in dtypes:  # the same step with its matrices at one byte a value
@@ -322,6 +328,66 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
                 if side != "fairseq" or row["dtype"] == "float32":  # fairseq's row is its fp32 run
                     r["over_batch1_bound"] = r["ms_per_step"] / bounds[row["dtype"]]
     return result
+
+
+THROUGHPUT_SENTENCES = 64
+
+
+def throughput(folder: Path, nproc: int, dtype: str, batch: int, beam: int, steps: int, src_len: int,
+               device: str, gen: dict) -> dict:
+    """The reference generating a corpus (THROUGHPUT_SENTENCES random sources, every hypothesis `steps` long)
+    on `nproc` processes of this machine through torch.distributed, the cores shared out (cores // nproc
+    threads each): sentences per second of the whole, from the first rank's start to the last rank's end."""
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // nproc)
+    with tempfile.TemporaryDirectory(prefix="fairport-throughput-") as tmp:
+        job = {"folder": str(folder), "dtype": dtype, "batch": batch, "beam": beam, "steps": steps,
+               "src_len": src_len, "device": device, "gen": gen, "out": str(Path(tmp) / "out.json")}
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(nproc), "-m", "fairport.bench", "--throughput-worker", str(Path(tmp) / "job.json")],
+                              capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore"))
+        if proc.returncode != 0:
+            raise FairportError(f"throughput with {nproc} processes failed:\n" + proc.stderr[-1500:])
+        out = json.loads((Path(tmp) / "out.json").read_text())
+    return {"processes": nproc, "threads_per_process": threads, "sentences": THROUGHPUT_SENTENCES, "batch": batch,
+            "beam": beam, "dtype": dtype, **out}
+
+
+def throughput_worker(job_path: str) -> None:
+    from fairport.distributed import Ranks
+    from fairport.reference import load
+    from fairport.reference.hub import length_sorted_batches
+
+    job = json.loads(Path(job_path).read_text())
+    ranks = Ranks.from_env()
+    device = ranks.start(job["device"])
+    model = load(job["folder"], device=device, dtype=job["dtype"])
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(max(2, job["src_len"] // 2), job["src_len"] + 1, (THROUGHPUT_SENTENCES,), generator=g)
+    sources = [torch.randint(4, cfg.src_vocab_size, (int(n) - 1,), generator=g).tolist() + [cfg.eos] for n in lengths]
+    batches = length_sorted_batches([len(s) for s in sources], job["batch"])
+    mine = [batches[b] for b in ranks.deal([sum(len(sources[i]) for i in b) for b in batches])]
+    options = {**job["gen"], "beam": job["beam"], "max_len_b": job["steps"], "min_len": job["steps"], "max_len_a": 0}
+
+    def run(idx):
+        model.generate(pad_batch([sources[i] for i in idx], cfg.pad, left=True).to(device), **options)
+
+    run(mine[0][:1])  # warm-up
+    ranks.barrier()
+    t0 = time.perf_counter()
+    for idx in mine:
+        run(idx)
+    seconds = time.perf_counter() - t0
+    ranks.barrier()
+    wall = time.perf_counter() - t0
+    per_rank = ranks.gather({"rank": ranks.rank, "sentences": sum(map(len, mine)), "seconds": seconds})
+    if ranks.main:
+        Path(job["out"]).write_text(json.dumps({"seconds": wall, "sentences_per_s": THROUGHPUT_SENTENCES / wall,
+                                                "per_rank": per_rank}))
+    ranks.stop()
 
 
 def _unique(configs):
@@ -397,6 +463,8 @@ def plot(result: dict, path: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--throughput-worker":
+        throughput_worker(sys.argv[2])
     else:
         raise SystemExit("use `fairport bench`")
 
@@ -434,4 +502,9 @@ def print_results(result: dict, out: Path) -> None:
         c = result["conversion"]
         print(f"conversion: {c['seconds']:.1f}s, peak RSS {c['peak_rss_mb']:.0f} MB = {c['rss_over_file']:.2f}x the "
               f"{c['checkpoint_mb']:.0f} MB checkpoint (plain read+write: {c['plain_read_write_seconds']:.1f}s)")
+    for t in result.get("throughput", []):
+        print(f"throughput, {t['processes']} process(es) x {t['threads_per_process']} thread(s): "
+              f"{t['sentences_per_s']:.2f} sentences/s ({t['sentences']} sentences, batch {t['batch']}, beam "
+              f"{t['beam']}, {t['dtype']}; per rank: " + ", ".join(f"{r['sentences']} in {r['seconds']:.1f}s"
+                                                                  for r in t["per_rank"]) + ")")
     print(f"results: {out} (+ {out.with_suffix('.png').name})")

@@ -47,7 +47,7 @@ def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", 
         lines = read_lines(input)
         encoded = model.encode_all(lines, source_lang, target_lang)
         batches = length_sorted_batches([len(e) for e in encoded], batch_size)
-        mine = [batches[b] for b in ranks.deal([len(b) for b in batches])]
+        mine = [batches[b] for b in ranks.deal([sum(len(encoded[i]) for i in b) for b in batches])]
         desc = "generate" if ranks.world == 1 else f"generate (rank 0 of {ranks.world})"
         with tqdm(total=sum(map(len, mine)), unit="sent", desc=desc, disable=quiet or not ranks.main,
                   file=sys.stderr) as bar:

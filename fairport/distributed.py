@@ -3,7 +3,7 @@
 `fairport verify` and `fairport generate` run unchanged under torchrun (`torchrun --nproc-per-node 4 -m fairport
 verify ...`); `--nproc N` starts the same thing on this machine through torch.distributed's launcher. The work is
 cut into length-sorted batches, identical whatever the number of processes, and each rank takes a deterministic
-share (`Ranks.deal`); rank 0 gathers the per-batch results with torch.distributed collectives (gloo on the CPU,
+share (`Ranks.deal`: costliest batches first, each to the least busy rank); rank 0 gathers the per-batch results with torch.distributed collectives (gloo on the CPU,
 nccl on CUDA) and writes the one report or output file. One process (no torchrun) is the default: world size 1.
 """
 
@@ -57,15 +57,17 @@ class Ranks:
             dist.destroy_process_group()
 
     def deal(self, costs: list[float]) -> list[int]:
-        """The indices of the work items (batches, in length order) this rank takes: dealt out in a snake
-        (0, 1, .., W-1, W-1, .., 0, 0, 1, ..) so that every rank gets long and short batches alike and the
-        ranks finish together. Deterministic: the same for every run with the same inputs and world size."""
+        """The indices of the work items (batches) this rank takes, given each item's cost (its tokens): the
+        costliest first, each to the rank with the least work so far (ties: the lowest rank), so that the ranks
+        finish together. Deterministic: the same for every run with the same inputs and world size."""
+        load = [0.0] * self.world
         mine = []
-        for i in range(len(costs)):
-            lap, pos = divmod(i, self.world)
-            if (pos if lap % 2 == 0 else self.world - 1 - pos) == self.rank:
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            r = min(range(self.world), key=lambda r: (load[r], r))
+            load[r] += costs[i]
+            if r == self.rank:
                 mine.append(i)
-        return mine
+        return sorted(mine)
 
     def all_gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
@@ -116,6 +118,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    import logging
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # our one line says what failed
     threads = max(1, (os.cpu_count() or 1) // nproc)
     with tempfile.TemporaryDirectory(prefix="fairport-ranks-") as errors:
         env = {LAUNCHED: "1", ERROR_DIR: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
@@ -133,8 +138,8 @@ def launch(nproc: int, argv: list[str]) -> int:
                     messages[int(name[5:-4])] = f.read().strip()
             if messages:
                 print(f"fairport: error: {messages[min(messages)]}", file=sys.stderr)
-            else:
-                rank, failure = min(e.failures.items())
+            else:  # a rank died (the others were stopped after it): name the first to go
+                rank, failure = e.get_first_failure()
                 print(f"fairport: error: rank {rank} died (exit code {failure.exitcode}) before saying why; "
                       f"{died_hint(argv, rank)}", file=sys.stderr)
             return 1

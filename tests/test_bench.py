@@ -19,7 +19,7 @@ def bench(*args):
 def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
     out = tmp_path / "b.json"
     proc = bench("tiny", "--workdir", tmp_path / "w", "--steps", "4", "--repeats", "1", "--batch", "1,3",
-                 "--beam", "1,3", "--dtype", "float32,bfloat16,int8", "--warmup", "0", "--out", out)
+                 "--beam", "1,3", "--dtype", "float32,bfloat16,int8", "--warmup", "0", "--out", out, "--procs", "1,2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     keys = {r["key"] for r in res["runs"]}
@@ -45,6 +45,9 @@ def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
     assert 0 < res["batch1_bound_ms_per_step"] < min(r["sides"]["reference"]["ms_per_step"] for r in res["runs"])
     assert res["conversion"]["peak_rss_mb"] > 0 and res["conversion"]["checkpoint_mb"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+    one, two = res["throughput"]  # the same corpus on 1 process of 2 threads, and on 2 of 1 (torch.distributed)
+    assert (one["processes"], two["processes"]) == (1, 2) and one["sentences_per_s"] > 0 and two["sentences_per_s"] > 0
+    assert [r["sentences"] for r in two["per_rank"]] == [32, 32] and two["threads_per_process"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -116,6 +116,7 @@ class VerifyRun:
     forced: int | None = None  # the token the task forces first in generation
     inputs: verify_inputs.Inputs | None = None
     batches: list[list[int]] = field(default_factory=list)  # input indices, length-sorted (every rank alike)
+    costs: list[int] = field(default_factory=list)  # each batch's source tokens: how ranks share the batches
     mine: list[int] = field(default_factory=list)  # this rank's batches
     settings: dict = field(default_factory=dict)  # "greedy"/"beam" -> generation options
     original: Original | None = None
@@ -224,7 +225,8 @@ def read_inputs(run: VerifyRun) -> None:
             inputs.refs = [run.framing.task_target(r[:-1], run.target_lang) for r in inputs.refs]
     run.inputs = inputs
     run.batches = length_sorted_batches([len(s) for s in inputs.src], o.batch_size)
-    run.mine = run.ranks.deal([len(b) for b in run.batches])
+    run.costs = [sum(len(inputs.src[i]) for i in b) for b in run.batches]
+    run.mine = run.ranks.deal(run.costs)
     run.say(f"{len(inputs.src)} inputs from {inputs.origin}: {len(run.batches)} batches"
             + (f" over {run.ranks.world} processes" if run.ranks.world > 1 else ""))
 
@@ -467,7 +469,9 @@ def generation(run: VerifyRun) -> None:
         n = len(same)
         rate, explained = sum(same) / max(n, 1), (counts["near-tie"] + counts[BATCH]) / max(n, 1)
         section[key] = {"options": options, "exact_match": rate, "max_score_abs": score_d, "counts": counts,
-                        "mismatches": mismatches}
+                        "mismatches": mismatches,
+                        "outputs": [{"original": a["tokens"], "port": b["tokens"], "original_score": a["score"],
+                                     "port_score": b["score"]} for a, b in zip(theirs, mine)]}
         detail = f"{n - sum(same)} of {n} differ: " + ", ".join(f"{v} {c}" for c, v in counts.items())
         if o.strict:
             run.report.add(f"generation ({key}): top hypothesis exact match", rate >= o.exact_match, rate,
@@ -609,7 +613,7 @@ def speed(run: VerifyRun) -> None:
     ranks = run.ranks.world
     section["per_rank"] = []
     for r in range(ranks):
-        share = Ranks(r, ranks).deal(run.batches)
+        share = Ranks(r, ranks).deal(run.costs)
         section["per_rank"].append({"rank": r, "inputs": sum(len(run.batches[b]) for b in share), **{
             f"{side}_seconds": sum(run.results[b]["seconds"][k][side] for b in share for k in run.settings)
             for side in ("original", "reference")}})
