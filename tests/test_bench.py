@@ -47,7 +47,8 @@ def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     one, two = res["throughput"]  # the same corpus on 1 process of 2 threads, and on 2 of 1 (torch.distributed)
     assert (one["processes"], two["processes"]) == (1, 2) and one["sentences_per_s"] > 0 and two["sentences_per_s"] > 0
-    assert [r["sentences"] for r in two["per_rank"]] == [32, 32] and two["threads_per_process"] == 1
+    assert sum(r["sentences"] for r in two["per_rank"]) == 64 and all(r["sentences"] for r in two["per_rank"])
+    assert two["threads_per_process"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
