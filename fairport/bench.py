@@ -10,6 +10,7 @@ Each side runs in its own process (peak RSS per side), with a warm-up and `--rep
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -53,22 +54,30 @@ def _summary(times: list[float], sentences: int, tokens: int, steps: int) -> dic
 
 # ---- side workers (each in its own process) -------------------------------------------------------
 
+def _time_configs(job: dict, prepare, tokens_of) -> dict:
+    """Time every configuration of a side: `prepare(cfg, src)` gives the call that generates for one batch,
+    `tokens_of(output)` each sentence's top hypothesis (taken out of the timed calls)."""
+    inputs = torch.load(job["inputs"], weights_only=True)
+    results = {}
+    for cfg in job["configs"]:
+        src = inputs[f"src.{cfg['batch']}"].to(job["device"])
+        out, times = _timed(prepare(cfg, src), job["repeats"], job.get("warmup_s", 1.0))
+        toks = tokens_of(out)
+        results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
+    return results
+
+
 def _reference_worker(job: dict, pack: bool = True) -> dict:
     from fairport.reference import load
 
-    inputs = torch.load(job["inputs"], weights_only=True)
-    results = {}
     models = {}
-    for cfg in job["configs"]:
-        dtype = cfg["dtype"]
-        if dtype not in models:
-            models[dtype] = load(job["folder"], device=job["device"], dtype=dtype, pack=pack)
-        m = models[dtype]
-        src = inputs[f"src.{cfg['batch']}"].to(job["device"])
-        hyps, times = _timed(lambda: m.generate(src, **cfg["options"]), job["repeats"], job.get("warmup_s", 1.0))
-        toks = [h[0]["tokens"].tolist() for h in hyps]
-        results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
-    return results
+
+    def prepare(cfg, src):
+        if cfg["dtype"] not in models:
+            models[cfg["dtype"]] = load(job["folder"], device=job["device"], dtype=cfg["dtype"], pack=pack)
+        return functools.partial(models[cfg["dtype"]].generate, src, **cfg["options"])
+
+    return _time_configs(job, prepare, lambda hyps: [h[0]["tokens"].tolist() for h in hyps])
 
 
 def _transformers_worker(job: dict) -> dict:
@@ -76,25 +85,17 @@ def _transformers_worker(job: dict) -> dict:
     from transformers import AutoModelForSeq2SeqLM
 
     transformers.logging.set_verbosity_error()
-    inputs = torch.load(job["inputs"], weights_only=True)
-    results = {}
-    for cfg in job["configs"]:
-        m = AutoModelForSeq2SeqLM.from_pretrained(job["folder"], dtype=PRECISIONS[cfg["dtype"]]).eval().to(job["device"])
-        src = inputs[f"src.{cfg['batch']}"].to(job["device"])
+
+    def prepare(cfg, src):
+        m = AutoModelForSeq2SeqLM.from_pretrained(job["folder"], dtype=PRECISIONS[cfg["dtype"]])
+        m = m.eval().to(job["device"])
         o = cfg["options"]
-        mask = src.ne(job["pad"])
+        return functools.partial(torch.no_grad()(m.generate), input_ids=src, attention_mask=src.ne(job["pad"]),
+                                 num_beams=o["beam"], do_sample=False, min_new_tokens=o["min_len"],
+                                 max_new_tokens=o["max_len_b"] + 1, length_penalty=o.get("lenpen", 1.0),
+                                 early_stopping=True, no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0) or 0)
 
-        def run():
-            with torch.no_grad():
-                return m.generate(input_ids=src, attention_mask=mask, num_beams=o["beam"], do_sample=False,
-                                  min_new_tokens=o["min_len"], max_new_tokens=o["max_len_b"] + 1,
-                                  length_penalty=o.get("lenpen", 1.0), early_stopping=True,
-                                  no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0) or 0)
-
-        out, times = _timed(run, job["repeats"], job.get("warmup_s", 1.0))
-        toks = [[t for t in row.tolist()[1:] if t != job["pad"]] for row in out]
-        results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
-    return results
+    return _time_configs(job, prepare, lambda out: [[t for t in row.tolist()[1:] if t != job["pad"]] for row in out])
 
 
 def _fairseq_worker(job: dict) -> dict:
@@ -107,21 +108,13 @@ def _fairseq_worker(job: dict) -> dict:
                                                                        arg_overrides={"data": job["data"]})
     for m in models:
         m.eval().float().to(job["device"])
-    inputs = torch.load(job["inputs"], weights_only=True)
-    results = {}
-    for cfg in job["configs"]:
-        gen = sequence_generator(models, task, cfg["options"])
-        src = inputs[f"src.{cfg['batch']}"].to(job["device"])
+
+    def prepare(cfg, src):
         sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(job["pad"]).sum(1)}}
+        return functools.partial(torch.no_grad()(sequence_generator(models, task, cfg["options"]).generate), models,
+                                 sample)
 
-        def run():
-            with torch.no_grad():
-                return gen.generate(models, sample)
-
-        hyps, times = _timed(run, job["repeats"], job.get("warmup_s", 1.0))
-        toks = [h[0]["tokens"].tolist() for h in hyps]
-        results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
-    return results
+    return _time_configs(job, prepare, lambda hyps: [h[0]["tokens"].tolist() for h in hyps])
 
 
 WORKERS = {"reference": _reference_worker, "reference-unpacked": lambda job: _reference_worker(job, pack=False),
@@ -161,7 +154,7 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
     from fairport.reference.fast import PACKABLE_DTYPES, Int8Linear, PackedLinear, int8_available, onednn_available
 
     block = torch.randn(64 << 20, device=device)  # 256 MB
-    _, times = _timed(lambda: block.sum(), 10, warmup_s=0.2)
+    _, times = _timed(block.sum, 10, warmup_s=0.2)
     out = {"memory_read_gbps": block.numel() * 4 / min(times) / 1e9, "matmul_gflops": {}, "weight_read_gbps": {}}
     del block
     for name in dtypes:
@@ -175,12 +168,12 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
             lin = make(_linear(ffn, dim, dt, device))
             for r in rows:
                 x = torch.randn(r, dim, dtype=dt, device=device)
-                _, times = _timed(lambda: lin(x), 20, warmup_s=0.2)
+                _, times = _timed(functools.partial(lin, x), 20, warmup_s=0.2)
                 out["matmul_gflops"][f"{path}:{name}:{r}x{dim}x{ffn}"] = 2 * r * dim * ffn / min(times) / 1e9
             rows_256mb = (256 << 20) // (dim * torch.finfo(dt).bits // 8)
             big = make(_linear(rows_256mb, dim, dt, device))
             v = torch.randn(1, dim, dtype=dt, device=device)
-            _, times = _timed(lambda big=big: big(v), 10, warmup_s=0.2)
+            _, times = _timed(functools.partial(big, v), 10, warmup_s=0.2)
             value_bytes = 1 if path == "int8" else torch.finfo(dt).bits // 8
             out["weight_read_gbps"][f"{path}:{name}"] = rows_256mb * dim * value_bytes / min(times) / 1e9
             del big
@@ -237,8 +230,8 @@ def _convert_measured(src: Path, dst: Path) -> dict:
 def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
           repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print,
           warmup_s: float = 1.0, procs: list[int] = ()) -> dict:
-    from fairport.reference.folder import ModelFolder
     from fairport.original.fixtures import BENCH_PRESETS
+    from fairport.reference.folder import ModelFolder
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         return {"device": device, "status": "not measured: no CUDA device on this machine"}
@@ -420,7 +413,8 @@ def _compare(runs: dict, configs: list[dict]) -> list[dict]:
             if base is not None:
                 entry["speedup_vs_fairseq_fp32"] = base["min_s"] / r["min_s"]
                 entry["outputs_equal_fairseq"] = r["tokens"] == base["tokens"]
-                entry["exact_match_rate"] = sum(a == b for a, b in zip(r["tokens"], base["tokens"])) / len(base["tokens"])
+                same = sum(a == b for a, b in zip(r["tokens"], base["tokens"]))
+                entry["exact_match_rate"] = same / len(base["tokens"])
             row["sides"][side] = entry
         rows.append(row)
     for side, res in runs.items():

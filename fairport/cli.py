@@ -11,6 +11,13 @@ import os
 import sys
 from dataclasses import fields
 
+# PyTorch's CPU allocator backs allocations of 2 MB and more with transparent huge pages when this is set (read
+# once, at its first allocation, so before torch is imported): measured 10-30% faster decoding with the reference
+# (fewer page faults on fresh logits buffers, fewer TLB misses on weights). The command line turns it on unless
+# the environment says otherwise; library users may set it themselves (docs/benchmarks.md).
+if "torch" not in sys.modules:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from fairport import __version__
 from fairport.errors import FairportError
 

@@ -37,7 +37,8 @@ def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", 
     try:
         model = load(folder, device=device, dtype=dtype, pack=pack)
         framing = model.tokenizer.framing  # fails early: no text pipeline
-        recorded = {"--source-lang": (source_lang, framing.source_lang), "--target-lang": (target_lang, framing.target_lang)}
+        recorded = {"--source-lang": (source_lang, framing.source_lang),
+                    "--target-lang": (target_lang, framing.target_lang)}
         named = [flag for flag, (given, fixed) in recorded.items() if given and given != fixed]
         if named and not framing.multi:
             raise FairportError(f"{' and '.join(named)}: {folder} is not a many-to-many model (it translates "

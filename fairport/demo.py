@@ -66,8 +66,8 @@ def main(out: str = "fairport-demo") -> int:
     run(["fairport.original.fixtures", str(src_dir), "bart_base_mnli"] + (["--shared", str(shared)] if shared else []))
     run(["fairport.original.fixtures", str(src_dir), "--trained"])
 
-    bart_convert, bart_verify = ["--beam", "4", "--max-len-b", "30", "--lenpen", "2.0", "--no-repeat-ngram-size", "3"], \
-        ["--limit", "12"]
+    bart_convert = ["--beam", "4", "--max-len-b", "30", "--lenpen", "2.0", "--no-repeat-ngram-size", "3"]
+    bart_verify = ["--limit", "12"]
     if shared:
         bart_convert += ["--gpt2-encoder-json", str(shared / "gpt2" / "encoder.json"),
                          "--gpt2-vocab-bpe", str(shared / "gpt2" / "vocab.bpe")]

@@ -3,8 +3,9 @@
 `fairport verify` and `fairport generate` run unchanged under torchrun (`torchrun --nproc-per-node 4 -m fairport
 verify ...`); `--nproc N` starts the same thing on this machine through torch.distributed's launcher. The work is
 cut into length-sorted batches, identical whatever the number of processes, and each rank takes a deterministic
-share (`Ranks.deal`: costliest batches first, each to the least busy rank); rank 0 gathers the per-batch results with torch.distributed collectives (gloo on the CPU,
-nccl on CUDA) and writes the one report or output file. One process (no torchrun) is the default: world size 1.
+share (`Ranks.deal`: costliest batches first, each to the least busy rank); rank 0 gathers the per-batch results
+with torch.distributed collectives (gloo on the CPU, nccl on CUDA) and writes the one report or output file. One
+process (no torchrun) is the default: world size 1.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Ranks:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Ranks":
+    def from_env(cls) -> Ranks:
         """torchrun's RANK, WORLD_SIZE and LOCAL_RANK (none: one process)."""
         env = os.environ
         return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
@@ -113,12 +114,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     """`--nproc N`: run `fairport ARGV` in N processes on this machine through torch.distributed's launcher
     (what torchrun runs), as `torchrun --standalone --nproc-per-node N -m fairport ARGV` would. Prints one
     error line if a rank fails or dies."""
+    import logging
     import tempfile
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    import logging
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # our one line says what failed
     threads = max(1, (os.cpu_count() or 1) // nproc)

@@ -194,7 +194,8 @@ def _parity_section(report: dict | None, dataset: str) -> list[str]:
         L.append(f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {num(c['value'])} | {num(c['threshold'])} |")
     if report.get("plots", {}).get("layers"):
         L += ["", "![per-layer divergence](verify/layers.png)"]
-    L += ["", "## Speed (same inputs, same run)", "", "| setting | side | sentences/s | tokens/s |", "|---|---|---|---|"]
+    L += ["", "## Speed (same inputs, same run)", "", "| setting | side | sentences/s | tokens/s |",
+          "|---|---|---|---|"]
     for k, v in report.get("speed", {}).items():
         if k in ("greedy", "beam"):
             for side in ("original", "reference"):

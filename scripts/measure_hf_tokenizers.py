@@ -27,8 +27,8 @@ def main(shared: Path) -> None:
     from subword_nmt.learn_bpe import learn_bpe
     from transformers import BartTokenizer, FSMTTokenizer
 
-    from fairport.reference.dictionary import Dictionary
     from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2
+    from fairport.reference.dictionary import Dictionary
 
     langs = ("en", "de", "ru")
     text = {lang: (shared / "text" / f"{lang}.txt").read_text(encoding="utf-8").splitlines() for lang in langs}

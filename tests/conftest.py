@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import HAVE_FAIRSEQ, SHARED, gpt2_files
 from fairport.util import run_module, stderr_tail
+from helpers import HAVE_FAIRSEQ, SHARED, gpt2_files
 
 # fixtures that need fairseq: a test that uses one is marked `fairseq` (and skipped without it)
 FAIRSEQ_FIXTURES = {"fixtures_dir", "converted", "real_sizes_dir", "trained_dir", "verified_port", "trained_port",

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, assert_one_error_line, needs_fairseq, run_cli
 from fairport.converters.checkpoint import load_checkpoint
 from fairport.errors import FairportError
+from helpers import ROOT, assert_one_error_line, needs_fairseq, run_cli
 
 
 def fairport(*args) -> subprocess.CompletedProcess:

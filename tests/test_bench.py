@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-import torch
 import pytest
+import torch
 
 from helpers import needs_fairseq, run_cli
 

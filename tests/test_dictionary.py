@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from helpers import SHARED, needs_fairseq, needs_shared
-from fairport.reference.dictionary import Dictionary
 from fairport.converters.tokenizer_files import fsmt_vocab, gpt2_vocab
 from fairport.errors import FairportError
+from fairport.reference.dictionary import Dictionary
+from helpers import SHARED, needs_fairseq, needs_shared
 
 
 def fairseq_dictionary(path, additions=()):

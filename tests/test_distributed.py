@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from helpers import ROOT, assert_one_error_line, needs_fairseq, run_cli
 from fairport.distributed import Ranks
 from fairport.reference.hub import length_sorted_batches
 from fairport.verify.inputs import from_fairseq_data
+from helpers import ROOT, assert_one_error_line, needs_fairseq, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same threads per process either way: the same products, bit for bit
 LIMIT = "40"

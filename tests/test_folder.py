@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared
 from fairport.converters.convert import convert
 from fairport.converters.write import sha256
 from fairport.reference import load
 from fairport.verify.inputs import random_batch
+from helpers import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared
 
 
 def logits(folder, seed=0):

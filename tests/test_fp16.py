@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import needs_fairseq, needs_shared
 from fairport.converters.convert import convert
-from fairport.reference import load
 from fairport.original.protocol import Generate, Logits, direction_overrides, hub_request, run
+from fairport.reference import load
 from fairport.verify.inputs import random_batch
+from helpers import needs_fairseq, needs_shared
 
 FAMILIES = {"wmt_big_joined": None, "bart_base_mnli": None, "mbart_en_ro_spm": None,
             "m2m_multilingual": ("en", "de")}

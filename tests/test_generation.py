@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import needs_fairseq
 from fairport.converters.convert import convert
-from fairport.reference.dictionary import Dictionary
-from fairport.reference import fast, load
-from fairport.reference.ensemble import Ensemble
 from fairport.original.protocol import Generate, run
+from fairport.reference import fast, load
 from fairport.reference.batching import pad_batch
+from fairport.reference.dictionary import Dictionary
+from fairport.reference.ensemble import Ensemble
 from fairport.verify.inputs import random_batch
+from helpers import needs_fairseq
 
 SCORE_TOL = 1e-4
 
@@ -104,7 +104,8 @@ def test_installed_fairseq_ngram_fallback_never_blocks(trained_dir):
     returns, while the corrected blocking (0.10.2 / CUDA kernel behaviour) changes the output."""
     src = source_batch(trained_dir)
     none, bug = (r["hypotheses"] for r in run(
-        [trained_dir / "model.pt"], trained_dir, Generate(src, {"beam": 4, "max_len_b": 30}, fixed_ngram_blocking=False),
+        [trained_dir / "model.pt"], trained_dir,
+        Generate(src, {"beam": 4, "max_len_b": 30}, fixed_ngram_blocking=False),
         Generate(src, {"beam": 4, "max_len_b": 30, "no_repeat_ngram_size": 2}, fixed_ngram_blocking=False)))
     assert [[h["tokens"].tolist() for h in s] for s in none] == [[h["tokens"].tolist() for h in s] for s in bug]
     [out] = run([trained_dir / "model.pt"], trained_dir,

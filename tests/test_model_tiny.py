@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_close, needs_transformers
 from fairport.converters import hf
 from fairport.converters.weights import transformers_extras
 from fairport.reference import fast
@@ -26,6 +25,7 @@ from fairport.reference.load import build, tied_names
 from fairport.reference.model import EncoderDecoder, LayerCache
 from fairport.reference.names import to_hf_name
 from fairport.verify.inputs import random_batch
+from helpers import assert_close, needs_transformers
 
 TINY = dict(src_vocab_size=60, tgt_vocab_size=60, encoder_embed_dim=32, encoder_ffn_dim=48, encoder_layers=2,
             encoder_heads=4, decoder_embed_dim=32, decoder_input_embed_dim=32, decoder_output_dim=32,
@@ -98,8 +98,8 @@ def test_transformers_reproduces_the_families_it_has(name):
     missing, unexpected = theirs.load_state_dict(sd | extra, strict=False)
     # BART's classification heads are kept for fairport's predict(); the seq2seq class has none
     assert all(k.startswith("classification_heads.") for k in unexpected), unexpected
-    assert all(k.endswith(("embed_tokens.weight", "lm_head.weight", "embed_positions.weights", "output_projection.weight"))
-               for k in missing), missing  # tied to stored tensors in transformers, nothing else left out
+    tied = ("embed_tokens.weight", "lm_head.weight", "embed_positions.weights", "output_projection.weight")
+    assert all(k.endswith(tied) for k in missing), missing  # transformers ties these; nothing else left out
     theirs.tie_weights()
     batch = batch_for(model)
     mine = logits(model, batch)
@@ -157,7 +157,8 @@ def test_an_ensemble_of_one_is_the_model(name):
     assert_close(ensemble(batch["src_tokens"], batch["prev_output_tokens"]),
                  torch.log_softmax(logits(model, batch).float(), dim=-1), 1e-6, "ensemble forward")
     for options in (dict(beam=1, max_len_b=8), dict(beam=3, max_len_b=8, lenpen=1.3)):
-        ours, theirs = generate(ensemble, batch["src_tokens"], **options), generate(model, batch["src_tokens"], **options)
+        ours = generate(ensemble, batch["src_tokens"], **options)
+        theirs = generate(model, batch["src_tokens"], **options)
         assert [[h["tokens"].tolist() for h in s] for s in ours] == [[h["tokens"].tolist() for h in s] for s in theirs]
 
 

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from helpers import needs_fairseq
 from fairport.converters.convert import convert_state, expected_shapes
-from fairport.converters.sources import Sources
 from fairport.converters.hf import hf_family
+from fairport.converters.sources import Sources
+from helpers import needs_fairseq
 
 DTYPES = {"torch.float32": torch.float32, "torch.float16": torch.float16}
 
@@ -65,4 +65,5 @@ def test_m2m100_release_rows_pad_the_dictionary(real_sizes_dir):
     conv = convert_state(state, Sources(folder / "model.pt", folder))
     assert conv.config.src_vocab_size == conv.config.tgt_vocab_size == 128112
     assert conv.dicts.src.symbols[-8:] == [f"madeupword{i:04d}" for i in range(8)]
-    assert conv.dicts.multilingual.meta(conv.dicts.src)["tokens"]["l00"] == 128004 and hf_family(conv.config)[0] == "m2m_100"
+    assert conv.dicts.multilingual.meta(conv.dicts.src)["tokens"]["l00"] == 128004
+    assert hf_family(conv.config)[0] == "m2m_100"

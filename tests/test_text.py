@@ -7,14 +7,14 @@ import io
 
 import pytest
 
-from helpers import SHARED, gpt2_files, needs_fairseq, needs_shared, run_cli
 from fairport.converters.convert import convert
-from fairport.reference.dictionary import Dictionary
-from fairport.reference import load
-from fairport.reference.tokenizer import GPT2BPE, Tokenizer, load_tokenizer
 from fairport.errors import FairportError
 from fairport.original.fixtures import train_sentencepiece
 from fairport.original.protocol import direction_overrides, hub_request, run
+from fairport.reference import load
+from fairport.reference.dictionary import Dictionary
+from fairport.reference.tokenizer import GPT2BPE, Tokenizer, load_tokenizer
+from helpers import SHARED, gpt2_files, needs_fairseq, needs_shared, run_cli
 
 LANGS = ("en", "de", "ru")
 
@@ -58,7 +58,8 @@ def moses_bpe(tmp_path_factory):
     tokenized = []
     for lang in LANGS:
         tok = MosesTokenizer(lang=lang)
-        tokenized += [tok.tokenize(s, aggressive_dash_splits=True, return_str=True, escape=True) for s in sentences(lang)]
+        tokenized += [tok.tokenize(s, aggressive_dash_splits=True, return_str=True, escape=True)
+                      for s in sentences(lang)]
     codes = io.StringIO()
     learn_bpe(io.StringIO("\n".join(tokenized)), codes, 3000, min_frequency=2)
     lines = [ln for ln in codes.getvalue().splitlines() if not ln.startswith("#")]

@@ -9,10 +9,10 @@ import argparse
 import pytest
 import torch
 
-from helpers import needs_fairseq
 from fairport.converters import text
 from fairport.converters.checkpoint import recorded_text
 from fairport.converters.sources import Sources
+from helpers import needs_fairseq
 
 
 def sources(folder, **kw):

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import needs_fairseq, run_cli
 from fakehub import FakeHub
+from helpers import needs_fairseq, run_cli
 
 TOKEN = "hf_fairportTESTtoken0123456789"
 

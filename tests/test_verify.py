@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import SHARED, gpt2_files, needs_fairseq, needs_shared, run_cli
 from fairport.converters.convert import convert
+from helpers import SHARED, gpt2_files, needs_fairseq, needs_shared, run_cli
 
 
 def run_verify(*args, env=None):
@@ -42,7 +42,8 @@ def test_correct_port_passes_with_full_report(trained_dir, trained_port, tmp_pat
     assert (fp32["dtype"], bf16["dtype"], int8["dtype"]) == ("float32", "bfloat16", "int8")
     assert 0 < int8["logits_max_abs"] <= int8["tolerance"] and 0 <= int8["beam_exact_match"] <= 1
     assert "bleu_delta_vs_original" in int8
-    assert fp32["beam_exact_match"] == 1.0 and fp32["score_max_abs_delta"] <= 1e-4 and fp32["bleu_delta_vs_original"] == 0
+    assert fp32["beam_exact_match"] == 1.0 and fp32["score_max_abs_delta"] <= 1e-4
+    assert fp32["bleu_delta_vs_original"] == 0
     assert 0 <= bf16["beam_exact_match"] <= 1 and "bleu_delta_vs_original" in bf16 and bf16["score_mean_abs_delta"] >= 0
     assert rep["speed"]["beam"]["original"]["seconds"] > 0 and rep["speed"]["beam"]["reference"]["seconds"] > 0
     assert rep["environment"]["known_deviations"]

@@ -49,7 +49,7 @@ class Multilingual:
     lang_dict: Path | None = None  # the language list file used, for provenance
 
     @classmethod
-    def from_options(cls, options: dict, folder: Path) -> "Multilingual":
+    def from_options(cls, options: dict, folder: Path) -> Multilingual:
         problems = []
         style = options.get("lang_tok_style") or "multilingual"
         if style not in STYLES:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fairport.reference.dictionary import Dictionary
 from fairport.errors import FairportError
+from fairport.reference.dictionary import Dictionary
 
 
 @dataclass(frozen=True)

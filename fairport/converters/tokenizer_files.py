@@ -15,8 +15,9 @@ import json
 import re
 from pathlib import Path
 
-from fairport.reference.dictionary import SPECIALS, Dictionary
 from fairport.errors import FairportError
+from fairport.reference.dictionary import SPECIALS, Dictionary
+from fairport.util import first_line
 
 
 def gpt2_vocab(encoder_json: Path, dictionary: Dictionary) -> dict[str, int]:
@@ -91,6 +92,6 @@ def write_sentencepiece(out: Path, model: Path) -> list[str]:
     try:
         sentencepiece.SentencePieceProcessor(model_file=str(model))
     except (OSError, RuntimeError) as e:
-        raise FairportError(f"{model} is not a sentencepiece model: {str(e).splitlines()[0] if str(e) else e}") from None
+        raise FairportError(f"{model} is not a sentencepiece model: {first_line(e)}") from None
     (out / "sentencepiece.bpe.model").write_bytes(Path(model).read_bytes())
     return ["sentencepiece.bpe.model"]

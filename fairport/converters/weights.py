@@ -69,9 +69,8 @@ def upgrade(sd: dict, options: dict) -> tuple[dict, dict]:
         sd[f"{side}.layers.{i}.{names[side][int(j)]}.{w}"] = sd.pop(k)
 
     # decoder output projection: old name embed_out (untied) or the tied token embeddings
-    if "decoder.output_projection.weight" not in sd:
-        if "decoder.embed_out" in sd:
-            sd["decoder.output_projection.weight"] = sd.pop("decoder.embed_out")
+    if "decoder.output_projection.weight" not in sd and "decoder.embed_out" in sd:
+        sd["decoder.output_projection.weight"] = sd.pop("decoder.embed_out")
 
     # version markers: encoder < 2 or decoder <= 2 means "no layer norm after the last layer"
     def version(side):

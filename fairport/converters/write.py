@@ -11,9 +11,10 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -69,7 +70,7 @@ def check_replaceable(dst: Path) -> None:
                             f"move them out or choose another destination")
 
 
-def generation_config(conv: "Converted", overrides: dict | None = None) -> dict:
+def generation_config(conv: Converted, overrides: dict | None = None) -> dict:
     """generation_config.json: fairseq's options (the checkpoint's, else fairseq's defaults, then `overrides`)
     under "fairseq", and transformers' names for the same settings."""
     found = {k: conv.generation.get(k, conv.options.get(k)) for k in GenerationOptions.names() - {"eos"}}
@@ -139,13 +140,13 @@ def write_weights(out: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str,
     for i, keys in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         digests[name] = write_safetensors(out / name, {k: tensors.pop(k) for k in keys}, dtypes, meta)
-        weight_map.update({k: name for k in keys})
+        weight_map.update(dict.fromkeys(keys, name))
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return digests | {"model.safetensors.index.json": sha256(out / "model.safetensors.index.json")}
 
 
-def stored_tensors(conv: "Converted", family: str | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+def stored_tensors(conv: Converted, family: str | None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Output name -> tensor (the reference's names, or transformers' for `family`), plus notes. Takes the
     tensors out of `conv.state_dict` (it is left empty), so each is materialised only while it is written."""
     out = {}
@@ -166,7 +167,7 @@ class MemberWritten:
     files: dict[str, str | None]  # file name -> sha256 (None: hash it from disk)
 
 
-def write_member(conv: "Converted", sources: "Sources", out: Path, dtype: torch.dtype | None,
+def write_member(conv: Converted, sources: Sources, out: Path, dtype: torch.dtype | None,
                  max_shard_bytes: int, generation_overrides: dict | None) -> MemberWritten:
     """One model's folder contents (an ensemble's later members get one each, under ensemble/)."""
     cfg = conv.config

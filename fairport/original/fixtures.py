@@ -40,7 +40,8 @@ FIXTURES: dict[str, dict] = {
     "transformer_layers_to_keep": dict(arch="transformer", task="translation", dicts="separate",
                                        flags=SHRINK + ["--encoder-layers", "3", "--no-scale-embedding",
                                                        "--decoder-output-dim", "24"],
-                                       format="args", keep={"encoder_layers_to_keep": "0,2", "decoder_layers_to_keep": "1"}),
+                                       format="args",
+                                       keep={"encoder_layers_to_keep": "0,2", "decoder_layers_to_keep": "1"}),
     "transformer_no_positions": dict(arch="transformer_tiny", task="translation", dicts="joined",
                                      flags=["--no-token-positional-embeddings", "--share-all-embeddings",
                                             "--activation-fn", "gelu"], format="cfg"),
@@ -233,7 +234,7 @@ def build(name: str, out_dir: Path, shared: Path | None = None) -> Path:
         state["cfg"] = OmegaConf.to_container(convert_namespace_to_omegaconf(args))
     path = folder / "model.pt"
     torch.save(state, path, _use_new_zipfile_serialization=not spec.get("legacy_serialization"))
-    (folder / "fixture.json").write_text(json.dumps({"name": name, **{k: v for k, v in spec.items()}},
+    (folder / "fixture.json").write_text(json.dumps({"name": name, **spec},
                                                     default=str, indent=2))
     return path
 
@@ -275,7 +276,7 @@ def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2", THP_MEM_ALLOC_ENABLE="0")
 
     def run(args: list[str]) -> None:
-        for attempt in range(4):  # fairseq-train on CPU aborts now and then ("terminate called without an
+        for _ in range(4):  # fairseq-train on CPU aborts now and then ("terminate called without an
             # active exception", no traceback); a fresh start succeeds
             proc = subprocess.run([sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)

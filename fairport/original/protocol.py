@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from fairport.errors import FairportError
 from fairport.converters.text import BPE_FILES
+from fairport.errors import FairportError
 from fairport.reference.folder import ModelFolder
 
 
@@ -98,12 +98,12 @@ class Original:
                "overrides": overrides or {}, "threads": threads}
         torch.save(job, self.tmp / "job.pt")
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
-        self.stderr = open(self.tmp / "stderr.txt", "w")
+        self.stderr = open(self.tmp / "stderr.txt", "w")  # noqa: SIM115 (the worker's, open until close())
         self.proc = subprocess.Popen([sys.executable, "-m", "fairport.original.worker", str(self.tmp)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                      env=env)
 
-    def __enter__(self) -> "Original":
+    def __enter__(self) -> Original:
         return self
 
     def __exit__(self, *exc) -> None:

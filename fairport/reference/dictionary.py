@@ -45,7 +45,7 @@ class Dictionary:
         return idx
 
     @classmethod
-    def load(cls, path: str | Path) -> "Dictionary":
+    def load(cls, path: str | Path) -> Dictionary:
         d = cls()
         path = Path(path)
         try:

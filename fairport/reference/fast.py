@@ -63,7 +63,7 @@ class PackedLinear(nn.Linear):
     packed: torch.Tensor | None = None
 
     @classmethod
-    def wrap(cls, linear: nn.Linear) -> "PackedLinear":
+    def wrap(cls, linear: nn.Linear) -> PackedLinear:
         out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         out.weight, out.bias = linear.weight, linear.bias
         out.repack()

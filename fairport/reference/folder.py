@@ -45,7 +45,7 @@ class ModelFolder:
     dtype: str  # the stored weights' dtype (config.json torch_dtype)
 
     @classmethod
-    def open(cls, path: str | Path) -> "ModelFolder":
+    def open(cls, path: str | Path) -> ModelFolder:
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise FairportError(f"{path} is not a fairport model folder (no {CONFIG}; make one with fairport convert)")
@@ -92,7 +92,7 @@ class ModelFolder:
         recorded = self.provenance.get("source", {}).get("checkpoint")
         return Path(recorded) if recorded else None
 
-    def members(self) -> list["ModelFolder"]:
+    def members(self) -> list[ModelFolder]:
         """This folder and, for an ensemble, its other members (ensemble/model{N})."""
         return [self] + [ModelFolder.open(self.path / sub) for sub in self.meta.get("ensemble") or []]
 

@@ -84,7 +84,7 @@ class SelfAttention(Attention):
             q, kv = self.q_proj(x), torch.cat([self.k_proj(x), self.v_proj(x)], dim=-1)
         return q, kv.view(B, T, 2, self.heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: "LayerCache | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: LayerCache | None = None) -> torch.Tensor:
         q, kv = self.project_qkv(x)
         if cache is not None:  # incremental decoding: this step's keys/values join the earlier steps'
             k, v = cache.append(kv)
@@ -97,7 +97,7 @@ class CrossAttention(Attention):
     """The decoder's attention over the encoder output; its keys/values are computed once per source."""
 
     def forward(self, x: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor | None,
-                cache: "LayerCache | None" = None) -> torch.Tensor:
+                cache: LayerCache | None = None) -> torch.Tensor:
         if cache is not None and cache.cross_k is not None:
             k, v = cache.cross_k, cache.cross_v
         else:

@@ -77,7 +77,7 @@ class GPT2BPE:
         self.bpe = lru_cache(maxsize=65536)(self._bpe)
 
     @classmethod
-    def from_folder(cls, folder: Path, unk: int = 3) -> "GPT2BPE":
+    def from_folder(cls, folder: Path, unk: int = 3) -> GPT2BPE:
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(ln.split()) for ln in lines[1:] if ln.strip()]  # the first line is "#version"
@@ -200,7 +200,7 @@ class Framing:
     target_lang: str | None = None
 
     @classmethod
-    def from_folder(cls, folder: ModelFolder) -> "Framing":
+    def from_folder(cls, folder: ModelFolder) -> Framing:
         cfg, meta, spec = folder.config, folder.meta, folder.text or {}
         return cls(cfg.bos, cfg.eos, bool(spec.get("bart")), meta.get("source_suffix"), folder.generation.get("eos"),
                    meta.get("multilingual"), meta.get("source_lang"), meta.get("target_lang"))
@@ -302,7 +302,7 @@ class Tokenizer:
         self.bpe = STRING_BPES[spec["bpe"]](folder) if spec.get("bpe") in STRING_BPES else None
 
     @classmethod
-    def from_folder(cls, folder: ModelFolder) -> "Tokenizer":
+    def from_folder(cls, folder: ModelFolder) -> Tokenizer:
         src_path, tgt_path = folder.file("dict.src.txt"), folder.file("dict.tgt.txt")
         if not src_path.exists():
             raise FairportError(f"{folder.path} has no dict.src.txt")

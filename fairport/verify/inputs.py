@@ -96,7 +96,7 @@ def random_batch(src_vocab: int, tgt_vocab: int, batch: int = 5, min_len: int = 
     with </s> (fairseq's prev_output_tokens); `target` is the matching right-padded reference."""
     g = torch.Generator().manual_seed(seed)
     src, prev, tgt = [], [], []
-    for i in range(batch):
+    for _ in range(batch):
         n = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
         m = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
         s = torch.randint(4, src_vocab, (n,), generator=g).tolist()

@@ -83,7 +83,8 @@ def explain_tie(o_trace, p_trace, row: int, o_hyps: list[dict], p_hyps: list[dic
         tokens = max(len(a), len(b))
         where = "in the final ranking of the finished hypotheses (length-normalised scores)"
     else:
-        o_cands, p_cands = o_steps[t]["cands"] if t < len(o_steps) else [], p_steps[t]["cands"] if t < len(p_steps) else []
+        o_cands = o_steps[t]["cands"] if t < len(o_steps) else []
+        p_cands = p_steps[t]["cands"] if t < len(p_steps) else []
         a, b = competitors(o_cands, p_cands, selected(o_steps, o_finished, t), selected(p_steps, p_finished, t))
         o_scores, p_scores = dict(o_cands), dict(p_cands)
         tokens = t + 1
@@ -91,7 +92,8 @@ def explain_tie(o_trace, p_trace, row: int, o_hyps: list[dict], p_hyps: list[dic
     tolerance = 4 * delta * tokens
     evidence = {"step": t, "original_choice": text(a) if a else None, "port_choice": text(b) if b else None,
                 "tolerance": tolerance, "delta_logits": delta, "tokens": tokens}
-    scores = {"original": {"A": o_scores.get(a), "B": o_scores.get(b)}, "port": {"A": p_scores.get(a), "B": p_scores.get(b)}}
+    scores = {"original": {"A": o_scores.get(a), "B": o_scores.get(b)},
+              "port": {"A": p_scores.get(a), "B": p_scores.get(b)}}
     evidence["scores"] = scores
     missing = [f"{c} under the {side}" for side, s in scores.items() for c, v in s.items()
                if v is None or v == float("-inf")]
@@ -104,9 +106,10 @@ def explain_tie(o_trace, p_trace, row: int, o_hyps: list[dict], p_hyps: list[dic
     m_p = scores["port"]["B"] - scores["port"]["A"]
     flip = m_o + m_p
     evidence |= {"margin": {"original": m_o, "port": m_p}, "flip": flip}
+    so, sp = scores["original"], scores["port"]
     story = (f"the searches part {where}: the original scores its choice A {num(m_o)} above the port's choice B "
-             f"({num(scores['original']['A'])} vs {num(scores['original']['B'])}), the port scores B {num(m_p)} above A "
-             f"({num(scores['port']['B'])} vs {num(scores['port']['A'])}); the models disagree by {num(flip)}")
+             f"({num(so['A'])} vs {num(so['B'])}), the port scores B {num(m_p)} above A ({num(sp['B'])} vs "
+             f"{num(sp['A'])}); the models disagree by {num(flip)}")
     if m_o >= 0 and m_p >= 0 and flip <= tolerance:
         return {"class": NEAR_TIE, "evidence": evidence,
                 "explanation": f"{story}, within {num(tolerance)} = 4 x max |Δ logit| {num(delta)} x {tokens} "

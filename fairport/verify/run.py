@@ -37,14 +37,13 @@ from fairport.converters.write import sha256
 from fairport.distributed import Ranks
 from fairport.errors import FairportError
 from fairport.original.protocol import Generate, Layers, Logits, Memory, Original, direction_overrides, hub_request
-from fairport.util import peak_rss_mb
 from fairport.reference import load
 from fairport.reference.batching import pad_batch
 from fairport.reference.folder import ModelFolder
 from fairport.reference.generate import generate
 from fairport.reference.hub import length_sorted_batches
 from fairport.reference.tokenizer import Framing
-from fairport.util import first_line
+from fairport.util import first_line, peak_rss_mb
 from fairport.verify import inputs as verify_inputs
 from fairport.verify.mismatch import BATCH, CLASSES, DIVERGENCE, explain_tie
 from fairport.verify.report import FILES as REPORT_FILES
@@ -605,7 +604,8 @@ def speed(run: VerifyRun) -> None:
     n = len(run.inputs.src)
     section: dict = {}
     for key in run.settings:
-        tokens = {side: sum(len(h["tokens"]) for h in run.per_input(f"{key}.{side}")) for side in ("original", "reference")}
+        tokens = {side: sum(len(h["tokens"]) for h in run.per_input(f"{key}.{side}"))
+                  for side in ("original", "reference")}
         sec = {side: sum(res["seconds"][key][side] for res in _batches_in_order(run)) for side in tokens}
         section[key] = {side: {"seconds": sec[side], "sentences_per_s": n / max(sec[side], 1e-9),
                                "tokens_per_s": tokens[side] / max(sec[side], 1e-9)} for side in tokens}
@@ -623,7 +623,8 @@ def speed(run: VerifyRun) -> None:
         side: n * len(run.settings) / max(max(r[f"{side}_seconds"] for r in section["per_rank"]), 1e-9)
         for side in ("original", "reference")}
     mem = run.rank_memory[0]
-    section["peak_rss_mb"] = {"original (fairseq worker)": mem["original"], "verify (reference and harness)": mem["verify"]}
+    section["peak_rss_mb"] = {"original (fairseq worker)": mem["original"],
+                              "verify (reference and harness)": mem["verify"]}
     if run.device.startswith("cuda") and torch.cuda.is_available():
         section["peak_cuda_mb"] = {"reference": torch.cuda.max_memory_allocated() / 2**20}
     run.report.sections["speed"] = section
@@ -632,10 +633,8 @@ def speed(run: VerifyRun) -> None:
 def _versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "fairport": __version__}
     for pkg in ("ve-fairseq", "fairseq", "transformers", "sacrebleu", "sacremoses", "safetensors"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out
 
 
