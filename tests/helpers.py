@@ -53,3 +53,32 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what
     """Within `atol` everywhere; the failure message gives the largest and mean differences."""
     d = (actual.float() - expected.float()).abs()
     assert d.max().item() <= atol, f"{what}: max |Δ| {d.max().item():.3g} (mean {d.mean().item():.3g}) > {atol}"
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A small checkpoint in fairseq's format (legacy `args` and a state dict under fairseq's names, as the
+    2019-2020 releases were saved) with its dictionaries, written without fairseq: random weights of the
+    `transformer` arch shrunk, a joined whitespace vocabulary. For tests of the command line, not of parity."""
+    import argparse
+
+    from fairport.converters.convert import expected_shapes
+    from fairport.reference.config import ModelConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}" for i in range(36)]
+    for side in ("src", "tgt"):
+        (folder / f"dict.{side}.txt").write_text("".join(f"{w} 1\n" for w in words))
+    dims = dict(encoder_embed_dim=16, encoder_ffn_embed_dim=32, encoder_layers=1, encoder_attention_heads=2,
+                decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_layers=1, decoder_attention_heads=2)
+    args = argparse.Namespace(arch="transformer", task="translation", source_lang="src", target_lang="tgt",
+                              share_all_embeddings=True, max_source_positions=64, max_target_positions=64, **dims)
+    cfg = ModelConfig(src_vocab_size=40, tgt_vocab_size=40, encoder_embed_dim=16, encoder_ffn_dim=32,
+                      encoder_layers=1, encoder_heads=2, decoder_embed_dim=16, decoder_input_embed_dim=16,
+                      decoder_output_dim=16, decoder_ffn_dim=32, decoder_layers=1, decoder_heads=2,
+                      max_source_positions=64, max_target_positions=64, share_all_embeddings=True,
+                      share_decoder_input_output_embed=True)
+    g = torch.Generator().manual_seed(0)
+    model = {k: torch.randn(shape, generator=g) * 0.3 for k, shape in expected_shapes(cfg).items()}
+    model["encoder.version"] = model["decoder.version"] = torch.tensor([3.0])
+    torch.save({"args": args, "model": model, "optimizer_history": [], "extra_state": {}}, folder / "model.pt")
+    return folder / "model.pt"
