@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from helpers import assert_one_error_line, run_cli, tiny_checkpoint
 from fairport.cli import main
+from helpers import assert_one_error_line, run_cli, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
