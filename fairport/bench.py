@@ -26,8 +26,31 @@ from fairport.errors import FairportError
 from fairport.reference.batching import pad_batch
 from fairport.reference.load import PRECISIONS
 
-# "int8" (float32 model, int8 linear layers) is the reference's alone: no other side has it
-REFERENCE_ONLY = {"int8"}
+
+def side_dtypes(side: str, dtypes: list[str]) -> list[str]:
+    """The precisions a side is timed in: fairseq is the fp32 baseline of every one; int8 is the reference's and
+    CTranslate2's; CTranslate2 on the CPU is timed in float32 and int8."""
+    if side == "fairseq":
+        return ["float32"]
+    if side == "ctranslate2":
+        return [d for d in dtypes if d in ("float32", "int8")]
+    if side in ("transformers", "reference-unpacked"):
+        return [d for d in dtypes if d != "int8"]
+    return list(dtypes)
+
+
+def convert_ctranslate2(checkpoint: Path, workdir: Path, dtype: str) -> tuple[Path, dict]:
+    """CTranslate2's own conversion of the fairseq checkpoint (its converter imports fairseq: its own process)."""
+    out = workdir / f"ct2-{checkpoint.parent.name}-{dtype}"
+    t0 = time.perf_counter()
+    proc = subprocess.run(["ct2-fairseq-converter", "--model_path", str(checkpoint), "--data_dir",
+                           str(checkpoint.parent), "--output_dir", str(out), "--quantization", dtype, "--force",
+                           "--unsafe_deserialization"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        raise FairportError(f"ct2-fairseq-converter failed: {proc.stderr.strip().splitlines()[-1:]}")
+    size = sum(f.stat().st_size for f in out.iterdir())
+    return out, {"seconds": time.perf_counter() - t0, "model_mb": size / 2**20}
 
 
 def _timed(fn, repeats: int, warmup_s: float = 1.0):
@@ -54,30 +77,49 @@ def _summary(times: list[float], sentences: int, tokens: int, steps: int) -> dic
 
 # ---- side workers (each in its own process) -------------------------------------------------------
 
-def _time_configs(job: dict, prepare, tokens_of) -> dict:
-    """Time every configuration of a side: `prepare(cfg, src)` gives the call that generates for one batch,
-    `tokens_of(output)` each sentence's top hypothesis (taken out of the timed calls)."""
+def _time_configs(job: dict, prepare, tokens_of, set_threads=torch.set_num_threads) -> dict:
+    """Time every configuration of a side at every thread count (job["threads"]): `prepare(cfg, src, threads)`
+    gives the call that generates for one batch, `tokens_of(output, cfg)` each sentence's top hypothesis (taken
+    out of the timed calls). Each configuration's result is its fastest thread count's; all are reported."""
     inputs = torch.load(job["inputs"], weights_only=True)
-    results = {}
-    for cfg in job["configs"]:
-        src = inputs[f"src.{cfg['batch']}"].to(job["device"])
-        out, times = _timed(prepare(cfg, src), job["repeats"], job.get("warmup_s", 1.0))
-        toks = tokens_of(out)
-        results[cfg["key"]] = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks}
+    results: dict = {}
+    for threads in job["threads"]:
+        set_threads(threads)
+        for cfg in job["configs"]:
+            src = inputs[f"src.{cfg['batch']}"].to(job["device"])
+            out, times = _timed(prepare(cfg, src, threads), job["repeats"], job.get("warmup_s", 1.0))
+            toks = tokens_of(out, cfg)
+            r = {**_summary(times, src.size(0), sum(map(len, toks)), cfg["steps"]), "tokens": toks, "threads": threads}
+            best = results.get(cfg["key"])
+            by_threads = {**(best or {}).get("ms_per_step_by_threads", {}), str(threads): r["ms_per_step"]}
+            if best is None or r["min_s"] < best["min_s"]:
+                best = r
+            results[cfg["key"]] = {**best, "ms_per_step_by_threads": by_threads}
     return results
+
+
+def _loaded(cache: dict, key, load) -> object:
+    """A model per key, loaded once; the first load's wall time per dtype goes to cache["load_seconds"]."""
+    if key not in cache:
+        t0 = time.perf_counter()
+        cache[key] = load()
+        cache.setdefault("load_seconds", {}).setdefault(str(key[0] if isinstance(key, tuple) else key),
+                                                        time.perf_counter() - t0)
+    return cache[key]
 
 
 def _reference_worker(job: dict, pack: bool = True) -> dict:
     from fairport.reference import load
 
-    models = {}
+    models: dict = {}
 
-    def prepare(cfg, src):
-        if cfg["dtype"] not in models:
-            models[cfg["dtype"]] = load(job["folder"], device=job["device"], dtype=cfg["dtype"], pack=pack)
-        return functools.partial(models[cfg["dtype"]].generate, src, **cfg["options"])
+    def prepare(cfg, src, threads):
+        model = _loaded(models, cfg["dtype"],
+                        lambda: load(job["folder"], device=job["device"], dtype=cfg["dtype"], pack=pack))
+        return functools.partial(model.generate, src, **cfg["options"])
 
-    return _time_configs(job, prepare, lambda hyps: [h[0]["tokens"].tolist() for h in hyps])
+    results = _time_configs(job, prepare, lambda hyps, cfg: [h[0]["tokens"].tolist() for h in hyps])
+    return {**results, "load_seconds": models.get("load_seconds", {})}
 
 
 def _transformers_worker(job: dict) -> dict:
@@ -85,17 +127,20 @@ def _transformers_worker(job: dict) -> dict:
     from transformers import AutoModelForSeq2SeqLM
 
     transformers.logging.set_verbosity_error()
+    models: dict = {}
 
-    def prepare(cfg, src):
-        m = AutoModelForSeq2SeqLM.from_pretrained(job["folder"], dtype=PRECISIONS[cfg["dtype"]])
-        m = m.eval().to(job["device"])
+    def prepare(cfg, src, threads):
+        m = _loaded(models, cfg["dtype"], lambda: AutoModelForSeq2SeqLM.from_pretrained(
+            job["folder"], dtype=PRECISIONS[cfg["dtype"]]).eval().to(job["device"]))
         o = cfg["options"]
         return functools.partial(torch.no_grad()(m.generate), input_ids=src, attention_mask=src.ne(job["pad"]),
                                  num_beams=o["beam"], do_sample=False, min_new_tokens=o["min_len"],
                                  max_new_tokens=o["max_len_b"] + 1, length_penalty=o.get("lenpen", 1.0),
                                  early_stopping=True, no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0) or 0)
 
-    return _time_configs(job, prepare, lambda out: [[t for t in row.tolist()[1:] if t != job["pad"]] for row in out])
+    results = _time_configs(job, prepare,
+                            lambda out, cfg: [[t for t in row.tolist()[1:] if t != job["pad"]] for row in out])
+    return {**results, "load_seconds": models.get("load_seconds", {})}
 
 
 def _fairseq_worker(job: dict) -> dict:
@@ -104,21 +149,60 @@ def _fairseq_worker(job: dict) -> dict:
     from fairport.original.worker import _fix_ngram_blocking, sequence_generator
 
     _fix_ngram_blocking()
+    t0 = time.perf_counter()
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([job["checkpoint"]],
                                                                        arg_overrides={"data": job["data"]})
     for m in models:
         m.eval().float().to(job["device"])
+    load_seconds = time.perf_counter() - t0
 
-    def prepare(cfg, src):
+    def prepare(cfg, src, threads):
         sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(job["pad"]).sum(1)}}
         return functools.partial(torch.no_grad()(sequence_generator(models, task, cfg["options"]).generate), models,
                                  sample)
 
-    return _time_configs(job, prepare, lambda hyps: [h[0]["tokens"].tolist() for h in hyps])
+    results = _time_configs(job, prepare, lambda hyps, cfg: [h[0]["tokens"].tolist() for h in hyps])
+    return {**results, "load_seconds": {"float32": load_seconds}}
+
+
+def _ctranslate2_worker(job: dict) -> dict:
+    """CTranslate2 on its own conversion of the checkpoint (ct2-fairseq-converter; fp32, and int8 with
+    --quantization int8): the same sources as tokens of its vocabulary (fairseq's dictionary, in order), each
+    hypothesis held to the same number of decoder steps as the others (min = max decoding length)."""
+    import ctranslate2
+
+    models: dict = {}
+
+    def prepare(cfg, src, threads):
+        folder = job["ctranslate2"][cfg["dtype"]]
+        vocab = _ct2_vocabulary(folder)
+        translator = _loaded(models, (cfg["dtype"], threads), lambda: ctranslate2.Translator(
+            folder, device=job["device"], compute_type="int8" if cfg["dtype"] == "int8" else "float32",
+            inter_threads=1, intra_threads=threads))
+        o = cfg["options"]
+        tokens = [[vocab["source"][i] for i in row.tolist() if i not in (job["pad"], job["eos"])] for row in src]
+        return functools.partial(translator.translate_batch, tokens, beam_size=o["beam"],
+                                 length_penalty=o.get("lenpen", 1.0), no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0),
+                                 min_decoding_length=cfg["steps"], max_decoding_length=cfg["steps"])
+
+    def tokens_of(out, cfg):  # its last step picks a token where the others must end: compare what precedes
+        index = {t: i for i, t in enumerate(_ct2_vocabulary(job["ctranslate2"][cfg["dtype"]])["target"])}
+        return [[index[t] for t in r.hypotheses[0][: cfg["steps"] - 1]] + [job["eos"]] for r in out]
+
+    results = _time_configs(job, prepare, tokens_of, set_threads=lambda t: None)
+    return {**results, "load_seconds": models.get("load_seconds", {})}
+
+
+def _ct2_vocabulary(folder: str) -> dict[str, list[str]]:
+    f = Path(folder)
+    if (f / "shared_vocabulary.json").exists():
+        shared = json.loads((f / "shared_vocabulary.json").read_text())
+        return {"source": shared, "target": shared}
+    return {side: json.loads((f / f"{side}_vocabulary.json").read_text()) for side in ("source", "target")}
 
 
 WORKERS = {"reference": _reference_worker, "reference-unpacked": lambda job: _reference_worker(job, pack=False),
-           "fairseq": _fairseq_worker, "transformers": _transformers_worker}
+           "fairseq": _fairseq_worker, "transformers": _transformers_worker, "ctranslate2": _ctranslate2_worker}
 
 
 def _run_side(side: str, job: dict, tmp: Path, timeout: float) -> dict:
@@ -138,8 +222,7 @@ def worker_main(job_path: str) -> None:
     from fairport.util import peak_rss_mb
 
     job = json.loads(Path(job_path).read_text())
-    torch.set_num_threads(job.get("threads") or torch.get_num_threads())
-    results = WORKERS[job["side"]](job)
+    results = WORKERS[job["side"]](job)  # each side sets its thread counts (job["threads"]) as it times
     results["peak_rss_mb"] = peak_rss_mb()  # this process's own peak (VmHWM), not ru_maxrss (see peak_rss_mb)
     Path(job["out"]).write_text(json.dumps(results))
 
@@ -163,7 +246,7 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
         if name == "int8":
             paths = {"int8": Int8Linear} if device == "cpu" and int8_available() else {}
         elif device == "cpu" and dt in PACKABLE_DTYPES and onednn_available():
-            paths["packed"] = PackedLinear.wrap
+            paths["packed"] = PackedLinear
         for path, make in paths.items():
             lin = make(_linear(ffn, dim, dt, device))
             for r in rows:
@@ -229,7 +312,7 @@ def _convert_measured(src: Path, dst: Path) -> dict:
 
 def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
           repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print,
-          warmup_s: float = 1.0, procs: list[int] = ()) -> dict:
+          warmup_s: float = 1.0, procs: list[int] = (), threads: list[int] | None = None) -> dict:
     from fairport.original.fixtures import BENCH_PRESETS
     from fairport.reference.folder import ModelFolder
 
@@ -284,24 +367,35 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
                                   sorted({b * k for b in batches for k in beams}), dtypes, device)
     step_bytes = step_weight_bytes(cfg)
     result["step_weights_mb_fp32"] = step_bytes / 2**20
+    threads = threads or list(range(1, (os.cpu_count() or 1) + 1))
+    result["threads"] = threads
+    if "ctranslate2" in sides:
+        result["ctranslate2_conversion"] = {}
+        folders = {}
+        for dtype in sorted({"float32", "int8"} & set(dtypes)):
+            say(f"ct2-fairseq-converter --quantization {dtype} ...")
+            folders[dtype], result["ctranslate2_conversion"][dtype] = convert_ctranslate2(checkpoint, workdir, dtype)
     with tempfile.TemporaryDirectory(prefix="fairport-bench-") as tmp:
         tmp = Path(tmp)
         torch.save(inputs, tmp / "inputs.pt")
         job = {"folder": str(folder), "checkpoint": str(checkpoint), "data": str(checkpoint.parent),
                "inputs": str(tmp / "inputs.pt"), "repeats": repeats, "warmup_s": warmup_s, "device": device,
-               "pad": cfg.pad}
-        runs = {}
+               "pad": cfg.pad, "eos": cfg.eos, "threads": threads,
+               "ctranslate2": {d: str(f) for d, f in folders.items()} if "ctranslate2" in sides else {}}
+        runs: dict = {}
         for side in sides:
-            side_configs = configs
-            if side == "fairseq":  # fairseq is the fp32 baseline for every dtype the port is timed in
-                side_configs = _unique([{**c, "dtype": "float32", "key": c["key"].replace(c["dtype"], "float32", 1)}
-                                        for c in configs])
-            elif side != "reference":
-                side_configs = [c for c in configs if c["dtype"] not in REFERENCE_ONLY]
-            if not side_configs:
-                continue
-            say(f"timing {side} on {len(side_configs)} configurations ...")
-            runs[side] = _run_side(side, {**job, "configs": side_configs}, tmp, timeout=7200)
+            for dtype in side_dtypes(side, dtypes):  # each precision in a process of its own: its own peak memory
+                if side == "fairseq":  # fairseq is the fp32 baseline for every dtype the port is timed in
+                    side_configs = _unique([{**c, "dtype": "float32", "key": c["key"].replace(c["dtype"], "float32", 1)}
+                                            for c in configs])
+                else:
+                    side_configs = [c for c in configs if c["dtype"] == dtype]
+                say(f"timing {side} ({dtype}) on {len(side_configs)} configurations at {threads} thread(s) ...")
+                out = _run_side(side, {**job, "configs": side_configs}, tmp, timeout=7200)
+                runs.setdefault(side, {"peak_rss_mb": {}, "load_seconds": {}})
+                runs[side]["peak_rss_mb"][dtype] = out.pop("peak_rss_mb")
+                runs[side]["load_seconds"].update(out.pop("load_seconds"))
+                runs[side].update(out)
     result["runs"] = _compare(runs, configs)
     if procs:
         say(f"throughput of the reference on {THROUGHPUT_SENTENCES} sentences with {', '.join(map(str, procs))} "
@@ -407,6 +501,8 @@ def _compare(runs: dict, configs: list[dict]) -> list[dict]:
         row = {"key": c["key"], "dtype": c["dtype"], "batch": c["batch"], "beam": c["beam"], "sides": {}}
         for side, res in runs.items():
             r = res.get(c["key"] if side != "fairseq" else base_key)
+            if r is None and side == "ctranslate2" and c["dtype"] not in ("float32", "int8"):
+                continue
             if r is None:
                 continue
             entry = {k: v for k, v in r.items() if k != "tokens"}
@@ -417,10 +513,12 @@ def _compare(runs: dict, configs: list[dict]) -> list[dict]:
                 entry["exact_match_rate"] = same / len(base["tokens"])
             row["sides"][side] = entry
         rows.append(row)
-    for side, res in runs.items():
+    for side, res in runs.items():  # each side's process, per precision: its own peak memory and load time
         for row in rows:
             if side in row["sides"]:
-                row["sides"][side]["peak_rss_mb"] = res.get("peak_rss_mb")
+                dtype = "float32" if side == "fairseq" else row["dtype"]
+                row["sides"][side]["peak_rss_mb"] = res["peak_rss_mb"].get(dtype)
+                row["sides"][side]["load_seconds"] = res["load_seconds"].get(dtype)
     return rows
 
 

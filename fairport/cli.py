@@ -23,7 +23,7 @@ from fairport.errors import FairportError
 
 PRESETS = ("bart-large-cnn", "bart-base", "wmt19-en-de", "tiny")
 DTYPES = ("float32", "bfloat16", "float16", "int8")  # reference.load.PRECISIONS (kept here for start-up time)
-BENCH_SIDES = ("reference", "reference-unpacked", "fairseq", "transformers")
+BENCH_SIDES = ("reference", "reference-unpacked", "fairseq", "transformers", "ctranslate2")
 
 
 class Parser(argparse.ArgumentParser):
@@ -226,8 +226,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     if a.target not in PRESETS and not Path(a.target).is_dir():
         raise FairportError(f"bench: {a.target} is neither a converted folder nor a preset ({', '.join(PRESETS)})")
+    if "ctranslate2" in a.sides:
+        import shutil
+
+        if shutil.which("ct2-fairseq-converter") is None:
+            raise FairportError("--sides ctranslate2 needs CTranslate2: pip install 'fairport[ctranslate2]'")
     result = bench(a.target, a.sides, a.batch, a.beam, a.dtype, a.steps, a.repeats, a.device, Path(a.workdir),
-                   a.src_len, say=lambda m: print(f"[bench] {m}", flush=True), warmup_s=a.warmup, procs=a.procs)
+                   a.src_len, say=lambda m: print(f"[bench] {m}", flush=True), warmup_s=a.warmup, procs=a.procs,
+                   threads=a.threads)
     out = Path(a.out) if a.out else Path(a.workdir) / f"bench-{Path(a.target).name}.json"
     print_results(result, out)
     return 0
@@ -340,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("target", help=f"a converted folder, or a preset: {', '.join(PRESETS)}")
     b.add_argument("--sides", type=choices_list(BENCH_SIDES, "side"), default=["reference", "fairseq", "transformers"],
                    help="any of reference, reference-unpacked (without the oneDNN-packed weights), fairseq, "
-                        "transformers")
+                        "transformers, ctranslate2 (converted by its own ct2-fairseq-converter; pip install "
+                        "fairport[ctranslate2])")
     b.add_argument("--batch", type=ints, default=[1, 8])
     b.add_argument("--beam", type=ints, default=[1, 5])
     b.add_argument("--dtype", type=choices_list(DTYPES, "dtype"), default=["float32"],
@@ -351,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=positive_int, default=3)
     b.add_argument("--warmup", type=non_negative, default=1.0,
                    help="seconds of untimed runs per configuration and side before timing (at least one run)")
+    b.add_argument("--threads", type=ints, help="thread counts each side is timed with; its fastest is compared "
+                   "(default: 1 to the number of cores)")
     b.add_argument("--procs", type=ints, default=[], help="also measure the reference's throughput on a corpus with "
                    "this many processes (comma list, e.g. 1,2: torch.distributed, the machine's cores shared out)")
     b.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (without a GPU: \"not measured\")")

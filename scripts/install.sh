@@ -12,5 +12,5 @@ PIP="python -m pip install -q --disable-pip-version-check"
 python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
   || $PIP "torch==2.13.0"
 python -c "import fairseq" 2>/dev/null || $PIP --no-deps "ve-fairseq==0.12.3"
-$PIP -e ".[text,hf,report,fairseq,test]"
+$PIP -e ".[text,hf,report,fairseq,test,ctranslate2]"
 python -c "import fastBPE" 2>/dev/null || $PIP --no-build-isolation fastbpe || echo "note: fastBPE not built (optional)"

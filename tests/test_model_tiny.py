@@ -66,7 +66,7 @@ def tiny_model(name: str, seed: int = 0) -> EncoderDecoder:
     for k in sd:
         if k.endswith("embed_tokens.weight"):
             sd[k][cfg.pad] = 0  # fairseq zeroes the padding row
-    return build(cfg, sd)
+    return build(cfg, sd.items())
 
 
 def batch_for(model, seed=1):

@@ -3,13 +3,16 @@ faster equivalents with the same outputs (gpt-fast's quantize.py pattern). `load
 
 - `fuse_qkv(model)`: each self-attention's q, k, v projections become one (3C, C) matrix product
   (`SelfAttention.qkv_proj`; the three separate matrices are freed, so no memory is duplicated).
-- `pack(model)`: large fp32/bf16 linear layers on the CPU become `PackedLinear`, which also holds its weight
-  in oneDNN's blocked layout: measured 2.3-4x faster than torch's default CPU product at the 1-512 rows
-  incremental decoding uses (`fairport bench` reports the machine's numbers); costs a second copy.
+- `pack(model)`: large fp32/bf16 linear layers on the CPU become `PackedLinear`, holding their weight only in
+  oneDNN's blocked layout: measured 2.3-4x faster than torch's default CPU product at the 1-512 rows
+  incremental decoding uses (`fairport bench` reports the machine's numbers), with no second copy.
 - `quantize(model)`: every linear layer becomes `Int8Linear` (int8 weights per output channel, activations
   quantized per call: torch's dynamic quantization kernels). CPU and float32 only; outputs move, and
   `fairport verify --dtypes int8` measures by how much.
-- `unpack(model)`: packed layers back to plain nn.Linear.
+- `unpack(model)`: packed layers back to plain nn.Linear (their exact weights).
+
+`load()` applies them one layer at a time while it reads the folder, so the float32 weights of a packed or
+int8 model are never all in memory at once.
 """
 
 from __future__ import annotations
@@ -45,47 +48,57 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
     """One (3C, C) product for each self-attention's q, k and v (q | k | v stacked, as fairseq's old in_proj)."""
     for attn in model.modules():
         if isinstance(attn, SelfAttention) and attn.qkv_proj is None:
-            q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-            fused = nn.Linear(q.in_features, 3 * q.out_features, device="meta")
-            grad = q.weight.requires_grad
-            fused.weight = nn.Parameter(torch.cat([q.weight, k.weight, v.weight]).detach(), requires_grad=grad)
-            fused.bias = nn.Parameter(torch.cat([q.bias, k.bias, v.bias]).detach(), requires_grad=grad)
-            attn.qkv_proj = fused
-            del attn.q_proj, attn.k_proj, attn.v_proj
+            fuse_attention(attn)
     return model
 
 
-class PackedLinear(nn.Linear):
-    """nn.Linear that multiplies through a copy of its weight in oneDNN's blocked layout on the CPU (fp32/bf16).
-    The copy follows the weight: it is made again when the weight changes (moved, cast, edited in place), and
-    torch's default product is used where oneDNN does not apply (other devices, autograd)."""
+def fuse_attention(attn: SelfAttention) -> nn.Linear:
+    """This self-attention's q, k, v projections as one Linear (`attn.qkv_proj`); the three are freed."""
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    fused = nn.Linear(q.in_features, 3 * q.out_features, device="meta")
+    grad = q.weight.requires_grad
+    fused.weight = nn.Parameter(torch.cat([q.weight, k.weight, v.weight]).detach(), requires_grad=grad)
+    fused.bias = nn.Parameter(torch.cat([q.bias, k.bias, v.bias]).detach(), requires_grad=grad)
+    attn.qkv_proj = fused
+    del attn.q_proj, attn.k_proj, attn.v_proj
+    return fused
 
-    packed: torch.Tensor | None = None
 
-    @classmethod
-    def wrap(cls, linear: nn.Linear) -> PackedLinear:
-        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        out.weight, out.bias = linear.weight, linear.bias
-        out.repack()
-        return out
+def _stays(fn, what: str, dtype: torch.dtype) -> None:
+    """Refuse a move or cast (`.to()`, `.half()`, `.cuda()`) of a layer whose copy cannot follow it."""
+    probe = fn(torch.zeros(1, dtype=dtype))  # where .to()/.half()/.cuda() would take the model
+    if probe.device.type != "cpu" or probe.dtype != dtype:
+        raise FairportError(f"an {what} model stays on the CPU in {str(dtype).replace('torch.', '')}: load the folder "
+                            f"again with device=/dtype= (or fast.unpack(model) first)")
 
-    def _key(self) -> tuple:
-        w = self.weight
-        return w.data_ptr(), w._version, w.dtype, w.device
 
-    def repack(self) -> None:
-        w = self.weight
-        ok = w.device.type == "cpu" and w.dtype in PACKABLE_DTYPES
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach()) if ok else None
-        self.key = self._key()
+class PackedLinear(nn.Module):
+    """A linear layer held only in oneDNN's blocked layout, for CPU fp32/bf16 products: measured 2-4x faster than
+    torch's default CPU product at the 1-512 rows decoding uses. The plain weight is not kept (no second copy);
+    `weight()` recovers it exactly (an identity product: every output is one weight times 1). The layer stays on
+    the CPU in its dtype; fast.unpack() gives back a plain nn.Linear."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.key != self._key():
-            self.repack()
-        if (self.packed is None or x.device.type != "cpu" or x.dtype != self.weight.dtype
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return F.linear(x, self.weight, self.bias)
+        if x.dtype != self.packed.dtype or (torch.is_grad_enabled() and x.requires_grad):
+            return F.linear(x, self.weight().to(x.dtype), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def weight(self) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=self.packed.dtype)
+        return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [], "").t().contiguous()
+
+    def _apply(self, fn, recurse=True):
+        _stays(fn, "oneDNN-packed", self.packed.dtype)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
 
 
 class Int8Linear(nn.Module):
@@ -109,10 +122,7 @@ class Int8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x.contiguous(), self.params, True)  # the bias is in params
 
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.zeros(1))  # where .to()/.half()/.cuda() would take the model
-        if probe.device.type != "cpu" or probe.dtype != torch.float32:
-            raise FairportError("an int8 model stays on the CPU in float32: load the folder again for another "
-                                "device or dtype")
+        _stays(fn, "int8", torch.float32)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -129,26 +139,30 @@ def _swap_linears(model: nn.Module, make) -> None:
                     setattr(module, name, new)
 
 
+def packable(linear: nn.Linear, min_numel: int = PACK_MIN_NUMEL) -> bool:
+    w = linear.weight
+    return (w.device.type == "cpu" and w.dtype in PACKABLE_DTYPES and w.numel() >= min_numel and onednn_available()
+            and not w.requires_grad)
+
+
 def pack(model: nn.Module, min_numel: int = PACK_MIN_NUMEL) -> nn.Module:
     """CPU, fp32/bf16: every linear layer with at least `min_numel` weights becomes a PackedLinear. Elsewhere
     (other devices or dtypes, no oneDNN in this torch) nothing changes. `load()` does this on the CPU."""
-    p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype not in PACKABLE_DTYPES or not onednn_available():
-        return model
     try:
-        _swap_linears(model, lambda lin: PackedLinear.wrap(lin) if lin.weight.numel() >= min_numel else None)
+        _swap_linears(model, lambda lin: PackedLinear(lin) if packable(lin, min_numel) else None)
     except RuntimeError:  # this oneDNN build cannot pack this dtype here: torch's default product it is
         unpack(model)
     return model
 
 
 def unpack(model: nn.Module) -> nn.Module:
-    """Packed layers back to plain nn.Linear (their oneDNN copies freed)."""
+    """Packed layers back to plain nn.Linear, with their exact weights."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, PackedLinear):
                 plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
+                plain.weight = nn.Parameter(child.weight(), requires_grad=False)
+                plain.bias = child.bias
                 setattr(module, name, plain)
     return model
 
@@ -157,15 +171,19 @@ def quantize(model: nn.Module, min_numel: int = 0) -> nn.Module:
     """int8: every linear layer with at least `min_numel` weights (all by default, the output projection
     included; embeddings stay float32) becomes an Int8Linear, and its float32 weight is released (a tied
     output projection keeps the embedding it shares). CPU and float32 only."""
+    check_int8(model)
+    unpack(model)
+    _swap_linears(model, lambda lin: Int8Linear(lin) if lin.weight.numel() >= min_numel else None)
+    return model
+
+
+def check_int8(model: nn.Module) -> None:
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32:
         raise FairportError(f"int8 needs the model on the CPU in float32 (it is on {p.device}, {p.dtype})")
     if not int8_available():
         raise FairportError(f"int8: this torch ({torch.__version__}) has no quantized dynamic linear "
                             f"(engines: {torch.backends.quantized.supported_engines})")
-    unpack(model)
-    _swap_linears(model, lambda lin: Int8Linear(lin) if lin.weight.numel() >= min_numel else None)
-    return model
 
 
 def packed(model: nn.Module) -> bool:

@@ -2,34 +2,59 @@
 
 from __future__ import annotations
 
+import json
+import struct
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from torch import nn
 
 from fairport.errors import FairportError
 from fairport.reference import fast
 from fairport.reference.config import ModelConfig
 from fairport.reference.folder import ModelFolder
 from fairport.reference.hub import PortedEnsemble, PortedModel
-from fairport.reference.model import EncoderDecoder, SinusoidalPositions, sinusoidal_table
-from fairport.reference.names import from_hf_names
+from fairport.reference.model import EncoderDecoder, SelfAttention, SinusoidalPositions, sinusoidal_table
+from fairport.reference.names import reference_name
 
 # what --dtype / --dtypes accept: a torch dtype, or "int8" (fp32 model, int8 linear layers)
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
-def read_weights(folder: ModelFolder, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All stored tensors, under the reference's names."""
-    out = {}
+# safetensors' dtype names
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A safetensors file's tensors one at a time, each read (not memory-mapped) into a buffer of its own: the
+    file's pages never count in this process's memory, which holds only what it keeps."""
+    if sys.byteorder != "little":
+        raise FairportError("reading safetensors needs a little-endian machine")
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            f.seek(8 + size + start)
+            if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - start:
+                raise FairportError(f"{path} is truncated ({name})")
+            yield name, t
+
+
+def read_weights(folder: ModelFolder) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stored tensors one at a time, under the reference's names."""
     for f in folder.weight_files():
-        with safe_open(str(f), framework="pt", device=str(device)) as sf:
-            for k in sf.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                # a copy into torch's own allocator: measured ~10% faster decoding on CPU than using the
-                # buffer safetensors returns (allocation alignment / huge pages), one tensor at a time
-                t = sf.get_tensor(k)
-                out[k] = t.clone() if t.device.type == "cpu" else t
-    return out if folder.weight_names == "fairport" else from_hf_names(folder.weight_names, out)
+        for k, t in read_safetensors(f):
+            name = k if folder.weight_names == "fairport" else reference_name(folder.weight_names, k)
+            if name is not None:
+                yield name, t
 
 
 def tied_names(cfg: ModelConfig) -> set[str]:
@@ -42,27 +67,71 @@ def tied_names(cfg: ModelConfig) -> set[str]:
     return names
 
 
-def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dtype=torch.float32,
-          cls: type[EncoderDecoder] = EncoderDecoder) -> EncoderDecoder:
-    """The reference model (eval mode, no gradients) from a reference-named state dict, without a random init
-    pass; sinusoidal tables recomputed in fp32 (as fairseq computes them) before the cast to `dtype`."""
+def build(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device=None, dtype=torch.float32,
+          cls: type[EncoderDecoder] = EncoderDecoder, fuse: bool = False, finish=None) -> EncoderDecoder:
+    """The reference model (eval mode, no gradients) from (reference name, tensor) pairs, without a random init
+    pass, holding one tensor at a time: each is cast, placed and put in the model as it comes, and each linear
+    layer is handed to `finish(linear)` (which may return its replacement: fast.PackedLinear, fast.Int8Linear)
+    as soon as its tensors are in; with `fuse`, self-attention q/k/v are fused first (fast.fuse_attention).
+    Sinusoidal tables are computed in fp32 (as fairseq computes them), then cast to `dtype`."""
     with torch.device("meta"):
         model = cls(cfg)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    missing = [k for k in missing if k not in tied_names(cfg)]
-    if missing or unexpected:
-        raise FairportError(f"weights do not fit the config: missing {sorted(missing)[:6]}, "
-                            f"unexpected {sorted(unexpected)[:6]}")
+    model.eval().requires_grad_(False)
+    device = torch.device(device or "cpu")
+    pending = _Linears(model, fuse, finish or (lambda linear: None))
+    tied = tied_names(cfg)
+    for name, t in tensors:
+        if name in tied:
+            continue
+        module, attr = _owner(model, name)
+        if module is None:
+            raise FairportError(f"weights do not fit the config: unexpected {name}")
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        setattr(module, attr, nn.Parameter(t, requires_grad=False))
+        pending.filled(module)
     if cfg.share_all_embeddings:
         model.decoder.embed_tokens = model.encoder.embed_tokens
-    if cfg.share_decoder_input_output_embed:
+    if cfg.share_decoder_input_output_embed and isinstance(model.decoder.output_projection, nn.Linear):
         model.decoder.output_projection.weight = model.decoder.embed_tokens.weight
+        pending.filled(model.decoder.output_projection)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise FairportError(f"weights do not fit the config: missing {sorted(missing)[:6]}")
     for m in model.modules():
         if isinstance(m, SinusoidalPositions):
-            m.table = sinusoidal_table(m.table.size(0), m.dim, m.pad)
-    model = model.to(dtype=dtype)
-    model = model.to(device if device is not None else next(model.parameters()).device)
-    return model.eval().requires_grad_(False)
+            m.table = sinusoidal_table(m.table.size(0), m.dim, m.pad).to(device=device, dtype=dtype)
+    return model
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    path, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None, attr
+    return (module, attr) if isinstance(getattr(module, attr, None), nn.Parameter) else (None, attr)
+
+
+class _Linears:
+    """Hands each linear layer to `finish` once its tensors are in (with `fuse`, self-attention q/k/v once all
+    three are, fused into one first); puts back what `finish` returns."""
+
+    def __init__(self, model: nn.Module, fuse: bool, finish):
+        self.fuse, self.finish = fuse, finish
+        self.parent = {id(child): (module, name) for module in model.modules()
+                       for name, child in module.named_children()}
+
+    def filled(self, module: nn.Module) -> None:
+        if not isinstance(module, nn.Linear) or any(p.is_meta for p in module.parameters()):
+            return
+        owner, name = self.parent[id(module)]
+        if self.fuse and isinstance(owner, SelfAttention) and name in ("q_proj", "k_proj", "v_proj"):
+            if any(p.is_meta for lin in (owner.q_proj, owner.k_proj, owner.v_proj) for p in lin.parameters()):
+                return
+            owner, name, module = owner, "qkv_proj", fast.fuse_attention(owner)
+        new = self.finish(module)
+        if new is not None:
+            setattr(owner, name, new)
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
@@ -73,24 +142,30 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     `dtype`: the compute dtype, a torch dtype or one of PRECISIONS' names. None (the default) is float32 whatever
     the folder stores, as fairseq computes: its hub builds a float32 model and loads fp16 checkpoints into it,
     so the default gives fairseq's numbers. float16/bfloat16 compute in that dtype; "int8" is a float32 model
-    whose linear layers run through int8 weights with activations quantized per call (CPU only; fast.quantize).
-    Self-attention q/k/v are fused (fast.fuse_qkv); on the CPU, large fp32/bf16 weights are also packed for
-    oneDNN (fast.pack) unless `pack=False` (half the weight memory, slower matrix products)."""
+    whose linear layers run through int8 weights with activations quantized per call (CPU only; fast.Int8Linear).
+    Self-attention q/k/v are fused (fast.fuse_attention); on the CPU, large fp32/bf16 weights are held only in
+    oneDNN's blocked layout (fast.PackedLinear) unless `pack=False` (slower matrix products). The folder is read
+    one tensor at a time, each layer converted as it is read: memory never holds more than the final model and
+    one tensor."""
     int8 = dtype == "int8"
     if isinstance(dtype, str):
         if dtype not in PRECISIONS:
             raise FairportError(f"unknown dtype {dtype!r} (choose from {', '.join(PRECISIONS)})")
         dtype = PRECISIONS[dtype]
+    dtype = dtype or torch.float32
+    if int8:
+        if torch.device(device or "cpu").type != "cpu":
+            raise FairportError(f"int8 needs the model on the CPU in float32 (asked for {device})")
+        fast.check_int8(nn.Linear(1, 1))
+        finish = fast.Int8Linear
+    elif pack:
+        finish = lambda linear: fast.PackedLinear(linear) if fast.packable(linear) else None  # noqa: E731
+    else:
+        finish = None
     folder = ModelFolder.open(path)
     models = []
     for member in folder.members():
-        model = build(member.config, read_weights(member, "cpu" if device is None else device), device,
-                      dtype or torch.float32, cls=PortedModel)
+        model = build(member.config, read_weights(member), device, dtype, cls=PortedModel, fuse=True, finish=finish)
         model.folder = member
-        fast.fuse_qkv(model)
-        if int8:
-            fast.quantize(model)
-        elif pack:
-            fast.pack(model)
         models.append(model)
     return models[0] if len(models) == 1 else PortedEnsemble(models, folder)

@@ -93,13 +93,11 @@ def to_hf_name(family: str, name: str) -> str | None:
     raise KeyError(f"no transformers name for {name} in family {family}")
 
 
-def from_hf_names(family: str, tensors: dict) -> dict:
-    """transformers names (as stored) -> reference names."""
-    out = {}
-    for name, t in tensors.items():
-        for ours, theirs in HF_NAMES[family].items():
-            m = theirs is not None and _pattern(theirs).match(name)
-            if m:
-                out[_fill(ours, m.groupdict())] = t
-                break
-    return out
+def reference_name(family: str, name: str) -> str | None:
+    """A stored transformers name -> the reference's (None: a tensor the reference does not have, such as
+    transformers' final_logits_bias or FSMT's stored position tables)."""
+    for ours, theirs in HF_NAMES[family].items():
+        m = theirs is not None and _pattern(theirs).match(name)
+        if m:
+            return _fill(ours, m.groupdict())
+    return None
