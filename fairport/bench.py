@@ -182,7 +182,8 @@ def _ctranslate2_worker(job: dict) -> dict:
         o = cfg["options"]
         tokens = [[vocab["source"][i] for i in row.tolist() if i not in (job["pad"], job["eos"])] for row in src]
         return functools.partial(translator.translate_batch, tokens, beam_size=o["beam"],
-                                 length_penalty=o.get("lenpen", 1.0), no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0),
+                                 length_penalty=o.get("lenpen", 1.0),
+                                 no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0),
                                  min_decoding_length=cfg["steps"], max_decoding_length=cfg["steps"])
 
     def tokens_of(out, cfg):  # its last step picks a token where the others must end: compare what precedes

@@ -191,7 +191,8 @@ def test_packed_layers_hold_only_their_packed_copy(trained_converted):
     fast.unpack(model)
     assert type(model.decoder.layers[0].fc1) is torch.nn.Linear
     assert torch.equal(model.decoder.layers[0].fc1.weight, ref.fc1.weight)
-    assert torch.equal(model.decoder.layers[0].self_attn.qkv_proj.weight, plain.decoder.layers[0].self_attn.qkv_proj.weight)
+    fused = model.decoder.layers[0].self_attn.qkv_proj
+    assert torch.equal(fused.weight, plain.decoder.layers[0].self_attn.qkv_proj.weight)
 
 
 def test_int8_weights(trained_converted, trained_dir):
