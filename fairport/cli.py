@@ -194,7 +194,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         limit=a.limit, device=a.device, dtypes=tuple(a.dtypes), out=a.out and Path(a.out), seed=a.seed,
         batch_size=a.batch_size, logits_tol=a.logits_tol, exact_match=a.exact_match, max_tie_rate=a.max_tie_rate,
         strict=a.strict, text_files={k: Path(getattr(a, k)) for k in TEXT_FILES if getattr(a, k)},
-        source_lang=a.source_lang, target_lang=a.target_lang, resume=a.resume)
+        source_lang=a.source_lang, target_lang=a.target_lang, resume=a.resume, ctranslate2="ctranslate2" in a.sides,
+        ctranslate2_model=a.ctranslate2_model and Path(a.ctranslate2_model))
     rep = verify(a.src, a.dst, opts)
     if rep is None:  # not rank 0: rank 0 writes the report
         return 0
@@ -316,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--nproc", type=positive_int, default=1, help="processes on this machine (torch.distributed; "
                    "or run under torchrun for several machines)")
     v.add_argument("--resume", action="store_true", help="keep the batches an interrupted run finished (OUT/shards)")
+    v.add_argument("--sides", type=choices_list(("reference", "transformers", "ctranslate2"), "side"),
+                   default=["reference", "transformers"], help="what is checked against the original: the port "
+                   "(always), transformers (when the folder loads there), ctranslate2 (CTranslate2's own conversion "
+                   "of SRC; pip install 'fairport[ctranslate2]')")
+    v.add_argument("--ctranslate2-model", help="a ready CTranslate2 model folder to check (instead of converting SRC)")
     _text_file_flags(v, "the original's, for the tokenizer check; default: those conversion read")
     v.set_defaults(func=cmd_verify)
 

@@ -43,6 +43,16 @@ class Layers(Logits):
 
 
 @dataclass
+class Score:
+    """Teacher-forced log-probabilities of each target's tokens under the original (an ensemble's first member):
+    {"log_probs": one list per target}."""
+
+    src: torch.Tensor  # (B, S) left-padded
+    targets: list[list[int]]  # one per row, each ending in the generator's EOS
+    start: int  # the decoder's first input (the generator's EOS)
+
+
+@dataclass
 class Predict:
     """BART's classification head: hub.predict(head, src, return_logits=True)."""
 
@@ -83,7 +93,7 @@ class Memory:
     """The worker process's own peak resident memory (VmHWM), in MB."""
 
 
-REQUESTS = {cls.__name__: cls for cls in (Logits, Layers, Predict, Generate, Hub, Memory)}
+REQUESTS = {cls.__name__: cls for cls in (Logits, Layers, Score, Predict, Generate, Hub, Memory)}
 
 
 class Original:

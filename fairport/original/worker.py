@@ -155,6 +155,23 @@ def layers(state: State, r: dict) -> dict:
     return {"logits": logits_, "layers": out}
 
 
+def score(state: State, r: dict) -> dict:
+    model = state.loaded[0][0]
+    pad = model.encoder.padding_idx
+    targets = r["targets"]
+    width = max(len(t) for t in targets)
+    prev = torch.full((len(targets), width), pad, dtype=torch.long)
+    tgt = torch.full((len(targets), width), pad, dtype=torch.long)
+    for i, t in enumerate(targets):
+        prev[i, : len(t)] = torch.tensor([r["start"]] + t[:-1])
+        tgt[i, : len(t)] = torch.tensor(t)
+    src, prev = state.to_device(r["src"]), state.to_device(prev)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(src, src.ne(pad).sum(1), prev)[0].float(), dim=-1).cpu()
+    picked = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return {"log_probs": [picked[i, : len(t)].tolist() for i, t in enumerate(targets)]}
+
+
 def predict(state: State, r: dict) -> torch.Tensor:
     from fairseq.models.bart.hub_interface import BARTHubInterface
 
@@ -255,7 +272,7 @@ def memory(state: State, r: dict) -> float:
     return peak_rss_mb()
 
 
-HANDLERS = {"Logits": logits, "Layers": layers, "Predict": predict, "Generate": generate, "Hub": hub,
+HANDLERS = {"Logits": logits, "Layers": layers, "Score": score, "Predict": predict, "Generate": generate, "Hub": hub,
             "Memory": memory}
 
 

@@ -36,7 +36,16 @@ from fairport.converters.sources import ensemble_members, find_sources
 from fairport.converters.write import sha256
 from fairport.distributed import Ranks
 from fairport.errors import FairportError
-from fairport.original.protocol import Generate, Layers, Logits, Memory, Original, direction_overrides, hub_request
+from fairport.original.protocol import (
+    Generate,
+    Layers,
+    Logits,
+    Memory,
+    Original,
+    Score,
+    direction_overrides,
+    hub_request,
+)
 from fairport.reference import load
 from fairport.reference.batching import pad_batch
 from fairport.reference.folder import ModelFolder
@@ -44,10 +53,11 @@ from fairport.reference.generate import generate
 from fairport.reference.hub import length_sorted_batches
 from fairport.reference.tokenizer import Framing
 from fairport.util import first_line, peak_rss_mb
+from fairport.verify import ctranslate2 as ct2
 from fairport.verify import inputs as verify_inputs
-from fairport.verify.mismatch import BATCH, CLASSES, DIVERGENCE, explain_tie
+from fairport.verify.mismatch import BATCH, CLASSES, DIVERGENCE, NEAR_TIE, explain_tie
 from fairport.verify.report import FILES as REPORT_FILES
-from fairport.verify.report import Report
+from fairport.verify.report import Report, num
 from fairport.verify.shards import Shards
 
 # logits tolerance per dtype, relative to the largest |logit| of the fp32 original (fp32: absolute);
@@ -88,6 +98,8 @@ class VerifyOptions:
     source_lang: str | None = None  # many-to-many models: the direction to verify
     target_lang: str | None = None
     resume: bool = False  # keep the finished batches of an interrupted run with the same inputs and options
+    ctranslate2: bool = False  # verify CTranslate2's conversion of SRC too (verify/ctranslate2.py)
+    ctranslate2_model: Path | None = None  # ... or this ready CTranslate2 model folder
     progress: bool = True
 
 
@@ -106,6 +118,7 @@ class VerifyRun:
     port: object = None
     first_member: object = None  # logits and layer checks use an ensemble's first member
     hf_model: object = None
+    ct2: object = None  # the CTranslate2 side, when asked for
     precision_models: dict = field(default_factory=dict)  # dtype -> the port in that dtype
     tokenizer: object = None
     framing: Framing | None = None
@@ -178,6 +191,8 @@ def open_port(run: VerifyRun) -> None:
         run.framing.bart = False
     run.precision_models = {d: load(run.folder.path, device=run.device, dtype=d) for d in run.opts.dtypes
                             if d != "float32"}
+    if run.opts.ctranslate2 or run.opts.ctranslate2_model:
+        open_ctranslate2(run)
     if run.folder.transformers:
         try:
             import transformers
@@ -189,6 +204,22 @@ def open_port(run: VerifyRun) -> None:
             run.hf_model.to(run.device)
         except Exception as e:  # transformers missing or failing is reported, not fatal
             run.report.note(f"transformers side skipped: {type(e).__name__}: {first_line(e)}")
+
+
+def open_ctranslate2(run: VerifyRun) -> None:
+    """CTranslate2's own conversion of SRC (rank 0 converts, into OUT/ctranslate2), or the folder given."""
+    if run.folder.generation.get("eos") is not None:
+        run.report.note("ctranslate2 side skipped: this task's generator starts from and ends with a language token "
+                        f"(id {run.folder.generation['eos']}), which CTranslate2's decoder start token cannot be")
+        return
+    folder = run.opts.ctranslate2_model
+    if folder is None:
+        folder = (run.opts.out or run.folder.path / "verify") / "ctranslate2"
+        if run.ranks.main:
+            run.say("ct2-fairseq-converter: CTranslate2's own conversion of the checkpoint ...")
+            ct2.convert(run.checkpoints[0], folder)
+        run.ranks.barrier()
+    run.ct2 = ct2.CTranslate2Side(Path(folder), run.device, torch.get_num_threads())
 
 
 def choose_direction(run: VerifyRun) -> None:
@@ -236,7 +267,7 @@ def run_batches(run: VerifyRun) -> None:
     shards = Shards(out / "shards", Shards.key_of(
         run.inputs.src, run.inputs.refs, run.settings, run.opts.dtypes, run.opts.batch_size, run.device,
         [str(p) for p in run.checkpoints], [p.stat().st_size for p in run.checkpoints], run.folder.provenance,
-        run.forced, run.overrides))
+        run.forced, run.overrides, str(run.ct2.folder) if run.ct2 else None))
     if run.ranks.main:
         shards.prepare(run.opts.resume)
         for name in REPORT_FILES:  # an earlier report must not pass for this run's
@@ -335,6 +366,8 @@ def compute_batch(run: VerifyRun, b: int) -> dict:
         logits = _hf_logits(run.hf_model, src.to(dev), prev.to(dev), cfg.pad)
         res["logits"]["transformers"] = _delta(logits, ref, keep)
         res["nll"]["transformers"] = _nll(logits, tgt, cfg.pad)
+    if run.ct2 is not None:
+        res["ctranslate2"] = ctranslate2_batch(run, src, tgt, torch.log_softmax(ref, dim=-1), targets)
     res["precision"] = {}
     for name, model in run.precision_models.items():
         member = model.members[0] if hasattr(model, "members") else model
@@ -343,6 +376,20 @@ def compute_batch(run: VerifyRun, b: int) -> dict:
         hyps = model.generate(src.to(dev), prefix_tokens=_dev(run.prefix(len(idx)), dev), **run.settings["beam"])
         res["precision"][name] = {**d, "beam": [top(h) for h in hyps]}
     return res
+
+
+def ctranslate2_batch(run: VerifyRun, src, tgt, ref_lp, targets) -> dict:
+    """CTranslate2 on one batch: generation in each setting (timed), teacher-forced log-probs of the targets."""
+    cfg = run.folder.config
+    out: dict = {"seconds": {}}
+    for key, options in run.settings.items():
+        out[key], out["seconds"][key] = run.ct2.generate(src, options, cfg.pad, cfg.eos, run.forced,
+                                                         cfg.max_target_positions)
+    theirs = ref_lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    mine = run.ct2.score(src, targets, cfg.pad, cfg.eos)
+    deltas = [abs(a - float(b)) for row, lp in enumerate(mine) for a, b in zip(lp, theirs[row, : len(targets[row])])]
+    out["log_probs"] = {"sum": sum(deltas), "values": len(deltas), "max": max(deltas, default=0.0)}
+    return out
 
 
 def top(hyps: list[dict]) -> dict:
@@ -509,6 +556,90 @@ def explain(run: VerifyRun, key: str, options: dict, i: int) -> dict:
     return why
 
 
+def ctranslate2_side(run: VerifyRun) -> None:
+    """CTranslate2's conversion against the original: teacher-forced log-probs, and generation with every
+    mismatch explained (verify/ctranslate2.py; its search cannot be traced, so the outputs' scores decide)."""
+    if run.ct2 is None:
+        return
+    o, batches = run.opts, _batches_in_order(run)
+    parts = [res["ctranslate2"] for res in batches]
+    lp = {"max_abs": max(p["log_probs"]["max"] for p in parts),
+          "mean_abs": sum(p["log_probs"]["sum"] for p in parts) / max(sum(p["log_probs"]["values"] for p in parts), 1),
+          "values": sum(p["log_probs"]["values"] for p in parts)}
+    tol = 2 * o.logits_tol  # a log-probability moves at most twice as far as the logits do
+    run.report.add("ctranslate2: teacher-forced log-probs vs original", lp["max_abs"] <= tol, lp["max_abs"], tol,
+                   f"mean |Δ| {lp['mean_abs']:.2e} over {lp['values']} target tokens")
+    eps = min(lp["max_abs"], tol)
+    section: dict = {"model": run.ct2.folder.name, "load_seconds": run.ct2.load_seconds, "log_probs": lp}
+    for key, options in run.settings.items():
+        theirs = run.per_input(f"{key}.original")
+        mine: list = [None] * len(theirs)
+        for res in batches:
+            for i, h in zip(res["inputs"], res["ctranslate2"][key]):
+                mine[i] = h
+        mismatches = []
+        for i in (i for i, (a, b) in enumerate(zip(theirs, mine)) if a["tokens"] != b["tokens"]):
+            run.say(f"explaining CTranslate2's {key} mismatch on input {i} ...")
+            why = explain_ctranslate2(run, options, i, theirs[i]["tokens"], mine[i]["tokens"], eps, key == "greedy")
+            mismatches.append({"input": i, "original": run.text(theirs[i]["tokens"]), "ctranslate2": run.text(
+                mine[i]["tokens"]), **why})
+        counts = {c: sum(m["class"] == c for m in mismatches) for c in CLASSES}
+        n = len(theirs)
+        rate, explained = 1 - len(mismatches) / max(n, 1), (counts["near-tie"] + counts[BATCH]) / max(n, 1)
+        seconds = sum(res["ctranslate2"]["seconds"][key] for res in batches)
+        section[key] = {"exact_match": rate, "counts": counts, "mismatches": mismatches, "seconds": seconds,
+                        "sentences_per_s": n / max(seconds, 1e-9)}
+        detail = f"{len(mismatches)} of {n} differ: " + ", ".join(f"{v} {c}" for c, v in counts.items())
+        run.report.add(f"ctranslate2 generation ({key}): every mismatch explained", counts[DIVERGENCE] == 0,
+                       counts[DIVERGENCE], 0, detail)
+        run.report.add(f"ctranslate2 generation ({key}): near-ties and batch effects within --max-tie-rate",
+                       explained <= o.max_tie_rate, explained, o.max_tie_rate, f"exact match {rate:.1%}")
+    run.report.sections["ctranslate2"] = section
+
+
+def explain_ctranslate2(run: VerifyRun, options: dict, i: int, a: list[int], c: list[int], eps: float,
+                        greedy: bool) -> dict:
+    """The original's output A and CTranslate2's C for input i: the original alone, then both models'
+    teacher-forced scores of both (greedy: at the first token where they part; beam: whole, length-normalised
+    as fairseq ranks finished hypotheses). Each log-prob may differ by `eps` between the models."""
+    src = torch.tensor([run.inputs.src[i]])
+    alone = run.fairseq()(Generate(src, options, prefix=run.prefix(1), force_bos=run.framing.bart))
+    alone = alone["hypotheses"][0][0]["tokens"].tolist()
+    evidence: dict = {"original_alone": run.text(alone)}
+    if alone == c:
+        return {"class": BATCH, "evidence": evidence, "explanation": "run alone, the original gives CTranslate2's "
+                "output: its output for this input depends on what it is batched with."}
+    cfg = run.folder.config
+    start = run.settings["beam"].get("eos", cfg.eos)
+    both = src.repeat(2, 1)  # the input once for each output scored
+    so = run.fairseq()(Score(both, [a, c], start))["log_probs"]
+    sc = run.ct2.score(both, [a, c], cfg.pad, cfg.eos)
+    t = next((k for k, (x, y) in enumerate(zip(a, c)) if x != y), min(len(a), len(c)) - 1)
+    if greedy:
+        m_o, m_c = so[0][t] - so[1][t], sc[1][t] - sc[0][t]
+        tolerance, where = 2 * eps, f"at token {t}"
+    else:
+        lenpen = options.get("lenpen", 1.0)
+        norm = [sum(x) / len(x) ** lenpen for x in (*so, *sc)]
+        m_o, m_c = norm[0] - norm[1], norm[3] - norm[2]
+        tolerance, where = 2 * eps * max(len(a), len(c)), "on the whole hypotheses (length-normalised)"
+    evidence |= {"step": t, "margin": {"original": m_o, "ctranslate2": m_c}, "flip": m_o + m_c,
+                 "tolerance": tolerance, "delta_log_probs": eps}
+    if m_c < 0:  # CTranslate2's own scores rank the original's output higher: its search chose otherwise
+        return {"class": DIVERGENCE, "evidence": evidence, "explanation": (
+            f"{where}, CTranslate2's own scores rank the original's output {num(-m_c)} above its own (the original's: "
+            f"{num(m_o)}): its search returned a hypothesis it scores lower, so its search (length normalisation, "
+            f"stopping) differs from fairseq's here, not its numbers.")}
+    story = (f"{where}, the original prefers its output by {num(m_o)} and CTranslate2 its own by {num(m_c)} "
+             f"(teacher-forced); they disagree by {num(m_o + m_c)}")
+    if m_o >= 0 and m_o + m_c <= tolerance:
+        return {"class": NEAR_TIE, "evidence": evidence,
+                "explanation": f"{story}, within {num(tolerance)} of the measured log-prob |Δ| {num(eps)}: a tie."}
+    return {"class": DIVERGENCE, "evidence": evidence,
+            "explanation": f"{story}, beyond the {num(tolerance)} the measured log-prob |Δ| allows: CTranslate2's "
+                           f"numbers differ here."}
+
+
 def tokenizer_ids(run: VerifyRun) -> None:
     if run.tokenizer is None or not run.inputs.src_text:
         return
@@ -653,7 +784,8 @@ def environment(run: VerifyRun) -> None:
 
 
 EVERY_RANK = [open_port, choose_direction, read_inputs, run_batches]
-RANK_ZERO = [logits_and_nll, layer_curve, generation, tokenizer_ids, quality, precision_matrix, speed, environment]
+RANK_ZERO = [logits_and_nll, layer_curve, generation, ctranslate2_side, tokenizer_ids, quality, precision_matrix,
+             speed, environment]
 
 
 def verify(src: str | Path, dst: str | Path, opts: VerifyOptions, ranks: Ranks | None = None) -> Report | None:
