@@ -215,9 +215,15 @@ def write_card(folder: str | Path, report_dir=None, license=None, unverified=Fal
     return folder / "README.md"
 
 
+# what a verify run may leave in DST/verify that is not the report: CTranslate2's conversion, resumable batches
+NOT_PUBLISHED = (("verify", "ctranslate2"), ("verify", "shards"))
+
+
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                            p.relative_to(folder).parts))
+    """What upload sends: the folder's files, less hidden ones and NOT_PUBLISHED."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                  and p.relative_to(folder).parts[:2] not in NOT_PUBLISHED)
 
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])(?:/|~/|[A-Za-z]:\\)[^\s,;()'\"]+")

@@ -22,6 +22,8 @@ needs_fairseq = pytest.mark.fairseq
 needs_shared = pytest.mark.skipif(not (SHARED / "gpt2" / "encoder.json").exists(),
                                   reason=f"shared data not found at {SHARED}")
 needs_transformers = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers not installed")
+needs_ctranslate2 = pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None,
+                                       reason="CTranslate2 not installed: pip install 'fairport[ctranslate2]'")
 
 
 def gpt2_files(name: str) -> dict:

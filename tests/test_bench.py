@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import needs_fairseq, run_cli
+from helpers import needs_ctranslate2, needs_fairseq, run_cli
 
 
 def bench(*args):
@@ -57,3 +57,27 @@ def test_bench_cuda_says_not_measured_without_a_gpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "not measured" in proc.stdout
     assert json.loads((tmp_path / "b.json").read_text())["status"].startswith("not measured")
+
+
+@needs_fairseq
+@needs_ctranslate2
+def test_bench_times_ctranslate2_on_its_own_conversion(tmp_path):
+    """CTranslate2 beside the others: converted by its own ct2-fairseq-converter (fp32 and int8), timed at each
+    thread count on the same sources for the same number of decoder steps, its outputs compared with fairseq's,
+    its load time and its process's own peak memory reported."""
+    out = tmp_path / "b.json"
+    proc = bench("tiny", "--workdir", tmp_path / "w", "--steps", "4", "--repeats", "1", "--batch", "1,2",
+                 "--beam", "1,2", "--dtype", "float32,int8", "--warmup", "0", "--threads", "1,2",
+                 "--sides", "reference,fairseq,ctranslate2", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["ctranslate2_conversion"]) == {"float32", "int8"}
+    for row in res["runs"]:
+        ct2 = row["sides"]["ctranslate2"]
+        assert ct2["ms_per_step"] > 0 and set(ct2["ms_per_step_by_threads"]) == {"1", "2"}
+        assert ct2["threads"] in (1, 2) and ct2["load_seconds"] > 0 and 0 < ct2["peak_rss_mb"] < 2000
+        assert 0 <= ct2["exact_match_rate"] <= 1
+        assert row["sides"]["reference"]["load_seconds"] > 0
+        if row["dtype"] == "float32":  # fp32 on these tiny random weights: the same tokens as fairseq
+            assert ct2["exact_match_rate"] >= 0.5, row["key"]
+    assert "ctranslate2" in proc.stdout

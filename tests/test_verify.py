@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fairport.converters.convert import convert
-from helpers import SHARED, gpt2_files, needs_fairseq, needs_shared, run_cli
+from helpers import SHARED, gpt2_files, needs_ctranslate2, needs_fairseq, needs_shared, run_cli
 
 
 def run_verify(*args, env=None):
@@ -238,3 +238,22 @@ def test_a_batch_dependent_original_is_recognised(trained_dir, tmp_path):
     assert m["input"] == i and m["class"] == "batch-dependent original"
     assert m["evidence"]["original_alone"] == m["port"] != m["original"]
     assert "run alone, the original gives the port's output" in m["explanation"]
+
+
+@needs_fairseq
+@needs_ctranslate2
+def test_verify_checks_ctranslate2s_conversion_too(trained_dir, trained_port, tmp_path):
+    """--sides ctranslate2: CTranslate2's own conversion of the checkpoint, decoded and scored on the same inputs
+    as the original: its teacher-forced log-probs and its outputs are checked like the port's."""
+    proc = run_verify(trained_dir, trained_port, "--fairseq-data", trained_dir / "bin", "--limit", "24",
+                      "--sides", "reference,ctranslate2", "--out", tmp_path / "r")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    ct2 = rep["ctranslate2"]
+    assert 0 < ct2["log_probs"]["max_abs"] <= 2e-4 and ct2["log_probs"]["values"] > 0
+    for key in ("greedy", "beam"):
+        assert ct2[key]["exact_match"] == 1.0 and ct2[key]["sentences_per_s"] > 0
+    names = [c["name"] for c in rep["checks"]]
+    assert "ctranslate2: teacher-forced log-probs vs original" in names
+    assert "ctranslate2 generation (beam): every mismatch explained" in names
+    assert (tmp_path / "r" / "ctranslate2" / "model.bin").exists()
