@@ -3,7 +3,15 @@ live in helpers.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# MKL picks kernels by memory alignment unless asked for reproducible results, so the same fp32 product can round
+# differently from one process to the next. On a fixture whose activations grow large (pre-norm without a final
+# norm) that was seen to move its logits by 2.6e-4 in 1 process of 8, against 8.6e-6 otherwise. The tests ask for
+# reproducible results, as the command line does (fairport/cli.py; no measurable cost); subprocesses inherit it.
+# Tolerances are unchanged.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
 
