@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -138,15 +139,17 @@ def _transformers_worker(job: dict) -> dict:
                                  max_new_tokens=o["max_len_b"] + 1, length_penalty=o.get("lenpen", 1.0),
                                  early_stopping=True, no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0) or 0)
 
-    results = _time_configs(job, prepare,
-                            lambda out, cfg: [[t for t in row.tolist()[1:] if t != job["pad"]] for row in out])
+    def tokens_of(out, cfg):  # after its start token; its last step picks a token where fairseq's must end
+        return [row.tolist()[1:][: cfg["steps"] - 1] + [job["eos"]] for row in out]
+
+    results = _time_configs(job, prepare, tokens_of)
     return {**results, "load_seconds": models.get("load_seconds", {})}
 
 
 def _fairseq_worker(job: dict) -> dict:
     from fairseq import checkpoint_utils
 
-    from fairport.original.worker import _fix_ngram_blocking, sequence_generator
+    from fairport.original.worker import _fix_ngram_blocking, reset_beam_size, sequence_generator
 
     _fix_ngram_blocking()
     t0 = time.perf_counter()
@@ -157,6 +160,7 @@ def _fairseq_worker(job: dict) -> dict:
     load_seconds = time.perf_counter() - t0
 
     def prepare(cfg, src, threads):
+        reset_beam_size(models)
         sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(job["pad"]).sum(1)}}
         return functools.partial(torch.no_grad()(sequence_generator(models, task, cfg["options"]).generate), models,
                                  sample)
@@ -309,6 +313,17 @@ def _convert_measured(src: Path, dst: Path) -> dict:
             "plain_read_write_seconds": plain}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (packed-weight and int8 gains depend on it: a result is one CPU's)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # ---- main --------------------------------------------------------------------------------------------
 
 def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
@@ -321,6 +336,7 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
         return {"device": device, "status": "not measured: no CUDA device on this machine"}
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"target": target, "device": device, "threads": torch.get_num_threads(), "steps": steps,
+                       "cpu": cpu_model(), "cores": os.cpu_count(),
                     "environment": {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")}}
     preset_gen: dict = {}
     if target in BENCH_PRESETS:
@@ -341,9 +357,8 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
         src_len = src_len or spec["src_len"]
     else:
         folder = Path(target)
-        prov = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").exists() else {}
-        checkpoint = Path(prov.get("source", {}).get("checkpoint", ""))
-        if "fairseq" in sides and not checkpoint.is_file():
+        checkpoint = ModelFolder.open(folder).checkpoint
+        if "fairseq" in sides and not (checkpoint and checkpoint.is_file()):
             raise FairportError(f"{folder}: the source checkpoint in provenance.json is not available; "
                                 f"bench the reference alone with --sides reference")
         src_len = src_len or 32
@@ -570,6 +585,7 @@ def print_results(result: dict, out: Path) -> None:
     if "runs" not in result:
         print(f"{result['device']}: {result['status']}")
         return
+    print(f"{result['cpu']}, {result['cores']} cores")
     print(f"{'config':<24}{'side':<14}{'ms/step':>9}{'sent/s':>9}{'tok/s':>9}{'vs fairseq':>11}  same output")
     for row in result["runs"]:
         for side, r in row["sides"].items():

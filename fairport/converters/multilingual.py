@@ -16,16 +16,11 @@ from pathlib import Path
 
 from fairport.converters.checkpoint import recorded_file
 from fairport.errors import FairportError
+from fairport.util import comma_list
 
 TASK = "translation_multi_simple_epoch"
 STYLES = {"multilingual": "__{}__", "mbart": "[{}]"}
 SPEC_SUFFIX = {"main": "", "dae": "_dae", "mined": "_mined"}  # fairseq get_lang_tok: spec ending -> suffix
-
-
-def _list(value) -> list[str]:
-    if isinstance(value, str):
-        return [x for x in value.split(",") if x]
-    return [str(x) for x in value or []]
 
 
 def _spec_suffix(spec: str) -> str:
@@ -60,7 +55,7 @@ class Multilingual:
             raise FairportError(f"{TASK}: unsupported option(s): {'; '.join(problems)}")
         lang_dict = None
         if options.get("langs"):
-            langs = _list(options["langs"])
+            langs = comma_list(options["langs"])
         elif options.get("lang_dict"):
             lang_dict = recorded_file(options["lang_dict"], folder)
             if lang_dict is None:
@@ -68,13 +63,14 @@ class Multilingual:
                                     f"is not beside the checkpoint; copy it to {folder} or pass --lang-dict")
             langs = [ln.strip() for ln in lang_dict.read_text(encoding="utf-8").splitlines() if ln.strip()]
         else:  # fairseq: inferred from the pairs, sorted
-            langs = sorted({x for pair in _list(options.get("lang_pairs")) for x in pair.split("-")})
+            langs = sorted({x for pair in comma_list(options.get("lang_pairs")) for x in pair.split("-")})
         if not langs:
             raise FairportError(f"{TASK}: the checkpoint names no languages (--langs, --lang-dict or --lang-pairs)")
         extra = options.get("extra_data") or {}
-        return cls(langs=langs, style=style, specs=_list(options.get("langtoks_specs") or ["main"]),
+        return cls(langs=langs, style=style, specs=comma_list(options.get("langtoks_specs") or ["main"]),
                    encoder_langtok=options.get("encoder_langtok") or None,
-                   decoder_langtok=bool(options.get("decoder_langtok")), lang_pairs=_list(options.get("lang_pairs")),
+                   decoder_langtok=bool(options.get("decoder_langtok")),
+                   lang_pairs=comma_list(options.get("lang_pairs")),
                    mask=style == "mbart" or (isinstance(extra, dict) and "mono_dae" in extra),
                    fixed_dictionary=bool(options.get("fixed_dictionary")), lang_dict=lang_dict)
 

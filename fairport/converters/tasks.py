@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fairport.errors import FairportError
 from fairport.reference.dictionary import Dictionary
+from fairport.util import comma_list
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,7 @@ TASKS: dict[str, TaskDicts] = {
 
 
 def task_langs(options: dict) -> list[str]:
-    langs = options.get("langs")
-    if isinstance(langs, str):
-        return [x for x in langs.split(",") if x]
-    return list(langs or [])
+    return comma_list(options.get("langs"))
 
 
 def dictionary_paths(task: str, options: dict, folder: Path) -> tuple[Path, Path]:

@@ -26,6 +26,14 @@ from fairport.reference.generate import GenerationOptions
 from fairport.util import peak_rss_mb
 
 
+def reset_beam_size(models) -> None:
+    """fairseq's SequenceGenerator leaves BART's cross-attention "beam size" set after a beam search, and a later
+    forward of another shape fails: every use starts from beam size 1 (a generator sets its own)."""
+    for m in models:
+        if hasattr(m, "set_beam_size"):  # BART's (its decoder's own setter caches a stale value)
+            m.set_beam_size(1)
+
+
 class State:
     """The job (checkpoints, data folder, device, option overrides) and the models, loaded on first use."""
 
@@ -35,13 +43,9 @@ class State:
 
     @property
     def loaded(self):
-        """(models, cfg, task). fairseq's SequenceGenerator leaves BART's cross-attention "beam size" set after
-        a beam search, and a later forward of another shape fails: every request starts from beam size 1 (a
-        generator sets its own)."""
+        """(models, cfg, task), every request starting from beam size 1 (`reset_beam_size`)."""
         if self._loaded is not None:
-            for m in self._loaded[0]:
-                if hasattr(m, "set_beam_size"):  # BART's (its decoder's own setter caches a stale value)
-                    m.set_beam_size(1)
+            reset_beam_size(self._loaded[0])
         if self._loaded is None:
             from fairseq import checkpoint_utils
 

@@ -163,10 +163,7 @@ def _plots(report: Report, out: Path) -> dict:
         ax.set_xticks(list(xs), [r["module"] for r in curve], rotation=60, ha="right", fontsize=7)
         ax.set_title("port vs original, per module (first batch)")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "layers.png", dpi=110)
-        plt.close(fig)
-        plots["layers"] = "layers.png"
+        plots["layers"] = _save(plt, fig, out / "layers.png")
     speed = {k: v for k, v in report.sections.get("speed", {}).items() if k in ("greedy", "beam")}
     if speed:
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -178,11 +175,15 @@ def _plots(report: Report, out: Path) -> dict:
         ax.set_xticks(range(len(keys)), keys)
         ax.set_ylabel("sentences / s")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "speed.png", dpi=110)
-        plt.close(fig)
-        plots["speed"] = "speed.png"
+        plots["speed"] = _save(plt, fig, out / "speed.png")
     return plots
+
+
+def _save(plt, fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def print_summary(report: Report, out: Path) -> int:
