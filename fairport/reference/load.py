@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import sys
@@ -67,6 +68,25 @@ def tied_names(cfg: ModelConfig) -> set[str]:
     return names
 
 
+# the initializers torch's layers call when built; build() has nothing to initialize
+_INITIALIZERS = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "ones_", "zeros_",
+                 "constant_")
+
+
+@contextlib.contextmanager
+def _without_random_init():
+    """Layers built on the meta device skip their random init (every weight comes from the folder). Besides
+    being wasted work, torch's random init of a meta tensor imports torch._dynamo: ~1 s of every process's load."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALIZERS}
+    for name in _INITIALIZERS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def build(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device=None, dtype=torch.float32,
           cls: type[EncoderDecoder] = EncoderDecoder, fuse: bool = False, finish=None) -> EncoderDecoder:
     """The reference model (eval mode, no gradients) from (reference name, tensor) pairs, without a random init
@@ -74,7 +94,7 @@ def build(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device=
     layer is handed to `finish(linear)` (which may return its replacement: fast.PackedLinear, fast.Int8Linear)
     as soon as its tensors are in; with `fuse`, self-attention q/k/v are fused first (fast.fuse_attention).
     Sinusoidal tables are computed in fp32 (as fairseq computes them), then cast to `dtype`."""
-    with torch.device("meta"):
+    with torch.device("meta"), _without_random_init():
         model = cls(cfg)
     model.eval().requires_grad_(False)
     device = torch.device(device or "cpu")

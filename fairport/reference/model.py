@@ -257,7 +257,11 @@ class SinusoidalPositions(nn.Module):
     def __init__(self, max_positions: int, dim: int, pad: int):
         super().__init__()
         self.dim, self.pad = dim, pad
-        self.register_buffer("table", sinusoidal_table(max_positions + pad + 1, dim, pad), persistent=False)
+        rows = max_positions + pad + 1
+        # built on the meta device (as load() builds), the table is only a shape: load() computes it for real
+        on_meta = torch.get_default_device().type == "meta"
+        table = torch.empty(rows, dim) if on_meta else sinusoidal_table(rows, dim, pad)
+        self.register_buffer("table", table, persistent=False)
 
     def _cover(self, needed: int) -> None:
         if needed > self.table.size(0):  # fairseq grows the table on demand, computed in fp32
