@@ -259,7 +259,7 @@ class SinusoidalPositions(nn.Module):
         self.dim, self.pad = dim, pad
         rows = max_positions + pad + 1
         # built on the meta device (as load() builds), the table is only a shape: load() computes it for real
-        on_meta = torch.get_default_device().type == "meta"
+        on_meta = torch.empty(0).is_meta  # where new tensors go now (torch.get_default_device needs torch 2.3)
         table = torch.empty(rows, dim) if on_meta else sinusoidal_table(rows, dim, pad)
         self.register_buffer("table", table, persistent=False)
 
