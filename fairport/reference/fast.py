@@ -4,8 +4,9 @@ faster equivalents with the same outputs (gpt-fast's quantize.py pattern). `load
 - `fuse_qkv(model)`: each self-attention's q, k, v projections become one (3C, C) matrix product
   (`SelfAttention.qkv_proj`; the three separate matrices are freed, so no memory is duplicated).
 - `pack(model)`: large fp32/bf16 linear layers on the CPU become `PackedLinear`, holding their weight only in
-  oneDNN's blocked layout: measured 2.3-4x faster than torch's default CPU product at the 1-512 rows
-  incremental decoding uses (`fairport bench` reports the machine's numbers), with no second copy.
+  oneDNN's blocked layout: faster than torch's default CPU product at the 1-512 rows incremental decoding
+  uses, by a CPU-dependent factor (`fairport bench --sides reference,reference-unpacked` measures it), with no
+  second copy.
 - `quantize(model)`: every linear layer becomes `Int8Linear` (int8 weights per output channel, activations
   quantized per call: torch's dynamic quantization kernels). CPU and float32 only; outputs move, and
   `fairport verify --dtypes int8` measures by how much.
