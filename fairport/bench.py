@@ -41,15 +41,11 @@ def side_dtypes(side: str, dtypes: list[str]) -> list[str]:
 
 
 def convert_ctranslate2(checkpoint: Path, workdir: Path, dtype: str) -> tuple[Path, dict]:
-    """CTranslate2's own conversion of the fairseq checkpoint (its converter imports fairseq: its own process)."""
-    out = workdir / f"ct2-{checkpoint.parent.name}-{dtype}"
+    """CTranslate2's own conversion of the fairseq checkpoint (verify/ctranslate2.py), timed and sized."""
+    from fairport.verify.ctranslate2 import convert
+
     t0 = time.perf_counter()
-    proc = subprocess.run(["ct2-fairseq-converter", "--model_path", str(checkpoint), "--data_dir",
-                           str(checkpoint.parent), "--output_dir", str(out), "--quantization", dtype, "--force",
-                           "--unsafe_deserialization"], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    if proc.returncode != 0:
-        raise FairportError(f"ct2-fairseq-converter failed: {proc.stderr.strip().splitlines()[-1:]}")
+    out = convert(checkpoint, workdir / f"ct2-{checkpoint.parent.name}-{dtype}", quantization=dtype)
     size = sum(f.stat().st_size for f in out.iterdir())
     return out, {"seconds": time.perf_counter() - t0, "model_mb": size / 2**20}
 
@@ -175,35 +171,30 @@ def _ctranslate2_worker(job: dict) -> dict:
     hypothesis held to the same number of decoder steps as the others (min = max decoding length)."""
     import ctranslate2
 
+    from fairport.verify.ctranslate2 import vocabularies
+
     models: dict = {}
+    vocab = {d: vocabularies(Path(f)) for d, f in job["ctranslate2"].items()}  # (source, target) per precision
 
     def prepare(cfg, src, threads):
         folder = job["ctranslate2"][cfg["dtype"]]
-        vocab = _ct2_vocabulary(folder)
         translator = _loaded(models, (cfg["dtype"], threads), lambda: ctranslate2.Translator(
             folder, device=job["device"], compute_type="int8" if cfg["dtype"] == "int8" else "float32",
             inter_threads=1, intra_threads=threads))
         o = cfg["options"]
-        tokens = [[vocab["source"][i] for i in row.tolist() if i not in (job["pad"], job["eos"])] for row in src]
+        source = vocab[cfg["dtype"]][0]
+        tokens = [[source[i] for i in row.tolist() if i not in (job["pad"], job["eos"])] for row in src]
         return functools.partial(translator.translate_batch, tokens, beam_size=o["beam"],
                                  length_penalty=o.get("lenpen", 1.0),
                                  no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0),
                                  min_decoding_length=cfg["steps"], max_decoding_length=cfg["steps"])
 
     def tokens_of(out, cfg):  # its last step picks a token where the others must end: compare what precedes
-        index = {t: i for i, t in enumerate(_ct2_vocabulary(job["ctranslate2"][cfg["dtype"]])["target"])}
+        index = {t: i for i, t in enumerate(vocab[cfg["dtype"]][1])}
         return [[index[t] for t in r.hypotheses[0][: cfg["steps"] - 1]] + [job["eos"]] for r in out]
 
     results = _time_configs(job, prepare, tokens_of, set_threads=lambda t: None)
     return {**results, "load_seconds": models.get("load_seconds", {})}
-
-
-def _ct2_vocabulary(folder: str) -> dict[str, list[str]]:
-    f = Path(folder)
-    if (f / "shared_vocabulary.json").exists():
-        shared = json.loads((f / "shared_vocabulary.json").read_text())
-        return {"source": shared, "target": shared}
-    return {side: json.loads((f / f"{side}_vocabulary.json").read_text()) for side in ("source", "target")}
 
 
 WORKERS = {"reference": _reference_worker, "reference-unpacked": lambda job: _reference_worker(job, pack=False),
@@ -335,8 +326,7 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
     if device.startswith("cuda") and not torch.cuda.is_available():
         return {"device": device, "status": "not measured: no CUDA device on this machine"}
     workdir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"target": target, "device": device, "threads": torch.get_num_threads(), "steps": steps,
-                       "cpu": cpu_model(), "cores": os.cpu_count(),
+    result: dict = {"target": target, "device": device, "steps": steps, "cpu": cpu_model(), "cores": os.cpu_count(),
                     "environment": {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")}}
     preset_gen: dict = {}
     if target in BENCH_PRESETS:
@@ -517,8 +507,6 @@ def _compare(runs: dict, configs: list[dict]) -> list[dict]:
         row = {"key": c["key"], "dtype": c["dtype"], "batch": c["batch"], "beam": c["beam"], "sides": {}}
         for side, res in runs.items():
             r = res.get(c["key"] if side != "fairseq" else base_key)
-            if r is None and side == "ctranslate2" and c["dtype"] not in ("float32", "int8"):
-                continue
             if r is None:
                 continue
             entry = {k: v for k, v in r.items() if k != "tokens"}

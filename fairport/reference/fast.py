@@ -146,13 +146,20 @@ def packable(linear: nn.Linear, min_numel: int = PACK_MIN_NUMEL) -> bool:
             and not w.requires_grad)
 
 
+def pack_linear(linear: nn.Linear, min_numel: int = PACK_MIN_NUMEL) -> PackedLinear | None:
+    """The layer as a PackedLinear where packing applies (`packable`), else None: it stays as it is."""
+    if not packable(linear, min_numel):
+        return None
+    try:
+        return PackedLinear(linear)
+    except RuntimeError:  # this oneDNN build cannot pack this dtype here: torch's default product it is
+        return None
+
+
 def pack(model: nn.Module, min_numel: int = PACK_MIN_NUMEL) -> nn.Module:
     """CPU, fp32/bf16: every linear layer with at least `min_numel` weights becomes a PackedLinear. Elsewhere
     (other devices or dtypes, no oneDNN in this torch) nothing changes. `load()` does this on the CPU."""
-    try:
-        _swap_linears(model, lambda lin: PackedLinear(lin) if packable(lin, min_numel) else None)
-    except RuntimeError:  # this oneDNN build cannot pack this dtype here: torch's default product it is
-        unpack(model)
+    _swap_linears(model, lambda lin: pack_linear(lin, min_numel))
     return model
 
 
@@ -172,16 +179,17 @@ def quantize(model: nn.Module, min_numel: int = 0) -> nn.Module:
     """int8: every linear layer with at least `min_numel` weights (all by default, the output projection
     included; embeddings stay float32) becomes an Int8Linear, and its float32 weight is released (a tied
     output projection keeps the embedding it shares). CPU and float32 only."""
-    check_int8(model)
+    p = next(model.parameters())
+    check_int8(p.device, p.dtype)
     unpack(model)
     _swap_linears(model, lambda lin: Int8Linear(lin) if lin.weight.numel() >= min_numel else None)
     return model
 
 
-def check_int8(model: nn.Module) -> None:
-    p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype != torch.float32:
-        raise FairportError(f"int8 needs the model on the CPU in float32 (it is on {p.device}, {p.dtype})")
+def check_int8(device: torch.device | str, dtype: torch.dtype) -> None:
+    """int8 runs on the CPU in float32, with torch's quantized dynamic linear: say so, or raise one line."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        raise FairportError(f"int8 needs the model on the CPU in float32 (here: {device}, {dtype})")
     if not int8_available():
         raise FairportError(f"int8: this torch ({torch.__version__}) has no quantized dynamic linear "
                             f"(engines: {torch.backends.quantized.supported_engines})")

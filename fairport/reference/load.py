@@ -174,14 +174,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         dtype = PRECISIONS[dtype]
     dtype = dtype or torch.float32
     if int8:
-        if torch.device(device or "cpu").type != "cpu":
-            raise FairportError(f"int8 needs the model on the CPU in float32 (asked for {device})")
-        fast.check_int8(nn.Linear(1, 1))
+        fast.check_int8(device or "cpu", dtype)
         finish = fast.Int8Linear
-    elif pack:
-        finish = lambda linear: fast.PackedLinear(linear) if fast.packable(linear) else None  # noqa: E731
     else:
-        finish = None
+        finish = fast.pack_linear if pack else None
     folder = ModelFolder.open(path)
     models = []
     for member in folder.members():

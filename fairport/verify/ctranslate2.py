@@ -21,12 +21,12 @@ from fairport.errors import FairportError
 from fairport.util import first_line
 
 
-def convert(checkpoint: Path, out: Path) -> Path:
-    """`ct2-fairseq-converter` (it imports fairseq: its own process), fp32, into `out`."""
+def convert(checkpoint: Path, out: Path, quantization: str = "float32") -> Path:
+    """`ct2-fairseq-converter` (it imports fairseq: its own process) into `out`, in float32 or int8."""
     try:
         proc = subprocess.run(["ct2-fairseq-converter", "--model_path", str(checkpoint), "--data_dir",
-                               str(checkpoint.parent), "--output_dir", str(out), "--force",
-                               "--unsafe_deserialization"], capture_output=True, text=True,
+                               str(checkpoint.parent), "--output_dir", str(out), "--quantization", quantization,
+                               "--force", "--unsafe_deserialization"], capture_output=True, text=True,
                               env=dict(os.environ, PYTHONWARNINGS="ignore"))
     except FileNotFoundError:
         raise FairportError("the ctranslate2 side needs CTranslate2: pip install 'fairport[ctranslate2]'") from None
@@ -34,6 +34,15 @@ def convert(checkpoint: Path, out: Path) -> Path:
         tail = proc.stderr.strip().splitlines()
         raise FairportError(f"ct2-fairseq-converter could not convert {checkpoint.name}: {tail[-1] if tail else ''}")
     return out
+
+
+def vocabularies(folder: Path) -> tuple[list[str], list[str]]:
+    """A CTranslate2 model's (source, target) vocabularies: shared, or one file each."""
+    if (folder / "shared_vocabulary.json").exists():
+        shared = json.loads((folder / "shared_vocabulary.json").read_text())
+        return shared, shared
+    source, target = (json.loads((folder / f"{side}_vocabulary.json").read_text()) for side in ("source", "target"))
+    return source, target
 
 
 class CTranslate2Side:
@@ -52,12 +61,7 @@ class CTranslate2Side:
         except (RuntimeError, ValueError) as e:
             raise FairportError(f"{folder} is not a CTranslate2 model: {first_line(e)}") from None
         self.load_seconds = time.perf_counter() - t0
-        if (folder / "shared_vocabulary.json").exists():
-            shared = json.loads((folder / "shared_vocabulary.json").read_text())
-            self.source, self.target = shared, shared
-        else:
-            self.source, self.target = (json.loads((folder / f"{side}_vocabulary.json").read_text())
-                                        for side in ("source", "target"))
+        self.source, self.target = vocabularies(folder)
         self.index = {t: i for i, t in enumerate(self.target)}
 
     def _sources(self, src: torch.Tensor, pad: int, eos: int) -> list[list[str]]:
