@@ -35,7 +35,7 @@ def side_dtypes(side: str, dtypes: list[str]) -> list[str]:
         return ["float32"]
     if side == "ctranslate2":
         return [d for d in dtypes if d in ("float32", "int8")]
-    if side in ("transformers", "reference-unpacked"):
+    if side in ("transformers", "reference-unpacked", "reference-compiled"):
         return [d for d in dtypes if d != "int8"]
     return list(dtypes)
 
@@ -105,14 +105,14 @@ def _loaded(cache: dict, key, load) -> object:
     return cache[key]
 
 
-def _reference_worker(job: dict, pack: bool = True) -> dict:
+def _reference_worker(job: dict, pack: bool = True, compile: bool = False) -> dict:
     from fairport.reference import load
 
     models: dict = {}
 
-    def prepare(cfg, src, threads):
-        model = _loaded(models, cfg["dtype"],
-                        lambda: load(job["folder"], device=job["device"], dtype=cfg["dtype"], pack=pack))
+    def prepare(cfg, src, threads):  # with compile, the load time includes compiling the step
+        model = _loaded(models, cfg["dtype"], lambda: load(job["folder"], device=job["device"], dtype=cfg["dtype"],
+                                                           pack=pack, compile=compile))
         return functools.partial(model.generate, src, **cfg["options"])
 
     results = _time_configs(job, prepare, lambda hyps, cfg: [h[0]["tokens"].tolist() for h in hyps])
@@ -198,6 +198,7 @@ def _ctranslate2_worker(job: dict) -> dict:
 
 
 WORKERS = {"reference": _reference_worker, "reference-unpacked": lambda job: _reference_worker(job, pack=False),
+           "reference-compiled": lambda job: _reference_worker(job, compile=True),
            "fairseq": _fairseq_worker, "transformers": _transformers_worker, "ctranslate2": _ctranslate2_worker}
 
 
@@ -574,13 +575,13 @@ def print_results(result: dict, out: Path) -> None:
         print(f"{result['device']}: {result['status']}")
         return
     print(f"{result['cpu']}, {result['cores']} cores")
-    print(f"{'config':<24}{'side':<14}{'ms/step':>9}{'sent/s':>9}{'tok/s':>9}{'vs fairseq':>11}  same output")
+    print(f"{'config':<24}{'side':<20}{'ms/step':>9}{'sent/s':>9}{'tok/s':>9}{'vs fairseq':>11}  same output")
     for row in result["runs"]:
         for side, r in row["sides"].items():
             sp = r.get("speedup_vs_fairseq_fp32")
             same = r.get("outputs_equal_fairseq")
             same = "-" if same is None else "True" if same else f"False ({r['exact_match_rate']:.0%} of sentences)"
-            print(f"{row['key']:<24}{side:<14}{r['ms_per_step']:>9.2f}{r['sentences_per_s']:>9.2f}"
+            print(f"{row['key']:<24}{side:<20}{r['ms_per_step']:>9.2f}{r['sentences_per_s']:>9.2f}"
                   f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}  {same}")
     over = {(row["dtype"], side): r["over_batch1_bound"] for row in result["runs"]
             for side, r in row["sides"].items() if "over_batch1_bound" in r}

@@ -27,7 +27,7 @@ from fairport.errors import FairportError
 
 PRESETS = ("bart-large-cnn", "bart-base", "wmt19-en-de", "tiny")
 DTYPES = ("float32", "bfloat16", "float16", "int8")  # reference.load.PRECISIONS (kept here for start-up time)
-BENCH_SIDES = ("reference", "reference-unpacked", "fairseq", "transformers", "ctranslate2")
+BENCH_SIDES = ("reference", "reference-unpacked", "reference-compiled", "fairseq", "transformers", "ctranslate2")
 
 
 class Parser(argparse.ArgumentParser):
@@ -181,9 +181,11 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from fairport.corpus import generate_file
 
+    if a.compile and a.dtype == "int8":
+        raise FairportError("--compile runs float32/float16/bfloat16 layers, not --dtype int8: drop one of them")
     return generate_file(a.dst, a.input, a.output, device=a.device, dtype=a.dtype, pack=not a.no_pack,
-                         batch_size=a.batch_size, seed=a.seed, quiet=a.quiet, source_lang=a.source_lang,
-                         target_lang=a.target_lang, **_search_values(a, "search", "sample"))
+                         compile=a.compile, batch_size=a.batch_size, seed=a.seed, quiet=a.quiet,
+                         source_lang=a.source_lang, target_lang=a.target_lang, **_search_values(a, "search", "sample"))
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -199,7 +201,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
         batch_size=a.batch_size, logits_tol=a.logits_tol, exact_match=a.exact_match, max_tie_rate=a.max_tie_rate,
         strict=a.strict, text_files={k: Path(getattr(a, k)) for k in TEXT_FILES if getattr(a, k)},
         source_lang=a.source_lang, target_lang=a.target_lang, resume=a.resume, ctranslate2="ctranslate2" in a.sides,
-        ctranslate2_model=a.ctranslate2_model and Path(a.ctranslate2_model))
+        ctranslate2_model=a.ctranslate2_model and Path(a.ctranslate2_model), compile=a.compile)
     rep = verify(a.src, a.dst, opts)
     if rep is None:  # not rank 0: rank 0 writes the report
         return 0
@@ -286,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--dtypes int8` measures how much)")
     g.add_argument("--seed", type=int, help="seed for sampling")
     g.add_argument("--no-pack", action="store_true",
-                   help="CPU: no oneDNN-packed copy of the weights (half the weight memory, slower decoding)")
+                   help="CPU: torch's default matrix products instead of oneDNN-packed weights (slower decoding)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode with the compiled decoder step (reference/compiled.py: fastest per step, but "
+                   "compiling takes ~40 s on a tiny model to minutes on large ones, once per process)")
     g.add_argument("--nproc", type=positive_int, default=1, help="processes on this machine (torch.distributed; "
                    "or run under torchrun for several machines)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -326,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(always), transformers (when the folder loads there), ctranslate2 (CTranslate2's own conversion "
                    "of SRC; pip install 'fairport[ctranslate2]')")
     v.add_argument("--ctranslate2-model", help="a ready CTranslate2 model folder to check (instead of converting SRC)")
+    v.add_argument("--compile", action="store_true", help="the port generates with the compiled decoder step (what "
+                   "`generate --compile` runs): its outputs are checked against the original's")
     _text_file_flags(v, "the original's, for the tokenizer check; default: those conversion read")
     v.set_defaults(func=cmd_verify)
 
@@ -355,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time reference / fairseq / transformers on the same inputs")
     b.add_argument("target", help=f"a converted folder, or a preset: {', '.join(PRESETS)}")
     b.add_argument("--sides", type=choices_list(BENCH_SIDES, "side"), default=["reference", "fairseq", "transformers"],
-                   help="any of reference, reference-unpacked (without the oneDNN-packed weights), fairseq, "
+                   help="any of reference, reference-unpacked (without the oneDNN-packed weights), reference-compiled "
+                        "(the compiled decoder step; its load time includes compiling), fairseq, "
                         "transformers, ctranslate2 (converted by its own ct2-fairseq-converter; pip install "
                         "fairport[ctranslate2])")
     b.add_argument("--batch", type=ints, default=[1, 8])

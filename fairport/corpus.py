@@ -28,14 +28,18 @@ def read_lines(path: str) -> list[str]:
 
 
 def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", dtype: str | None = None,
-                  pack: bool = True, batch_size: int = 32, seed: int | None = None, quiet: bool = False,
-                  source_lang: str | None = None, target_lang: str | None = None, **gen) -> int:
+                  pack: bool = True, compile: bool = False, batch_size: int = 32, seed: int | None = None,
+                  quiet: bool = False, source_lang: str | None = None, target_lang: str | None = None,
+                  **gen) -> int:
     from tqdm import tqdm
 
     ranks = Ranks.from_env()
     device = ranks.start(device)
     try:
-        model = load(folder, device=device, dtype=dtype, pack=pack)
+        if compile and ranks.main and not quiet:
+            print("compiling the decoder step (once per process: ~40 s on a tiny model, minutes on large ones) ...",
+                  file=sys.stderr)
+        model = load(folder, device=device, dtype=dtype, pack=pack, compile=compile)
         framing = model.tokenizer.framing  # fails early: no text pipeline
         recorded = {"--source-lang": (source_lang, framing.source_lang),
                     "--target-lang": (target_lang, framing.target_lang)}

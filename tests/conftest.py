@@ -91,3 +91,26 @@ def verified_port(trained_dir, tmp_path_factory) -> Path:
     write(rep, dst / "verify", str(trained_dir), str(dst))
     assert rep.passed
     return dst
+
+
+@pytest.fixture(scope="session")
+def trained_converted(trained_dir, tmp_path_factory):
+    """The trained fixture converted: `single` (model.pt) and `ensemble` (model.pt + model2.pt)."""
+    from fairport.converters.convert import convert
+
+    out = tmp_path_factory.mktemp("trained-converted")
+    convert(trained_dir, out / "single")
+    convert(f"{trained_dir}/model.pt:{trained_dir}/model2.pt", out / "ensemble")
+    return out
+
+
+@pytest.fixture(scope="session")
+def fairseq_generations(trained_dir):
+    """fairseq's hypotheses for test_generation.CASES on the trained fixture's first sources (one worker run)."""
+    from test_generation import CASES, SEED, source_batch
+
+    from fairport.original.protocol import Generate, run
+
+    src = source_batch(trained_dir)
+    results = run([trained_dir / "model.pt"], trained_dir, *[Generate(src, o, seed=SEED) for o in CASES.values()])
+    return src, {case: r["hypotheses"] for case, r in zip(CASES, results)}

@@ -37,6 +37,7 @@ CASES = {
     "generate: a direction for a one-direction model": (["generate", "{port}", "--input", "{root}/in.txt",
                                                          "--target-lang", "fr"], ["not a many-to-many model"]),
     "generate: not a model folder": (["generate", "{root}"], ["not a fairport model folder"]),
+    "generate: compiled int8": (["generate", "{port}", "--compile", "--dtype", "int8"], ["--compile", "int8"]),
     "verify: gpu": (["verify", "{release}", "{port}", "--device", "gpu"], ["--device", "not a device"]),
     "verify: a dtype typo, before any work": (["verify", "{release}", "{port}", "--dtypes", "float32,bf16"],
                                               ["unknown dtype bf16", "bfloat16"]),

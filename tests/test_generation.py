@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fairport.converters.convert import convert
 from fairport.original.protocol import Generate, run
 from fairport.reference import fast, load
 from fairport.reference.batching import pad_batch
@@ -53,21 +52,6 @@ def source_batch(folder, n=12):
     d = Dictionary.load(folder / "dict.en.txt")
     lines = (folder / "test.en").read_text().splitlines()[:n]
     return pad_batch([[d.index(w) for w in line.split()] + [d.eos] for line in lines], d.pad, left=True)
-
-
-@pytest.fixture(scope="session")
-def trained_converted(trained_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained-converted")
-    convert(trained_dir, out / "single")
-    convert(f"{trained_dir}/model.pt:{trained_dir}/model2.pt", out / "ensemble")
-    return out
-
-
-@pytest.fixture(scope="session")
-def fairseq_generations(trained_dir):
-    src = source_batch(trained_dir)
-    results = run([trained_dir / "model.pt"], trained_dir, *[Generate(src, o, seed=SEED) for o in CASES.values()])
-    return src, {case: r["hypotheses"] for case, r in zip(CASES, results)}
 
 
 @needs_fairseq

@@ -84,6 +84,12 @@ class DecoderState:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
+def decoder_state(model: EncoderDecoder, src_tokens: torch.Tensor, rows: int, steps: int):
+    """The eager DecoderState, or the compiled step's state (compiled.py) when the model has one."""
+    compiled = getattr(model, "compiled_step", None)
+    return DecoderState(model, src_tokens) if compiled is None else compiled.state(src_tokens, rows, steps)
+
+
 def ensemble_lprobs(states: list[DecoderState], tokens: torch.Tensor, step: int, temperature: float):
     """fairseq EnsembleModel: one model's log-probs, or the log of the mean of the models' probabilities."""
     lps = [s.step(tokens, step, temperature) for s in states]
@@ -217,7 +223,7 @@ def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token
     if opts.min_len > max_len:
         raise ValueError("min_len cannot be larger than max_len, please adjust these!")
 
-    states = [DecoderState(m, src_tokens) for m in models]
+    states = [decoder_state(m, src_tokens, bsz * beam, max_len + 1) for m in models]
     scores = torch.zeros(bsz * beam, max_len + 1, device=device, dtype=torch.float)
     tokens = torch.full((bsz * beam, max_len + 2), pad, dtype=torch.long, device=device)
     tokens[:, 0] = eos if bos_token is None else bos_token

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fairport.errors import FairportError
-from fairport.reference import fast
+from fairport.reference import compiled, fast
 from fairport.reference.config import ModelConfig
 from fairport.reference.folder import ModelFolder
 from fairport.reference.hub import PortedEnsemble, PortedModel
@@ -155,7 +155,7 @@ class _Linears:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         pack: bool = True):
+         pack: bool = True, compile: bool = False):
     """`fairport.reference.load('out/bart-cnn')` -> the reference model with fairseq's hub verbs (`PortedModel`),
     or for a folder converted from an ensemble a `PortedEnsemble` that generates as fairseq's EnsembleModel.
 
@@ -166,8 +166,14 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     Self-attention q/k/v are fused (fast.fuse_attention); on the CPU, large fp32/bf16 weights are held only in
     oneDNN's blocked layout (fast.PackedLinear) unless `pack=False` (slower matrix products). The folder is read
     one tensor at a time, each layer converted as it is read: memory never holds more than the final model and
-    one tensor."""
+    one tensor.
+
+    `compile=True`: generation runs the decoder step compiled ahead of time (compiled.py; plain layers, not int8;
+    the compilation takes from ~40 s on a tiny model to minutes on large ones)."""
     int8 = dtype == "int8"
+    if compile and int8:
+        raise FairportError("the compiled step runs float32/float16/bfloat16 layers, not int8: drop one of them")
+    pack = pack and not compile  # the compiler packs the weights its own way
     if isinstance(dtype, str):
         if dtype not in PRECISIONS:
             raise FairportError(f"unknown dtype {dtype!r} (choose from {', '.join(PRECISIONS)})")
@@ -183,5 +189,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     for member in folder.members():
         model = build(member.config, read_weights(member), device, dtype, cls=PortedModel, fuse=True, finish=finish)
         model.folder = member
+        if compile:
+            compiled.compile_step(model)
         models.append(model)
     return models[0] if len(models) == 1 else PortedEnsemble(models, folder)

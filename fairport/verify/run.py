@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -100,6 +101,7 @@ class VerifyOptions:
     resume: bool = False  # keep the finished batches of an interrupted run with the same inputs and options
     ctranslate2: bool = False  # verify CTranslate2's conversion of SRC too (verify/ctranslate2.py)
     ctranslate2_model: Path | None = None  # ... or this ready CTranslate2 model folder
+    compile: bool = False  # the port generates with the compiled decoder step (reference/compiled.py)
     progress: bool = True
 
 
@@ -179,7 +181,11 @@ def open_port(run: VerifyRun) -> None:
     for p in run.checkpoints:  # a clear error for a missing/truncated/unsafe source before fairseq sees it
         load_checkpoint(p)
     torch.manual_seed(run.opts.seed)
-    run.port = load(run.folder.path, device=run.device, dtype=torch.float32)
+    if run.opts.compile and run.opts.progress and run.ranks.main:
+        print("compiling the port's decoder step (~40 s on a tiny model, minutes on large ones) ...", file=sys.stderr)
+    run.port = load(run.folder.path, device=run.device, dtype=torch.float32, compile=run.opts.compile)
+    if run.opts.compile:
+        run.report.note("the port generates with the compiled decoder step (reference/compiled.py)")
     run.first_member = run.port.members[0] if hasattr(run.port, "members") else run.port
     if len(run.checkpoints) > 1:
         run.report.note("ensemble: logits and layer checks use the first member")

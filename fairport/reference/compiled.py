@@ -1,0 +1,219 @@
+"""A compiled decoder step for generation, beside the eager reference (which stays the reference).
+
+At small model sizes a decoder step is ~50 small operations whose fixed costs (Python, torch's dispatcher, a
+kernel call each) are most of its time. `compile_step(model)` exports the step (`torch.export`) and compiles it
+ahead of time with AOTInductor: inductor generates C++ for the whole step (weights frozen as constants, its own
+GEMM micro-kernels where its search finds them faster), builds it, and each step is then one call into that
+code, with no Python per operation and no guard checks (torch.compile's per-call checks measured ~100 us a step
+here, the whole step of a tiny model). Generation uses it for every model that has one (`model.compiled_step`):
+`load(..., compile=True)` and the CLI's `--compile` attach it, `model.compiled_step = None` takes it off.
+
+The step runs the reference decoder's own modules (embeddings, norms, projections, feed-forward) in the same
+order. Two things differ from the eager step: attention for one query is written as products and sums that the
+compiler fuses into loops (compiled.attend), and the self-attention caches of all layers live in one buffer
+(capacity, layers, 2, rows, heads, head width) sized once for the generation's max length: the step gets the
+first t + 1 slots, writes its keys and values into the last one in place and attends over all of them, so one
+compiled program serves every step, and a beam reorder is one gather for all layers. Rows, source length and
+step count are dynamic sizes of the exported program: sentences leaving the batch need nothing new. Its logits
+differ from the eager step's by ~1e-6 (other summation orders); the tests check its tokens against the eager
+reference and against fairseq.
+
+Not measured: CUDA. The same code exports and compiles for a CUDA device (inductor generates Triton kernels
+there), but no GPU was available to run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from fairport.errors import FairportError
+from fairport.reference.model import Decoder, EncoderDecoder, SinusoidalPositions, residual_block, scaled
+
+# inductor's options on the CPU: weights become constants (`freezing`: inductor packs them for its GEMMs), and
+# the max-autotune search times inductor's C++ GEMM micro-kernels against the library call for each product
+# (measured on `tiny`, batch 1: a step 94 us without the search, 75 us with it; eager 330 us)
+CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def position_row(positions: nn.Module, index: torch.Tensor) -> torch.Tensor:
+    """The positional embedding at a 0-d index tensor, as a (1, C) row (a graph input, not a Python int: one
+    compiled graph for every step)."""
+    table = positions.table if isinstance(positions, SinusoidalPositions) else positions.weight
+    return table.index_select(0, index.view(1))
+
+
+def self_attention(x: torch.Tensor, attn, kv: torch.Tensor, position: torch.Tensor):
+    """The newest token's self-attention over the cache's first position + 1 slots kv (position + 1, 2, B, H, D),
+    its own keys and values written in the last slot first. x (B, 1, C)."""
+    q, new = attn.project_qkv(x)  # new: (B, 1, 2, H, D)
+    kv.index_copy_(0, position.view(1), new.permute(1, 2, 0, 3, 4))
+    k, v = kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3)  # (B, H, position + 1, D) views
+    return attend(attn, q, k, v, None)
+
+
+def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention.attend for one query per row, written as products and sums that the compiler fuses into one
+    loop (torch's fused attention kernel is an opaque call costing more than the whole product at small sizes;
+    written as matrix products, inductor 2.13's attention pattern rewrite fails on these strides).
+    q (B, 1, C) unscaled; k, v (Bk, H, S, D) with B = G * Bk; mask additive, broadcastable to (Bk, H, G, S)."""
+    B, _, C = q.shape
+    Bk, H, _, D = k.shape
+    q = (q * attn.scaling).view(Bk, B // Bk, H, D).transpose(1, 2)  # (Bk, H, G, D)
+    scores = (q.unsqueeze(-2) * k.unsqueeze(2)).sum(-1)  # (Bk, H, G, S)
+    if mask is not None:
+        scores = scores + mask
+    out = (torch.softmax(scores, dim=-1).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (Bk, H, G, D)
+    return attn.out_proj(out.transpose(1, 2).reshape(B, 1, C))
+
+
+class DecoderStep(nn.Module):
+    """Decoder.features + output projection + log-softmax for one new token per row, over fixed caches."""
+
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, kv: torch.Tensor, cross: torch.Tensor,
+                enc_mask: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1); position 0-d (the 0-based step); kv (capacity, L, 2, B, H, D), every layer's
+        self-attention cache; cross (L, 2, Bs, H, S, D), every layer's cross-attention keys and values; enc_mask
+        (Bs, 1, 1, S) additive; temperature 0-d -> log-probabilities (B, V) in fp32."""
+        dec = self.decoder
+        x = scaled(dec.embed_tokens(tokens), dec.embed_scale)
+        if dec.project_in_dim is not None:
+            x = dec.project_in_dim(x)
+        if dec.embed_positions is not None:  # fairseq: step t's position is pad + 1 + t
+            x = x + position_row(dec.embed_positions, position + dec.pad + 1)
+        if dec.layernorm_embedding is not None:
+            x = dec.layernorm_embedding(x)
+        for i, layer in enumerate(dec.layers):
+            x = residual_block(x, layer.self_attn_layer_norm, layer.pre_norm, self_attention, layer.self_attn,
+                               kv[:, i], position)
+            x = residual_block(x, layer.encoder_attn_layer_norm, layer.pre_norm,
+                               lambda y, a=layer.encoder_attn, i=i: attend(a, a.q_proj(y), cross[i, 0], cross[i, 1],
+                                                                           enc_mask))
+            x = residual_block(x, layer.final_layer_norm, layer.pre_norm, layer.ffn)
+        if dec.layer_norm is not None:
+            x = dec.layer_norm(x)
+        if dec.project_out_dim is not None:
+            x = dec.project_out_dim(x)
+        logits = dec.output_projection(x)[:, -1, :]
+        return torch.log_softmax(logits.div(temperature).float(), dim=-1)
+
+
+class CompiledStep:
+    """A model's decoder step compiled ahead of time by AOTInductor (`torch.export` + C++ code generated and
+    built by inductor), for any number of rows, source length and cache capacity: one C++ call per step, no
+    Python per operation and no guard checks (torch.compile's per-call checks cost ~100 us a step here)."""
+
+    def __init__(self, model: EncoderDecoder):
+        self.model = model
+        step = DecoderStep(model.decoder).eval()
+        p = next(model.parameters())
+        example = CompiledDecoderState.empty(model, sentences=2, beam=3, source_length=5, capacity=7)
+        args = (torch.full((6, 1), model.config.eos, device=p.device), example.positions[3], example.kv[:4],
+                example.cross, example.enc_mask, torch.tensor(1.0, device=p.device))
+        rows, capacity = Dim("rows", min=1), Dim("capacity", min=1)
+        sentences, source_length = Dim("sentences", min=1), Dim("source_length", min=1)
+        dynamic = ({0: rows}, None, {0: capacity, 3: rows}, {2: sentences, 4: source_length},
+                   {0: sentences, 3: source_length}, None)
+        options = CPU_OPTIONS if p.device.type == "cpu" else {}
+        try:  # inductor prints its GEMM search's timings on stderr: silenced
+            with tempfile.TemporaryDirectory(prefix="fairport-step-") as tmp, \
+                    contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's deprecation notices from inside the compiler
+                with torch.no_grad():
+                    program = torch.export.export(step, args, dynamic_shapes=dynamic)
+                path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
+                                                                inductor_configs=options)
+                self.run = torch._inductor.aoti_load_package(path)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: one line, the eager step still works
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            raise FairportError(f"compiling the decoder step failed ({type(e).__name__}: {detail}); generate without "
+                                f"--compile / compile=True (the eager step gives the same tokens)") from e
+
+    def state(self, src_tokens: torch.Tensor, rows: int, capacity: int) -> CompiledDecoderState:
+        return CompiledDecoderState(self, src_tokens, rows, capacity)
+
+
+def compile_step(model: nn.Module) -> nn.Module:
+    """Attach a compiled decoder step to the model (to each member of an ensemble); generation uses it. The
+    model must hold plain layers (load(..., compile=True) or pack=False): oneDNN-packed and int8 layers call
+    kernels the compiler cannot trace. Takes ~30 s on a small model (inductor generates and builds C++).
+    Returns the model."""
+    from fairport.reference import fast
+
+    members = list(getattr(model, "members", None) or [model])
+    for m in members:
+        if fast.packed(m) or fast.quantized(m):
+            raise FairportError("the compiled step needs plain layers: load the folder with compile=True (or "
+                                "pack=False), not int8")
+        m.compiled_step = CompiledStep(m)
+    return model
+
+
+class CompiledDecoderState:
+    """One model's generation state for the compiled step, with generate.DecoderState's interface (step,
+    reorder, keep_sentences): every layer's caches in one tensor, so a beam reorder is one gather."""
+
+    def __init__(self, compiled: CompiledStep | None, src_tokens: torch.Tensor, rows: int, capacity: int,
+                 model: EncoderDecoder | None = None):
+        model = model or compiled.model
+        self.run = compiled.run if compiled is not None else None
+        dec = model.decoder
+        enc = model.encoder(src_tokens)
+        # an all-zero mask where nothing is padded (adding zeros changes no score): one kind of call
+        self.enc_mask = enc.attn_mask if enc.attn_mask is not None else torch.zeros(
+            (src_tokens.size(0), 1, 1, src_tokens.size(1)), dtype=enc.x.dtype, device=enc.x.device)
+        self.enc_mask = self.enc_mask.contiguous()
+        attns = [layer.encoder_attn for layer in dec.layers]
+        self.cross = torch.stack([torch.stack([a.split(a.k_proj(enc.x)), a.split(a.v_proj(enc.x))]) for a in attns])
+        if isinstance(dec.embed_positions, SinusoidalPositions):
+            dec.embed_positions.at(dec.pad + capacity)  # grows the table now if the steps go past it
+        attn = dec.layers[0].self_attn
+        self.kv = enc.x.new_empty((capacity, len(dec.layers), 2, rows, attn.heads, attn.head_dim))
+        self.spare: torch.Tensor | None = None
+        self.positions = torch.arange(capacity, device=enc.x.device)
+        self.temperatures: dict[float, torch.Tensor] = {}
+        self.len = 0
+
+    @classmethod
+    def empty(cls, model: EncoderDecoder, sentences: int, beam: int, source_length: int, capacity: int):
+        """A state for example inputs of these sizes (what the step is exported with)."""
+        src = torch.full((sentences, source_length), model.config.eos + 1, device=next(model.parameters()).device)
+        with torch.no_grad():
+            return cls(None, src, sentences * beam, capacity, model=model)
+
+    def step(self, tokens: torch.Tensor, step: int, temperature: float) -> torch.Tensor:
+        t = self.temperatures.get(temperature)
+        if t is None:  # logits / 1.0 is exact: dividing always keeps one kind of call
+            t = self.temperatures[temperature] = torch.tensor(temperature, device=tokens.device)
+        # the compiled code assumes the example inputs' (contiguous) strides; the loop's tokens are a column view
+        out = self.run(tokens.contiguous(), self.positions[step], self.kv[: step + 1], self.cross, self.enc_mask, t)
+        self.len = step + 1
+        return out
+
+    def keep_sentences(self, sentence_idx: torch.Tensor) -> None:
+        self.cross = self.cross.index_select(2, sentence_idx)
+        if self.enc_mask is not None:
+            self.enc_mask = self.enc_mask.index_select(0, sentence_idx)
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Keep the cache rows in `order`: a gather of the first `len` slots (later ones stay zeros)."""
+        t = self.len
+        if order.numel() != self.kv.size(3):  # sentences left the batch: a buffer of the new size
+            new = self.kv.new_empty((*self.kv.shape[:3], order.numel(), *self.kv.shape[4:]))
+            torch.index_select(self.kv[:t], 3, order, out=new[:t])
+            self.kv, self.spare = new, None
+            return
+        if self.spare is None:
+            self.spare = torch.empty_like(self.kv)
+        torch.index_select(self.kv[:t], 3, order, out=self.spare[:t])
+        self.kv, self.spare = self.spare, self.kv
