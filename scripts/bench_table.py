@@ -8,7 +8,8 @@ from pathlib import Path
 
 # (column title, dtype, side); each cell is ms per decoder step at the side's fastest thread count
 COLUMNS = [("fairseq fp32", "float32", "fairseq"), ("transformers fp32", "float32", "transformers"),
-           ("fairport fp32", "float32", "reference"), ("CTranslate2 fp32", "float32", "ctranslate2"),
+           ("fairport fp32", "float32", "reference"), ("fairport compiled fp32", "float32", "reference-compiled"),
+           ("CTranslate2 fp32", "float32", "ctranslate2"),
            ("fairport int8", "int8", "reference"), ("CTranslate2 int8", "int8", "ctranslate2")]
 
 
@@ -22,9 +23,10 @@ def cell(run: dict | None, side: str) -> str:
 def table(result: dict) -> str:
     runs = {r["key"]: r for r in result["runs"]}
     configs = sorted({(r["batch"], r["beam"]) for r in result["runs"]})
-    lines = ["| batch, beam | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    columns = [c for c in COLUMNS if any(c[2] in r["sides"] and r["dtype"] == c[1] for r in result["runs"])]
+    lines = ["| batch, beam | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for batch, beam in configs:
-        cells = [cell(runs.get(f"{dtype}/b{batch}/beam{beam}"), side) for _, dtype, side in COLUMNS]
+        cells = [cell(runs.get(f"{dtype}/b{batch}/beam{beam}"), side) for _, dtype, side in columns]
         lines.append(f"| {batch}, {'greedy' if beam == 1 else f'beam {beam}'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -34,7 +36,7 @@ def memory(result: dict) -> str:
     seen = set()
     for r in result["runs"]:
         for side, s in r["sides"].items():
-            key = (side, r["dtype"] if side in ("reference", "ctranslate2") else "float32")
+            key = (side, r["dtype"] if side in ("reference", "ctranslate2") else "float32")  # the others: fp32
             if key in seen or "peak_rss_mb" not in s:
                 continue
             seen.add(key)
