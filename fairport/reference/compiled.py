@@ -58,6 +58,11 @@ def self_attention(x: torch.Tensor, attn, kv: torch.Tensor, position: torch.Tens
     return attend(attn, q, k, v, None)
 
 
+def cross_attention(x: torch.Tensor, attn, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The newest token's attention over the source: k, v (Bs, H, S, D) computed once per sentence."""
+    return attend(attn, attn.q_proj(x), k, v, mask)
+
+
 def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention.attend for one query per row, written as products and sums that the compiler fuses into one
     loop (torch's fused attention kernel is an opaque call costing more than the whole product at small sizes;
@@ -74,7 +79,8 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 
 
 class DecoderStep(nn.Module):
-    """Decoder.features + output projection + log-softmax for one new token per row, over fixed caches."""
+    """Decoder.features + output projection + log-softmax for one new token per row (what DecoderState.step
+    computes eagerly), with the caches as inputs: what is exported and compiled."""
 
     def __init__(self, decoder: Decoder):
         super().__init__()
@@ -82,9 +88,10 @@ class DecoderStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, kv: torch.Tensor, cross: torch.Tensor,
                 enc_mask: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """tokens (B, 1); position 0-d (the 0-based step); kv (capacity, L, 2, B, H, D), every layer's
-        self-attention cache; cross (L, 2, Bs, H, S, D), every layer's cross-attention keys and values; enc_mask
-        (Bs, 1, 1, S) additive; temperature 0-d -> log-probabilities (B, V) in fp32."""
+        """tokens (B, 1); position 0-d (the 0-based step t); kv (t + 1, L, 2, B, H, D), every layer's
+        self-attention cache up to this step's slot (written here); cross (L, 2, Bs, H, S, D), every layer's
+        cross-attention keys and values; enc_mask (Bs, 1, 1, S) additive; temperature 0-d -> log-probabilities
+        (B, V) in fp32."""
         dec = self.decoder
         x = scaled(dec.embed_tokens(tokens), dec.embed_scale)
         if dec.project_in_dim is not None:
@@ -96,9 +103,8 @@ class DecoderStep(nn.Module):
         for i, layer in enumerate(dec.layers):
             x = residual_block(x, layer.self_attn_layer_norm, layer.pre_norm, self_attention, layer.self_attn,
                                kv[:, i], position)
-            x = residual_block(x, layer.encoder_attn_layer_norm, layer.pre_norm,
-                               lambda y, a=layer.encoder_attn, i=i: attend(a, a.q_proj(y), cross[i, 0], cross[i, 1],
-                                                                           enc_mask))
+            x = residual_block(x, layer.encoder_attn_layer_norm, layer.pre_norm, cross_attention, layer.encoder_attn,
+                               cross[i, 0], cross[i, 1], enc_mask)
             x = residual_block(x, layer.final_layer_norm, layer.pre_norm, layer.ffn)
         if dec.layer_norm is not None:
             x = dec.layer_norm(x)
@@ -109,20 +115,22 @@ class DecoderStep(nn.Module):
 
 
 class CompiledStep:
-    """A model's decoder step compiled ahead of time by AOTInductor (`torch.export` + C++ code generated and
-    built by inductor), for any number of rows, source length and cache capacity: one C++ call per step, no
-    Python per operation and no guard checks (torch.compile's per-call checks cost ~100 us a step here)."""
+    """A model's decoder step compiled ahead of time by AOTInductor (`torch.export`, then C++ generated and built
+    by inductor), for any number of rows, source length and steps: one C++ call per step, no Python per
+    operation and no guard checks (torch.compile's per-call checks cost ~100 us a step here). The weights are
+    copied into the compiled program (frozen constants): change the model's weights and compile again."""
 
     def __init__(self, model: EncoderDecoder):
         self.model = model
-        step = DecoderStep(model.decoder).eval()
         p = next(model.parameters())
-        example = CompiledDecoderState.empty(model, sentences=2, beam=3, source_length=5, capacity=7)
+        with torch.no_grad():  # example inputs: 2 sentences x 3 beams, 5 source tokens, the 4th step
+            example = CompiledDecoderState(model, None, torch.full((2, 5), model.config.eos + 1, device=p.device),
+                                           rows=6, capacity=7)
         args = (torch.full((6, 1), model.config.eos, device=p.device), example.positions[3], example.kv[:4],
                 example.cross, example.enc_mask, torch.tensor(1.0, device=p.device))
-        rows, capacity = Dim("rows", min=1), Dim("capacity", min=1)
+        rows, steps = Dim("rows", min=1), Dim("steps", min=1)
         sentences, source_length = Dim("sentences", min=1), Dim("source_length", min=1)
-        dynamic = ({0: rows}, None, {0: capacity, 3: rows}, {2: sentences, 4: source_length},
+        dynamic = ({0: rows}, None, {0: steps, 3: rows}, {2: sentences, 4: source_length},
                    {0: sentences, 3: source_length}, None)
         options = CPU_OPTIONS if p.device.type == "cpu" else {}
         try:  # inductor prints its GEMM search's timings on stderr: silenced
@@ -130,7 +138,7 @@ class CompiledStep:
                     contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's deprecation notices from inside the compiler
                 with torch.no_grad():
-                    program = torch.export.export(step, args, dynamic_shapes=dynamic)
+                    program = torch.export.export(DecoderStep(model.decoder).eval(), args, dynamic_shapes=dynamic)
                 path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
                                                                 inductor_configs=options)
                 self.run = torch._inductor.aoti_load_package(path)
@@ -140,14 +148,14 @@ class CompiledStep:
                                 f"--compile / compile=True (the eager step gives the same tokens)") from e
 
     def state(self, src_tokens: torch.Tensor, rows: int, capacity: int) -> CompiledDecoderState:
-        return CompiledDecoderState(self, src_tokens, rows, capacity)
+        return CompiledDecoderState(self.model, self.run, src_tokens, rows, capacity)
 
 
 def compile_step(model: nn.Module) -> nn.Module:
     """Attach a compiled decoder step to the model (to each member of an ensemble); generation uses it. The
     model must hold plain layers (load(..., compile=True) or pack=False): oneDNN-packed and int8 layers call
-    kernels the compiler cannot trace. Takes ~30 s on a small model (inductor generates and builds C++).
-    Returns the model."""
+    kernels the compiler cannot trace. Takes ~40 s on a tiny model, minutes on large ones (inductor generates
+    and builds C++). Returns the model."""
     from fairport.reference import fast
 
     members = list(getattr(model, "members", None) or [model])
@@ -160,53 +168,44 @@ def compile_step(model: nn.Module) -> nn.Module:
 
 
 class CompiledDecoderState:
-    """One model's generation state for the compiled step, with generate.DecoderState's interface (step,
-    reorder, keep_sentences): every layer's caches in one tensor, so a beam reorder is one gather."""
+    """One model's generation state for the compiled step `run`, with generate.DecoderState's interface (step,
+    reorder, keep_sentences). Every layer's self-attention keys and values live in one buffer
+    (capacity, layers, 2, rows, H, D) for `capacity` steps (the generation's max length + 1, which the generator
+    keeps within the model's target positions); a beam reorder is one gather for all layers."""
 
-    def __init__(self, compiled: CompiledStep | None, src_tokens: torch.Tensor, rows: int, capacity: int,
-                 model: EncoderDecoder | None = None):
-        model = model or compiled.model
-        self.run = compiled.run if compiled is not None else None
+    def __init__(self, model: EncoderDecoder, run, src_tokens: torch.Tensor, rows: int, capacity: int):
+        self.run = run
         dec = model.decoder
         enc = model.encoder(src_tokens)
-        # an all-zero mask where nothing is padded (adding zeros changes no score): one kind of call
-        self.enc_mask = enc.attn_mask if enc.attn_mask is not None else torch.zeros(
+        # zeros where nothing is padded (adding zeros changes no score): every call has the same inputs
+        mask = enc.attn_mask if enc.attn_mask is not None else torch.zeros(
             (src_tokens.size(0), 1, 1, src_tokens.size(1)), dtype=enc.x.dtype, device=enc.x.device)
-        self.enc_mask = self.enc_mask.contiguous()
+        self.enc_mask = mask.contiguous()  # the compiled code assumes the example inputs' contiguous strides
         attns = [layer.encoder_attn for layer in dec.layers]
         self.cross = torch.stack([torch.stack([a.split(a.k_proj(enc.x)), a.split(a.v_proj(enc.x))]) for a in attns])
-        if isinstance(dec.embed_positions, SinusoidalPositions):
-            dec.embed_positions.at(dec.pad + capacity)  # grows the table now if the steps go past it
         attn = dec.layers[0].self_attn
         self.kv = enc.x.new_empty((capacity, len(dec.layers), 2, rows, attn.heads, attn.head_dim))
         self.spare: torch.Tensor | None = None
         self.positions = torch.arange(capacity, device=enc.x.device)
         self.temperatures: dict[float, torch.Tensor] = {}
-        self.len = 0
-
-    @classmethod
-    def empty(cls, model: EncoderDecoder, sentences: int, beam: int, source_length: int, capacity: int):
-        """A state for example inputs of these sizes (what the step is exported with)."""
-        src = torch.full((sentences, source_length), model.config.eos + 1, device=next(model.parameters()).device)
-        with torch.no_grad():
-            return cls(None, src, sentences * beam, capacity, model=model)
+        self.len = 0  # steps taken: the buffer's slots in use
 
     def step(self, tokens: torch.Tensor, step: int, temperature: float) -> torch.Tensor:
         t = self.temperatures.get(temperature)
         if t is None:  # logits / 1.0 is exact: dividing always keeps one kind of call
             t = self.temperatures[temperature] = torch.tensor(temperature, device=tokens.device)
-        # the compiled code assumes the example inputs' (contiguous) strides; the loop's tokens are a column view
+        # the loop's tokens are a column view: made contiguous, as the compiled code assumes
         out = self.run(tokens.contiguous(), self.positions[step], self.kv[: step + 1], self.cross, self.enc_mask, t)
         self.len = step + 1
         return out
 
     def keep_sentences(self, sentence_idx: torch.Tensor) -> None:
+        """Finished sentences leave the batch: keep the others' cross-attention keys/values and mask."""
         self.cross = self.cross.index_select(2, sentence_idx)
-        if self.enc_mask is not None:
-            self.enc_mask = self.enc_mask.index_select(0, sentence_idx)
+        self.enc_mask = self.enc_mask.index_select(0, sentence_idx)
 
     def reorder(self, order: torch.Tensor) -> None:
-        """Keep the cache rows in `order`: a gather of the first `len` slots (later ones stay zeros)."""
+        """Keep the cache rows in `order`: one gather of the slots in use into the spare buffer."""
         t = self.len
         if order.numel() != self.kv.size(3):  # sentences left the batch: a buffer of the new size
             new = self.kv.new_empty((*self.kv.shape[:3], order.numel(), *self.kv.shape[4:]))
