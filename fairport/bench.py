@@ -517,6 +517,10 @@ def _compare(runs: dict, configs: list[dict]) -> list[dict]:
                 same = sum(a == b for a, b in zip(r["tokens"], base["tokens"]))
                 entry["exact_match_rate"] = same / len(base["tokens"])
             row["sides"][side] = entry
+        peer = runs.get("ctranslate2", {}).get(c["key"])  # the engine users pick, same precision
+        for side, entry in row["sides"].items():
+            if peer is not None and side != "ctranslate2":
+                entry["times_ctranslate2"] = entry["min_s"] / peer["min_s"]
         rows.append(row)
     for side, res in runs.items():  # each side's process, per precision: its own peak memory and load time
         for row in rows:
@@ -575,14 +579,17 @@ def print_results(result: dict, out: Path) -> None:
         print(f"{result['device']}: {result['status']}")
         return
     print(f"{result['cpu']}, {result['cores']} cores")
-    print(f"{'config':<24}{'side':<20}{'ms/step':>9}{'sent/s':>9}{'tok/s':>9}{'vs fairseq':>11}  same output")
+    print(f"{'config':<24}{'side':<20}{'ms/step':>9}{'sent/s':>9}{'tok/s':>9}{'vs fairseq':>11}{'x CT2':>7}"
+          f"  same output")
     for row in result["runs"]:
         for side, r in row["sides"].items():
             sp = r.get("speedup_vs_fairseq_fp32")
             same = r.get("outputs_equal_fairseq")
             same = "-" if same is None else "True" if same else f"False ({r['exact_match_rate']:.0%} of sentences)"
+            ct2 = r.get("times_ctranslate2")  # this side's time over CTranslate2's (issue 15's targets)
             print(f"{row['key']:<24}{side:<20}{r['ms_per_step']:>9.2f}{r['sentences_per_s']:>9.2f}"
-                  f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}  {same}")
+                  f"{r['tokens_per_s']:>9.1f}{(f'{sp:.2f}x' if sp else '-'):>11}{(f'{ct2:.2f}' if ct2 else '-'):>7}"
+                  f"  {same}")
     over = {(row["dtype"], side): r["over_batch1_bound"] for row in result["runs"]
             for side, r in row["sides"].items() if "over_batch1_bound" in r}
 

@@ -9,14 +9,15 @@ here, the whole step of a tiny model). Generation uses it for every model that h
 `load(..., compile=True)` and the CLI's `--compile` attach it, `model.compiled_step = None` takes it off.
 
 The step runs the reference decoder's own modules (embeddings, norms, projections, feed-forward) in the same
-order. Two things differ from the eager step: attention for one query is written as products and sums that the
-compiler fuses into loops (compiled.attend), and the self-attention caches of all layers live in one buffer
-(capacity, layers, 2, rows, heads, head width) sized once for the generation's max length: the step gets the
-first t + 1 slots, writes its keys and values into the last one in place and attends over all of them, so one
-compiled program serves every step, and a beam reorder is one gather for all layers. Rows, source length and
-step count are dynamic sizes of the exported program: sentences leaving the batch need nothing new. Its logits
-differ from the eager step's by ~1e-6 (other summation orders); the tests check its tokens against the eager
-reference and against fairseq.
+order. Two things differ from the eager step. Attention for one query is written as products and sums that the
+compiler fuses into loops (torch's fused attention kernel is an opaque call costing more than the whole product
+at small sizes). And every layer's self-attention cache lives in one buffer (capacity, layers, 2, rows, heads,
+head width) sized once for the generation's max length: the step reads the earlier steps' slots, attends over
+them and its own keys and values, and returns those; the caller writes them into the buffer. Nothing is
+changed in place inside the compiled code (an input written in place there was copied whole at every layer).
+Rows, source length and step count are dynamic sizes of the compiled program: sentences leaving the batch need
+nothing new, and a beam reorder is one gather for all layers. Its logits differ from the eager step's by ~1e-6
+(other summation orders); the tests check its tokens against the eager reference and against fairseq.
 
 Not measured: CUDA. The same code exports and compiles for a CUDA device (inductor generates Triton kernels
 there), but no GPU was available to run it.
@@ -37,8 +38,10 @@ from fairport.errors import FairportError
 from fairport.reference.model import Decoder, EncoderDecoder, SinusoidalPositions, residual_block, scaled
 
 # inductor's options on the CPU: weights become constants (`freezing`: inductor packs them for its GEMMs), and
-# the max-autotune search times inductor's C++ GEMM micro-kernels against the library call for each product
-# (measured on `tiny`, batch 1: a step 94 us without the search, 75 us with it; eager 330 us)
+# the max-autotune search times inductor's C++ GEMM micro-kernels against the library (oneDNN) product for each
+# matrix, at the example's 40 rows: on `tiny` the micro-kernels win (a batch-1 greedy step 0.18 ms with the
+# search, 0.22 without), at wmt19-en-de size the library (timed at 6 rows instead, the search picked
+# micro-kernels that made batch 8 x beam 5 1.7x slower than the eager step)
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
@@ -49,42 +52,51 @@ def position_row(positions: nn.Module, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.view(1))
 
 
-def self_attention(x: torch.Tensor, attn, kv: torch.Tensor, position: torch.Tensor):
-    """The newest token's self-attention over the cache's first position + 1 slots kv (position + 1, 2, B, H, D),
-    its own keys and values written in the last slot first. x (B, 1, C)."""
+def self_attention(x: torch.Tensor, attn, kv: torch.Tensor, new_rows: list[torch.Tensor]) -> torch.Tensor:
+    """The newest token's self-attention over the earlier steps' keys and values kv[:-1] (t + 1, 2, B, H, D: the
+    cache's slots up to this step's, which is not written yet) and its own; its own keys and values (2, B, H, D)
+    go to `new_rows` (the caller writes them into the cache: no input is changed in place, so the compiled code
+    copies nothing). x (B, 1, C)."""
     q, new = attn.project_qkv(x)  # new: (B, 1, 2, H, D)
-    kv.index_copy_(0, position.view(1), new.permute(1, 2, 0, 3, 4))
-    k, v = kv[:, 0].permute(1, 2, 0, 3), kv[:, 1].permute(1, 2, 0, 3)  # (B, H, position + 1, D) views
-    return attend(attn, q, k, v, None)
-
-
-def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention.attend for one query per row, written as products and sums that the compiler fuses into one
-    loop (torch's fused attention kernel is an opaque call costing more than the whole product at small sizes;
-    written as matrix products, inductor 2.13's attention pattern rewrite fails on these strides).
-    q (B, 1, C) unscaled; k, v (Bk, H, S, D) with B = G * Bk; mask additive, broadcastable to (Bk, H, G, S)."""
     B, _, C = q.shape
-    Bk, H, _, D = k.shape
-    q = (q * attn.scaling).view(Bk, B // Bk, H, D).transpose(1, 2)  # (Bk, H, G, D)
-    scores = (q.unsqueeze(-2) * k.unsqueeze(2)).sum(-1)  # (Bk, H, G, S)
-    if mask is not None:
-        scores = scores + mask
-    out = (torch.softmax(scores, dim=-1).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (Bk, H, G, D)
+    H, D = attn.heads, attn.head_dim
+    past = kv[:-1]  # (t, 2, B, H, D), time-major as stored: no view of it changes its layout
+    q = (q * attn.scaling).view(B, H, D)
+    k_new, v_new = new[:, 0, 0], new[:, 0, 1]  # (B, H, D)
+    scores = torch.cat([(past[:, 0] * q).sum(-1), (k_new * q).sum(-1).unsqueeze(0)])  # (t + 1, B, H)
+    p = torch.softmax(scores, dim=0).unsqueeze(-1)
+    out = (p[:-1] * past[:, 1]).sum(0) + p[-1] * v_new  # (B, H, D)
+    new_rows.append(new[:, 0].permute(1, 0, 2, 3))  # (2, B, H, D)
+    return attn.out_proj(out.reshape(B, 1, C))
+
+
+def cross_attention(x: torch.Tensor, attn, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The newest token's attention over the source: k, v (Bs, H, S, D) computed once per sentence, each row
+    serving its sentence's G = B / Bs beams; mask additive (Bs, 1, 1, S). x (B, 1, C)."""
+    q = attn.q_proj(x)
+    B, _, C = q.shape
+    Bs, H, _, D = k.shape
+    q = (q * attn.scaling).view(Bs, B // Bs, H, D).transpose(1, 2)  # (Bs, H, G, D)
+    scores = (q.unsqueeze(-2) * k.unsqueeze(2)).sum(-1) + mask  # (Bs, H, G, S)
+    out = (torch.softmax(scores, dim=-1).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (Bs, H, G, D)
     return attn.out_proj(out.transpose(1, 2).reshape(B, 1, C))
 
 
 class DecoderStep(nn.Module):
-    """Decoder.features + output projection + log-softmax for one new token per row, over fixed caches."""
+    """Decoder.features + output projection + log-softmax for one new token per row (what DecoderState.step
+    computes eagerly), with the caches as inputs: what is exported and compiled."""
 
     def __init__(self, decoder: Decoder):
         super().__init__()
         self.decoder = decoder
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, kv: torch.Tensor, cross: torch.Tensor,
-                enc_mask: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """tokens (B, 1); position 0-d (the 0-based step); kv (capacity, L, 2, B, H, D), every layer's
-        self-attention cache; cross (L, 2, Bs, H, S, D), every layer's cross-attention keys and values; enc_mask
-        (Bs, 1, 1, S) additive; temperature 0-d -> log-probabilities (B, V) in fp32."""
+                enc_mask: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, 1); position 0-d (the 0-based step t); kv (t + 1, L, 2, B, H, D), every layer's
+        self-attention cache up to this step's slot (read only: its last slot is not used); cross
+        (L, 2, Bs, H, S, D), every layer's cross-attention keys and values; enc_mask (Bs, 1, 1, S) additive;
+        temperature 0-d -> log-probabilities (B, V) in fp32, and this step's keys and values (L, 2, B, H, D)
+        for the cache's slot t."""
         dec = self.decoder
         x = scaled(dec.embed_tokens(tokens), dec.embed_scale)
         if dec.project_in_dim is not None:
@@ -93,44 +105,51 @@ class DecoderStep(nn.Module):
             x = x + position_row(dec.embed_positions, position + dec.pad + 1)
         if dec.layernorm_embedding is not None:
             x = dec.layernorm_embedding(x)
+        new_rows: list[torch.Tensor] = []
         for i, layer in enumerate(dec.layers):
             x = residual_block(x, layer.self_attn_layer_norm, layer.pre_norm, self_attention, layer.self_attn,
-                               kv[:, i], position)
-            x = residual_block(x, layer.encoder_attn_layer_norm, layer.pre_norm,
-                               lambda y, a=layer.encoder_attn, i=i: attend(a, a.q_proj(y), cross[i, 0], cross[i, 1],
-                                                                           enc_mask))
+                               kv[:, i], new_rows)
+            x = residual_block(x, layer.encoder_attn_layer_norm, layer.pre_norm, cross_attention, layer.encoder_attn,
+                               cross[i, 0], cross[i, 1], enc_mask)
             x = residual_block(x, layer.final_layer_norm, layer.pre_norm, layer.ffn)
         if dec.layer_norm is not None:
             x = dec.layer_norm(x)
         if dec.project_out_dim is not None:
             x = dec.project_out_dim(x)
         logits = dec.output_projection(x)[:, -1, :]
-        return torch.log_softmax(logits.div(temperature).float(), dim=-1)
+        return torch.log_softmax(logits.div(temperature).float(), dim=-1), torch.stack(new_rows)
 
 
 class CompiledStep:
-    """A model's decoder step compiled ahead of time by AOTInductor (`torch.export` + C++ code generated and
-    built by inductor), for any number of rows, source length and cache capacity: one C++ call per step, no
-    Python per operation and no guard checks (torch.compile's per-call checks cost ~100 us a step here)."""
+    """A model's decoder step compiled ahead of time by AOTInductor (`torch.export`, then C++ generated and built
+    by inductor), for any number of rows, source length and steps: one C++ call per step, no Python per
+    operation and no guard checks (torch.compile's per-call checks cost ~100 us a step here). The weights are
+    copied into the compiled program (frozen constants): change the model's weights and compile again."""
 
     def __init__(self, model: EncoderDecoder):
         self.model = model
-        step = DecoderStep(model.decoder).eval()
         p = next(model.parameters())
-        example = CompiledDecoderState.empty(model, sentences=2, beam=3, source_length=5, capacity=7)
-        args = (torch.full((6, 1), model.config.eos, device=p.device), example.positions[3], example.kv[:4],
+        # example inputs, also the sizes inductor's GEMM search times its candidates at: 8 sentences x 5 beams (a
+        # batch of beam search), 12 source tokens, the 4th step
+        sentences, beam = 8, 5
+        with torch.no_grad():
+            src = torch.full((sentences, 12), model.config.eos + 1, device=p.device)
+            example = CompiledDecoderState(model, None, src, rows=sentences * beam, capacity=7)
+        args = (torch.full((sentences * beam, 1), model.config.eos, device=p.device), example.positions[3],
+                example.kv[:4],
                 example.cross, example.enc_mask, torch.tensor(1.0, device=p.device))
-        rows, capacity = Dim("rows", min=1), Dim("capacity", min=1)
+        rows, steps = Dim("rows", min=1), Dim("steps", min=1)
         sentences, source_length = Dim("sentences", min=1), Dim("source_length", min=1)
-        dynamic = ({0: rows}, None, {0: capacity, 3: rows}, {2: sentences, 4: source_length},
+        dynamic = ({0: rows}, None, {0: steps, 3: rows}, {2: sentences, 4: source_length},
                    {0: sentences, 3: source_length}, None)
         options = CPU_OPTIONS if p.device.type == "cpu" else {}
         try:  # inductor prints its GEMM search's timings on stderr: silenced
             with tempfile.TemporaryDirectory(prefix="fairport-step-") as tmp, \
                     contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's deprecation notices from inside the compiler
-                with torch.no_grad():
-                    program = torch.export.export(step, args, dynamic_shapes=dynamic)
+                # sizes of 0 or 1 (the first steps, one row) take the general code path, not guards against them
+                with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                    program = torch.export.export(DecoderStep(model.decoder).eval(), args, dynamic_shapes=dynamic)
                 path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
                                                                 inductor_configs=options)
                 self.run = torch._inductor.aoti_load_package(path)
@@ -140,14 +159,14 @@ class CompiledStep:
                                 f"--compile / compile=True (the eager step gives the same tokens)") from e
 
     def state(self, src_tokens: torch.Tensor, rows: int, capacity: int) -> CompiledDecoderState:
-        return CompiledDecoderState(self, src_tokens, rows, capacity)
+        return CompiledDecoderState(self.model, self.run, src_tokens, rows, capacity)
 
 
 def compile_step(model: nn.Module) -> nn.Module:
     """Attach a compiled decoder step to the model (to each member of an ensemble); generation uses it. The
     model must hold plain layers (load(..., compile=True) or pack=False): oneDNN-packed and int8 layers call
-    kernels the compiler cannot trace. Takes ~30 s on a small model (inductor generates and builds C++).
-    Returns the model."""
+    kernels the compiler cannot trace. Takes ~40 s on a tiny model, minutes on large ones (inductor generates
+    and builds C++). Returns the model."""
     from fairport.reference import fast
 
     members = list(getattr(model, "members", None) or [model])
@@ -160,53 +179,46 @@ def compile_step(model: nn.Module) -> nn.Module:
 
 
 class CompiledDecoderState:
-    """One model's generation state for the compiled step, with generate.DecoderState's interface (step,
-    reorder, keep_sentences): every layer's caches in one tensor, so a beam reorder is one gather."""
+    """One model's generation state for the compiled step `run`, with generate.DecoderState's interface (step,
+    reorder, keep_sentences). Every layer's self-attention keys and values live in one buffer
+    (capacity, layers, 2, rows, H, D) for `capacity` steps (the generation's max length + 1, which the generator
+    keeps within the model's target positions); a beam reorder is one gather for all layers."""
 
-    def __init__(self, compiled: CompiledStep | None, src_tokens: torch.Tensor, rows: int, capacity: int,
-                 model: EncoderDecoder | None = None):
-        model = model or compiled.model
-        self.run = compiled.run if compiled is not None else None
+    def __init__(self, model: EncoderDecoder, run, src_tokens: torch.Tensor, rows: int, capacity: int):
+        self.run = run
         dec = model.decoder
         enc = model.encoder(src_tokens)
-        # an all-zero mask where nothing is padded (adding zeros changes no score): one kind of call
-        self.enc_mask = enc.attn_mask if enc.attn_mask is not None else torch.zeros(
+        # zeros where nothing is padded (adding zeros changes no score): every call has the same inputs
+        mask = enc.attn_mask if enc.attn_mask is not None else torch.zeros(
             (src_tokens.size(0), 1, 1, src_tokens.size(1)), dtype=enc.x.dtype, device=enc.x.device)
-        self.enc_mask = self.enc_mask.contiguous()
+        self.enc_mask = mask.contiguous()  # the compiled code assumes the example inputs' contiguous strides
         attns = [layer.encoder_attn for layer in dec.layers]
         self.cross = torch.stack([torch.stack([a.split(a.k_proj(enc.x)), a.split(a.v_proj(enc.x))]) for a in attns])
-        if isinstance(dec.embed_positions, SinusoidalPositions):
-            dec.embed_positions.at(dec.pad + capacity)  # grows the table now if the steps go past it
         attn = dec.layers[0].self_attn
         self.kv = enc.x.new_empty((capacity, len(dec.layers), 2, rows, attn.heads, attn.head_dim))
         self.spare: torch.Tensor | None = None
         self.positions = torch.arange(capacity, device=enc.x.device)
         self.temperatures: dict[float, torch.Tensor] = {}
-        self.len = 0
-
-    @classmethod
-    def empty(cls, model: EncoderDecoder, sentences: int, beam: int, source_length: int, capacity: int):
-        """A state for example inputs of these sizes (what the step is exported with)."""
-        src = torch.full((sentences, source_length), model.config.eos + 1, device=next(model.parameters()).device)
-        with torch.no_grad():
-            return cls(None, src, sentences * beam, capacity, model=model)
+        self.len = 0  # steps taken: the buffer's slots in use
 
     def step(self, tokens: torch.Tensor, step: int, temperature: float) -> torch.Tensor:
         t = self.temperatures.get(temperature)
         if t is None:  # logits / 1.0 is exact: dividing always keeps one kind of call
             t = self.temperatures[temperature] = torch.tensor(temperature, device=tokens.device)
-        # the compiled code assumes the example inputs' (contiguous) strides; the loop's tokens are a column view
-        out = self.run(tokens.contiguous(), self.positions[step], self.kv[: step + 1], self.cross, self.enc_mask, t)
+        # the loop's tokens are a column view: made contiguous, as the compiled code assumes
+        lprobs, new = self.run(tokens.contiguous(), self.positions[step], self.kv[: step + 1], self.cross,
+                               self.enc_mask, t)
+        self.kv[step] = new
         self.len = step + 1
-        return out
+        return lprobs
 
     def keep_sentences(self, sentence_idx: torch.Tensor) -> None:
+        """Finished sentences leave the batch: keep the others' cross-attention keys/values and mask."""
         self.cross = self.cross.index_select(2, sentence_idx)
-        if self.enc_mask is not None:
-            self.enc_mask = self.enc_mask.index_select(0, sentence_idx)
+        self.enc_mask = self.enc_mask.index_select(0, sentence_idx)
 
     def reorder(self, order: torch.Tensor) -> None:
-        """Keep the cache rows in `order`: a gather of the first `len` slots (later ones stay zeros)."""
+        """Keep the cache rows in `order`: one gather of the slots in use into the spare buffer."""
         t = self.len
         if order.numel() != self.kv.size(3):  # sentences left the batch: a buffer of the new size
             new = self.kv.new_empty((*self.kv.shape[:3], order.numel(), *self.kv.shape[4:]))
