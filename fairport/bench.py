@@ -111,8 +111,13 @@ def _reference_worker(job: dict, pack: bool = True, compile: bool = False) -> di
     models: dict = {}
 
     def prepare(cfg, src, threads):  # with compile, the load time includes compiling the step
-        model = _loaded(models, cfg["dtype"], lambda: load(job["folder"], device=job["device"], dtype=cfg["dtype"],
-                                                           pack=pack, compile=compile))
+        key = cfg["dtype"]
+        if compile:  # inductor's code runs on the threads there were when it was compiled: once per count
+            key = (cfg["dtype"], threads)
+            for old in [k for k in models if isinstance(k, tuple) and k != key]:
+                del models[old]  # one compiled model at a time: the side's peak memory is one model's
+        model = _loaded(models, key, lambda: load(job["folder"], device=job["device"], dtype=cfg["dtype"],
+                                                  pack=pack, compile=compile))
         return functools.partial(model.generate, src, **cfg["options"])
 
     results = _time_configs(job, prepare, lambda hyps, cfg: [h[0]["tokens"].tolist() for h in hyps])
