@@ -19,6 +19,9 @@ Rows, source length and step count are dynamic sizes of the compiled program: se
 nothing new, and a beam reorder is one gather for all layers. Its logits differ from the eager step's by ~1e-6
 (other summation orders); the tests check its tokens against the eager reference and against fairseq.
 
+Threads: inductor fixes the number of threads of its generated loops when it compiles (torch's count then), so
+set torch.set_num_threads before loading with compile=True; a later change does not reach the compiled step.
+
 Not measured: CUDA. The same code exports and compiles for a CUDA device (inductor generates Triton kernels
 there), but no GPU was available to run it.
 """
@@ -35,7 +38,7 @@ from torch import nn
 from torch.export import Dim
 
 from fairport.errors import FairportError
-from fairport.reference.model import Decoder, EncoderDecoder, SinusoidalPositions, residual_block, scaled
+from fairport.reference.model import Decoder, EncoderDecoder, SinusoidalPositions, gather_rows, residual_block, scaled
 
 # inductor's options on the CPU: weights become constants (`freezing`: inductor packs them for its GEMMs), and
 # the max-autotune search times inductor's C++ GEMM micro-kernels against the library (oneDNN) product for each
@@ -218,14 +221,5 @@ class CompiledDecoderState:
         self.enc_mask = self.enc_mask.index_select(0, sentence_idx)
 
     def reorder(self, order: torch.Tensor) -> None:
-        """Keep the cache rows in `order`: one gather of the slots in use into the spare buffer."""
-        t = self.len
-        if order.numel() != self.kv.size(3):  # sentences left the batch: a buffer of the new size
-            new = self.kv.new_empty((*self.kv.shape[:3], order.numel(), *self.kv.shape[4:]))
-            torch.index_select(self.kv[:t], 3, order, out=new[:t])
-            self.kv, self.spare = new, None
-            return
-        if self.spare is None:
-            self.spare = torch.empty_like(self.kv)
-        torch.index_select(self.kv[:t], 3, order, out=self.spare[:t])
-        self.kv, self.spare = self.spare, self.kv
+        """Keep the cache rows in `order`: one gather of the slots in use, for all layers."""
+        self.kv, self.spare = gather_rows(self.kv, self.spare, self.len, 3, order)

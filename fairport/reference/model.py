@@ -182,19 +182,22 @@ class LayerCache:
 
     def reorder(self, order: torch.Tensor) -> None:
         """Beam search: keep the rows in `order` (self-attention only; cross k/v are per source)."""
-        if self.kv is None:
-            return
-        t = self.len
-        if order.numel() != self.kv.size(2):  # finished sentences left the batch: a buffer of the new size
-            cap, _, _, H, D = self.kv.shape
-            new = self.kv.new_empty((cap, 2, order.numel(), H, D))
-            torch.index_select(self.kv[:t], 2, order, out=new[:t])
-            self.kv, self.spare = new, None
-            return
-        if self.spare is None:
-            self.spare = torch.empty_like(self.kv)
-        torch.index_select(self.kv[:t], 2, order, out=self.spare[:t])
-        self.kv, self.spare = self.spare, self.kv
+        if self.kv is not None:
+            self.kv, self.spare = gather_rows(self.kv, self.spare, self.len, 2, order)
+
+
+def gather_rows(kv: torch.Tensor, spare: torch.Tensor | None, used: int, dim: int, order: torch.Tensor):
+    """Keep the rows in `order` (along `dim`) of a time-major cache's first `used` slots, gathered into `spare`
+    (made on first use), or into a buffer of the new size when sentences left the batch. Returns the new
+    (cache, spare): the two buffers swap, so a step allocates nothing."""
+    if order.numel() != kv.size(dim):
+        new = kv.new_empty((*kv.shape[:dim], order.numel(), *kv.shape[dim + 1:]))
+        torch.index_select(kv[:used], dim, order, out=new[:used])
+        return new, None
+    if spare is None:
+        spare = torch.empty_like(kv)
+    torch.index_select(kv[:used], dim, order, out=spare[:used])
+    return spare, kv
 
 
 class DecoderLayer(nn.Module):
