@@ -290,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pack", action="store_true",
                    help="CPU: torch's default matrix products instead of oneDNN-packed weights (slower decoding)")
     g.add_argument("--compile", action="store_true",
-                   help="decode with the compiled decoder step (reference/compiled.py: fastest per step, but "
-                   "compiling takes ~40 s on a tiny model to minutes on large ones, once per process)")
+                   help="decode with the compiled decoder step (reference/compiled.py: same tokens, faster on small "
+                   "models and at batch 1, slower at large batches of large ones; compiling takes ~30 s on a tiny "
+                   "model, 1-2 min on large ones, once per process)")
     g.add_argument("--nproc", type=positive_int, default=1, help="processes on this machine (torch.distributed; "
                    "or run under torchrun for several machines)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -37,7 +37,7 @@ def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", 
     device = ranks.start(device)
     try:
         if compile and ranks.main and not quiet:
-            print("compiling the decoder step (once per process: ~40 s on a tiny model, minutes on large ones) ...",
+            print("compiling the decoder step (once per process: ~30 s on a tiny model, 1-2 min on large ones) ...",
                   file=sys.stderr)
         model = load(folder, device=device, dtype=dtype, pack=pack, compile=compile)
         framing = model.tokenizer.framing  # fails early: no text pipeline

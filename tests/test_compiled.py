@@ -1,6 +1,6 @@
 """The compiled decoder step (reference/compiled.py) against fairseq and against the eager reference, on the same
 inputs in the same session: identical tokens, scores within the generation tolerance. Each compiled model costs
-one compilation (~40 s here), so the models are session fixtures."""
+one compilation (~30 s here), so the models are session fixtures."""
 
 from __future__ import annotations
 

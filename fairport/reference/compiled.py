@@ -168,7 +168,7 @@ class CompiledStep:
 def compile_step(model: nn.Module) -> nn.Module:
     """Attach a compiled decoder step to the model (to each member of an ensemble); generation uses it. The
     model must hold plain layers (load(..., compile=True) or pack=False): oneDNN-packed and int8 layers call
-    kernels the compiler cannot trace. Takes ~40 s on a tiny model, minutes on large ones (inductor generates
+    kernels the compiler cannot trace. Takes ~30 s on a tiny model, 1-2 min on large ones (inductor generates
     and builds C++). Returns the model."""
     from fairport.reference import fast
 

@@ -169,7 +169,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     one tensor.
 
     `compile=True`: generation runs the decoder step compiled ahead of time (compiled.py; plain layers, not int8;
-    the compilation takes from ~40 s on a tiny model to minutes on large ones)."""
+    the compilation takes ~30 s on a tiny model, 1-2 min on large ones)."""
     int8 = dtype == "int8"
     if compile and int8:
         raise FairportError("the compiled step runs float32/float16/bfloat16 layers, not int8: drop one of them")
