@@ -196,7 +196,7 @@ class CompiledDecoderState:
             (src_tokens.size(0), 1, 1, src_tokens.size(1)), dtype=enc.x.dtype, device=enc.x.device)
         self.enc_mask = mask.contiguous()  # the compiled code assumes the example inputs' contiguous strides
         attns = [layer.encoder_attn for layer in dec.layers]
-        self.cross = torch.stack([torch.stack([a.split(a.k_proj(enc.x)), a.split(a.v_proj(enc.x))]) for a in attns])
+        self.cross = torch.stack([torch.stack(a.keys_values(enc.x)) for a in attns])
         attn = dec.layers[0].self_attn
         self.kv = enc.x.new_empty((capacity, len(dec.layers), 2, rows, attn.heads, attn.head_dim))
         self.spare: torch.Tensor | None = None

@@ -96,12 +96,16 @@ class SelfAttention(Attention):
 class CrossAttention(Attention):
     """The decoder's attention over the encoder output; its keys/values are computed once per source."""
 
+    def keys_values(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder output (B, S, C) -> keys and values (B, H, S, D), once per source sentence."""
+        return self.split(self.k_proj(enc)), self.split(self.v_proj(enc))
+
     def forward(self, x: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerCache | None = None) -> torch.Tensor:
         if cache is not None and cache.cross_k is not None:
             k, v = cache.cross_k, cache.cross_v
         else:
-            k, v = self.split(self.k_proj(enc)), self.split(self.v_proj(enc))  # (B, H, S, D)
+            k, v = self.keys_values(enc)
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
         return self.attend(self.q_proj(x), k, v, mask)
