@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 from fairport import __version__
-from fairport.converters.write import sha256
 from fairport.errors import FairportError
-from fairport.reference.folder import ModelFolder
+from fairport.reference.folder import ModelFolder, sha256
 from fairport.reference.tokenizer import Framing
 from fairport.util import first_line
 from fairport.verify.report import num

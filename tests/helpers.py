@@ -57,6 +57,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what
     assert d.max().item() <= atol, f"{what}: max |Δ| {d.max().item():.3g} (mean {d.mean().item():.3g}) > {atol}"
 
 
+def rewrite_weights(folder: Path, change) -> None:
+    """Change a converted folder's weights on purpose (`change(dict of tensors)` edits them in place), as a port
+    that converted them so would hold them: model.safetensors rewritten and its sha256 in provenance.json
+    updated (load() refuses weights that differ from what provenance.json recorded)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from fairport.reference.folder import sha256
+
+    path = Path(folder) / "model.safetensors"
+    weights = load_file(str(path))
+    change(weights)
+    save_file(weights, str(path), metadata={"format": "pt"})
+    prov = json.loads((Path(folder) / "provenance.json").read_text())
+    prov["files"]["model.safetensors"] = sha256(path)
+    (Path(folder) / "provenance.json").write_text(json.dumps(prov, indent=2))
+
+
 def tiny_checkpoint(folder: Path) -> Path:
     """A small checkpoint in fairseq's format (legacy `args` and a state dict under fairseq's names, as the
     2019-2020 releases were saved) with its dictionaries, written without fairseq: random weights of the

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from fairport.converters.convert import convert
-from fairport.converters.write import sha256
 from fairport.reference import load
+from fairport.reference.folder import sha256
 from fairport.verify.inputs import random_batch
 from helpers import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared
 

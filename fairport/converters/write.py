@@ -22,6 +22,7 @@ from fairport import __version__
 from fairport.converters import hf, tasks, weights
 from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2, write_sentencepiece
 from fairport.errors import FairportError
+from fairport.reference.folder import sha256
 from fairport.reference.generate import GenerationOptions
 from fairport.reference.names import to_hf_name
 
@@ -35,14 +36,6 @@ KEEP_FP32 = ("embed_positions.weight",)  # stored names ending so keep fp32 in F
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_replaceable(dst: Path) -> None:

@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from fairport.errors import FairportError
 from fairport.reference.config import ModelConfig
+from fairport.util import first_line
 
 CONFIG, GENERATION, PROVENANCE = "config.json", "generation_config.json", "provenance.json"
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -26,13 +28,27 @@ LEGACY_TEXT = {"gpt2": {"tokenizer": None, "bpe": "gpt2", "bart": True},
                "fastbpe": {"tokenizer": "moses", "bpe": "fastbpe", "bart": False}}
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damaged(path: Path, what: str) -> FairportError:
+    """The one-line error for a folder file that is cut short, changed or missing: what, and the fix."""
+    return FairportError(f"{path} {what}: the model folder is damaged or incomplete (a failed copy or download?); "
+                         f"copy it again, or convert again (fairport convert SRC {path.parent} --force)")
+
+
 def _json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except ValueError as e:
-        raise FairportError(f"{path} is not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise damaged(path, f"is not valid JSON ({first_line(e)})") from None
 
 
 @dataclass(frozen=True)
@@ -99,10 +115,23 @@ class ModelFolder:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def recorded_sha256(self, path: Path) -> str | None:
+        """The sha256 provenance.json recorded for one of the folder's files when it was written (None: not
+        recorded, e.g. a folder written before provenance listed its files)."""
+        return self.provenance.get("files", {}).get(path.relative_to(self.path).as_posix())
+
     def weight_files(self) -> list[Path]:
+        """The safetensors files, each checked to exist (a missing shard is named, with the fix)."""
         if (self.path / INDEX).exists():
-            index = _json(self.path / INDEX)
-            return [self.path / f for f in sorted(set(index["weight_map"].values()))]
-        if (self.path / SINGLE).exists():
-            return [self.path / SINGLE]
-        raise FairportError(f"{self.path} has no {SINGLE} (or {INDEX})")
+            try:
+                files = [self.path / f for f in sorted(set(_json(self.path / INDEX)["weight_map"].values()))]
+            except (KeyError, TypeError, AttributeError):
+                raise damaged(self.path / INDEX, "has no weight_map") from None
+        elif (self.path / SINGLE).exists():
+            files = [self.path / SINGLE]
+        else:
+            raise damaged(self.path / SINGLE, f"is missing (and there is no {INDEX})")
+        for f in files:
+            if not f.is_file():
+                raise damaged(f, f"is missing (a shard {INDEX} lists)")
+        return files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import struct
 import sys
@@ -15,7 +16,7 @@ from torch import nn
 from fairport.errors import FairportError
 from fairport.reference import compiled, fast
 from fairport.reference.config import ModelConfig
-from fairport.reference.folder import ModelFolder
+from fairport.reference.folder import ModelFolder, damaged
 from fairport.reference.hub import PortedEnsemble, PortedModel
 from fairport.reference.model import EncoderDecoder, SelfAttention, SinusoidalPositions, sinusoidal_table
 from fairport.reference.names import reference_name
@@ -30,29 +31,51 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "BOOL": torch.bool}
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_safetensors(path: Path, expected_sha256: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """A safetensors file's tensors one at a time, each read (not memory-mapped) into a buffer of its own: the
-    file's pages never count in this process's memory, which holds only what it keeps."""
+    file's pages never count in this process's memory, which holds only what it keeps. The file is read in order
+    and hashed as it is read: a file cut short, or whose sha256 is not `expected_sha256` (what provenance.json
+    recorded), raises a one-line FairportError naming it, after its last tensor and before anything uses them."""
     if sys.byteorder != "little":
         raise FairportError("reading safetensors needs a little-endian machine")
+    total = path.stat().st_size
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
+        head = f.read(8)
+        (size,) = struct.unpack("<Q", head) if len(head) == 8 else (total,)
+        if size > total - 8:
+            raise damaged(path, f"is cut short ({total} bytes, shorter than its own header says)")
+        raw = f.read(size)
+        digest.update(head + raw)
+        try:
+            header = json.loads(raw)
+            tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0])
+            end = max((v["data_offsets"][1] for _, v in tensors), default=0)
+            [SAFETENSORS_DTYPES[v["dtype"]] for _, v in tensors]
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError):
+            raise damaged(path, "has a corrupt header (not a safetensors file)") from None
+        if 8 + size + end > total:
+            raise damaged(path, f"is cut short ({total} of {8 + size + end} bytes)")
+        for name, info in tensors:
+            start, stop = info["data_offsets"]
             t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            buf = t.reshape(-1).view(torch.uint8).numpy()
             f.seek(8 + size + start)
-            if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - start:
-                raise FairportError(f"{path} is truncated ({name})")
+            if f.readinto(buf) != stop - start:
+                raise damaged(path, f"is cut short (in {name})")
+            digest.update(buf)
             yield name, t
+        if expected_sha256 is not None:
+            digest.update(f.read())  # anything after the last tensor counts too
+            if digest.hexdigest() != expected_sha256:
+                raise damaged(path, "does not match the sha256 provenance.json recorded when it was written")
 
 
 def read_weights(folder: ModelFolder) -> Iterator[tuple[str, torch.Tensor]]:
-    """The stored tensors one at a time, under the reference's names."""
+    """The stored tensors one at a time, under the reference's names (each file checked against provenance)."""
     for f in folder.weight_files():
-        for k, t in read_safetensors(f):
+        for k, t in read_safetensors(f, folder.recorded_sha256(f)):
             name = k if folder.weight_names == "fairport" else reference_name(folder.weight_names, k)
             if name is not None:
                 yield name, t

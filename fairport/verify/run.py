@@ -34,7 +34,6 @@ import torch
 from fairport import __version__
 from fairport.converters.checkpoint import load_checkpoint
 from fairport.converters.sources import ensemble_members, find_sources
-from fairport.converters.write import sha256
 from fairport.distributed import Ranks
 from fairport.errors import FairportError
 from fairport.original.protocol import (
@@ -49,7 +48,7 @@ from fairport.original.protocol import (
 )
 from fairport.reference import load
 from fairport.reference.batching import pad_batch
-from fairport.reference.folder import ModelFolder
+from fairport.reference.folder import ModelFolder, sha256
 from fairport.reference.generate import generate
 from fairport.reference.hub import length_sorted_batches
 from fairport.reference.tokenizer import Framing
