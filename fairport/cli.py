@@ -178,34 +178,68 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_idle_flags(pairs: list[tuple[bool, str]]) -> None:
+    """Flags that would do nothing in the combination given are refused (one line), not silently ignored."""
+    for idle, why in pairs:
+        if idle:
+            raise FairportError(why)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from fairport.corpus import generate_file
 
     if a.compile and a.dtype == "int8":
         raise FairportError("--compile runs float32/float16/bfloat16 layers, not --dtype int8: drop one of them")
+    sampling = a.sampling or _folder_samples(a.dst)
+    refuse_idle_flags([
+        (a.seed is not None and not sampling, "--seed only seeds sampling (--sampling): beam search and greedy "
+                                              "are deterministic; drop --seed or add --sampling"),
+        ((a.sampling_topk is not None or a.sampling_topp is not None) and not sampling,
+         "--sampling-topk/--sampling-topp choose what --sampling draws from: add --sampling, or drop them"),
+        (a.no_pack and a.compile, "--no-pack does nothing with --compile (the compiled step lays out its weights "
+                                  "itself): drop one of them"),
+    ])
     return generate_file(a.dst, a.input, a.output, device=a.device, dtype=a.dtype, pack=not a.no_pack,
                          compile=a.compile, batch_size=a.batch_size, seed=a.seed, quiet=a.quiet,
                          source_lang=a.source_lang, target_lang=a.target_lang, **_search_values(a, "search", "sample"))
+
+
+def _folder_samples(dst: str) -> bool:
+    """Whether the folder's generation defaults sample (fairseq's --sampling recorded in the checkpoint)."""
+    from fairport.reference.folder import ModelFolder
+
+    return bool(ModelFolder.open(dst).generation.get("sampling"))
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fairport.converters.text import TEXT_FILES
-    from fairport.verify.report import print_summary, write
+    from fairport.verify.report import print_summary, report_dir, write
     from fairport.verify.run import VerifyOptions, verify
 
+    refuse_idle_flags([
+        (a.split is not None and not a.fairseq_data, f"--split {a.split} chooses a split of --fairseq-data, which "
+                                                     f"was not given: add --fairseq-data DIR, or drop --split"),
+        (a.exact_match is not None and not a.strict, "--exact-match is the rate --strict requires: add --strict, "
+                                                     "or drop --exact-match"),
+        (a.max_tie_rate is not None and a.strict, "--max-tie-rate bounds explained mismatches, which --strict does "
+                                                  "not accept: drop one of them"),
+    ])
+    defaults = VerifyOptions()
     opts = VerifyOptions(
-        data=a.data and Path(a.data), fairseq_data=a.fairseq_data and Path(a.fairseq_data), split=a.split,
-        limit=a.limit, device=a.device, dtypes=tuple(a.dtypes), out=a.out and Path(a.out), seed=a.seed,
-        batch_size=a.batch_size, logits_tol=a.logits_tol, exact_match=a.exact_match, max_tie_rate=a.max_tie_rate,
+        data=a.data and Path(a.data), fairseq_data=a.fairseq_data and Path(a.fairseq_data),
+        split=a.split or defaults.split, limit=a.limit, device=a.device, dtypes=tuple(a.dtypes),
+        out=a.out and Path(a.out), seed=a.seed, batch_size=a.batch_size, logits_tol=a.logits_tol,
+        exact_match=defaults.exact_match if a.exact_match is None else a.exact_match,
+        max_tie_rate=defaults.max_tie_rate if a.max_tie_rate is None else a.max_tie_rate,
         strict=a.strict, text_files={k: Path(getattr(a, k)) for k in TEXT_FILES if getattr(a, k)},
         source_lang=a.source_lang, target_lang=a.target_lang, resume=a.resume, ctranslate2="ctranslate2" in a.sides,
         ctranslate2_model=a.ctranslate2_model and Path(a.ctranslate2_model), compile=a.compile)
     rep = verify(a.src, a.dst, opts)
     if rep is None:  # not rank 0: rank 0 writes the report
         return 0
-    out = Path(a.out) if a.out else Path(a.dst) / "verify"
+    out = report_dir(a.dst, a.out)
     write(rep, out, a.src, a.dst)
     return print_summary(rep, out)
 
@@ -213,7 +247,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def cmd_card(a: argparse.Namespace) -> int:
     from fairport.publish import write_card
 
-    print(f"model card: {write_card(a.dst, a.report, a.license, repo_id=a.repo_id, dataset=a.dataset_name)}")
+    path = write_card(a.dst, a.report, a.license, repo_id=a.repo_id, dataset=a.dataset_name, force=a.force)
+    print(f"model card: {path}")
     return 0
 
 
@@ -222,7 +257,7 @@ def cmd_upload(a: argparse.Namespace) -> int:
 
     upload(a.dst, a.repo_id, private=a.private, revision=a.revision, commit_message=a.commit_message,
            create_pr=a.create_pr, dry_run=a.dry_run, allow_unverified=a.allow_unverified, license=a.license,
-           report_dir=a.report, dataset=a.dataset_name)
+           report_dir=a.report, dataset=a.dataset_name, card_choice=a.card)
     return 0
 
 
@@ -306,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs = v.add_mutually_exclusive_group()
     inputs.add_argument("--data", help="text file, one source per line (optional TAB + reference)")
     inputs.add_argument("--fairseq-data", help="binarized fairseq data folder (fairseq-preprocess output)")
-    v.add_argument("--split", default="test", help="the split of --fairseq-data (default: test)")
+    v.add_argument("--split", help="the split of --fairseq-data (default: test)")
     v.add_argument("--source-lang", help="many-to-many models: the direction to verify (source language)")
     v.add_argument("--target-lang", help="many-to-many models: the direction to verify (target language)")
     v.add_argument("--limit", type=positive_int, default=100, help="inputs to use (default 100)")
@@ -318,12 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--batch-size", type=positive_int, default=16)
     v.add_argument("--logits-tol", type=non_negative, default=1e-4, help="fp32 logits threshold")
-    v.add_argument("--max-tie-rate", type=fraction, default=0.02,
+    v.add_argument("--max-tie-rate", type=fraction,
                    help="share of inputs whose top hypothesis may differ for an explained reason (a near-tie, a "
                         "batch-dependent original) before generation fails (default 0.02)")
     v.add_argument("--strict", action="store_true", help="require identical top hypotheses (--exact-match), "
                                                          "explained or not")
-    v.add_argument("--exact-match", type=fraction, default=1.0, help="with --strict: the exact-match rate required")
+    v.add_argument("--exact-match", type=fraction, help="with --strict: the exact-match rate required (default 1)")
     v.add_argument("--nproc", type=positive_int, default=1, help="processes on this machine (torch.distributed; "
                    "or run under torchrun for several machines)")
     v.add_argument("--resume", action="store_true", help="keep the batches an interrupted run finished (OUT/shards)")
@@ -343,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--license", help="license id for the card metadata (e.g. mit); upload keeps it")
     c.add_argument("--repo-id", help="the Hub repository the card's usage snippets load from (default: DST's name)")
     c.add_argument("--dataset-name", help="the name the card gives the verification data (default: its file name)")
+    c.add_argument("--force", action="store_true", help="replace a README.md that is not fairport's unedited card")
     c.set_defaults(func=cmd_card)
 
     u = sub.add_parser("upload", help="push DST, with its model card, to the Hugging Face Hub")
@@ -358,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--report", help="report folder (default: DST/verify)")
     u.add_argument("--license", help="license id (default: the one `fairport card` wrote, if any)")
     u.add_argument("--dataset-name", help="the name the card gives the verification data (default: its file name)")
+    u.add_argument("--card", choices=["keep", "replace"], help="when DST/README.md is a card you wrote or edited: "
+                   "keep (upload it as it is) or replace (upload a card built from the report; the local file is "
+                   "never changed)")
     u.set_defaults(func=cmd_upload)
 
     b = sub.add_parser("bench", help="time reference / fairseq / transformers on the same inputs")

@@ -7,7 +7,10 @@ share of the batches, and rank 0 gathers the outputs and writes one file in inpu
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from fairport.distributed import Ranks
 from fairport.errors import FairportError
@@ -33,6 +36,7 @@ def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", 
                   **gen) -> int:
     from tqdm import tqdm
 
+    check_output(input, output)
     ranks = Ranks.from_env()
     device = ranks.start(device)
     try:
@@ -67,13 +71,47 @@ def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", 
         ranks.stop()
 
 
+def check_output(input: str, output: str) -> None:
+    """Before any work: --output is writable and is not --input (writing it would replace the sources)."""
+    if output == "-":
+        return
+    out = Path(output)
+    if input != "-" and (Path(input).resolve() == out.resolve()
+                         or (out.exists() and Path(input).exists() and os.path.samefile(input, out))):
+        raise FairportError(f"--output {output} is the --input file: writing it would replace the sources; give "
+                            f"another --output")
+    if out.is_dir():
+        raise FairportError(f"--output {output} is a folder; give a file name")
+    if not out.resolve().parent.is_dir():
+        raise FairportError(f"--output {output}: folder {out.resolve().parent} does not exist")
+
+
 def write_lines(path: str, lines: list[str]) -> None:
+    """Standard output, or the file written whole: into a temporary file beside it, renamed over it at the end
+    (an interrupted run leaves an earlier file as it was)."""
     text = "".join(line + "\n" for line in lines)
     if path == "-":
         sys.stdout.write(text)
         return
+    out = Path(path).resolve()  # a link: the file it points to is written
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".fairport-tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            if out.exists():
+                os.chmod(tmp, out.stat().st_mode & 0o777)
+            else:
+                os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     except OSError as e:
         raise FairportError(f"cannot write --output {path}: {e.strerror}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

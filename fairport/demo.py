@@ -21,8 +21,9 @@ CREATED = ("fairseq", "bart-like", "wmt-like", "en.txt")  # everything the demo 
 
 
 def shared_data() -> Path | None:
-    here = Path(__file__).resolve().parents[2]
-    p = Path(os.environ.get("FAIRPORT_SHARED_DATA", here.parent / "shared" / "data"))
+    """The shared data where the tests find it: $FAIRPORT_SHARED_DATA, else ../shared/data beside the repository."""
+    repository = Path(__file__).resolve().parents[1]
+    p = Path(os.environ.get("FAIRPORT_SHARED_DATA", repository.parent / "shared" / "data"))
     return p if (p / "gpt2" / "encoder.json").exists() else None
 
 
@@ -61,7 +62,8 @@ def main(out: str = "fairport-demo") -> int:
     src_dir = out_dir / "fairseq"
     shared = shared_data()
     t0 = time.time()
-    print("[1/3] fairseq builds a BART-like checkpoint (bart_base preset, shrunk) and trains a WMT-like "
+    steps = 1 + 2 * 2  # build, then convert and verify each of the two models
+    print(f"[1/{steps}] fairseq builds a BART-like checkpoint (bart_base preset, shrunk) and trains a WMT-like "
           "translation model (transformer_wmt_en_de, shrunk; fairseq-train, ~1 min):", flush=True)
     run(["fairport.original.fixtures", str(src_dir), "bart_base_mnli"] + (["--shared", str(shared)] if shared else []))
     run(["fairport.original.fixtures", str(src_dir), "--trained"])
@@ -79,12 +81,12 @@ def main(out: str = "fairport-demo") -> int:
             ("wmt-like", trained, ["--beam", "5"],
              ["--limit", "60", "--fairseq-data", str(trained / "bin"), "--dtypes", "float32,bfloat16"])]
     failed = 0
-    for name, src, convert_flags, verify_flags in jobs:
+    for n, (name, src, convert_flags, verify_flags) in enumerate(jobs):
         dst = out_dir / name
-        print(f"[2/3] convert ({name}):", flush=True)
+        print(f"[{2 + 2 * n}/{steps}] convert ({name}):", flush=True)
         proc = run(["fairport", "convert", str(src), str(dst), *convert_flags])
         print("      " + proc.stdout.strip().replace("\n", "\n      "), flush=True)
-        print(f"[3/3] verify ({name}) against the fairseq original:", flush=True)
+        print(f"[{3 + 2 * n}/{steps}] verify ({name}) against the fairseq original:", flush=True)
         proc = run(["fairport", "verify", str(src), str(dst), *verify_flags])
         lines = proc.stdout.strip().splitlines()
         verdict = lines[-1] if lines else "(no output)"

@@ -11,16 +11,18 @@ reports name files only, and the uploaded provenance.json keeps base names. The 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
 
 from fairport import __version__
 from fairport.errors import FairportError
-from fairport.reference.folder import ModelFolder, sha256
+from fairport.reference.folder import CARD, ModelFolder, card_is_fairports, sha256, signed_card
 from fairport.reference.tokenizer import Framing
 from fairport.util import first_line
 from fairport.verify.report import num
+from fairport.verify.report import report_dir as verify_report_dir
 
 PIPELINES = {"translation": "translation", "denoising": "summarization", "multilingual_denoising": "translation",
              "translation_from_pretrained_bart": "translation", "sentence_prediction": "text-classification",
@@ -65,7 +67,7 @@ def integrity_problems(folder: Path) -> list[str]:
 
 
 def load_report(folder: Path, report_dir: Path | None) -> dict | None:
-    path = (report_dir or folder / "verify") / "report.json"
+    path = verify_report_dir(folder, report_dir) / "report.json"
     if not path.exists():
         return None
     try:
@@ -207,11 +209,46 @@ def _parity_section(report: dict | None, dataset: str) -> list[str]:
 
 
 def write_card(folder: str | Path, report_dir=None, license=None, unverified=False, repo_id=None,
-               dataset=None) -> Path:
-    folder = Path(folder)
+               dataset=None, force: bool = False) -> Path:
+    """DST/README.md from the report. A README.md that is not fairport's unedited card is kept unless `force`."""
+    path = Path(folder) / CARD
+    if path.exists() and not force and not card_is_fairports(path):
+        raise FairportError(f"{path} is not the card fairport wrote (edited by hand, or your own): it is kept; pass "
+                            f"--force to replace it")
     text = build_card(folder, report_dir, license, unverified, repo_id, dataset)
-    (folder / "README.md").write_text(text, encoding="utf-8")
-    return folder / "README.md"
+    tmp = path.with_name(f".{CARD}.fairport-tmp")
+    tmp.write_text(signed_card(text), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def card_to_upload(folder: Path, choice: str | None, report_dir, license, unverified, repo_id, dataset) -> str:
+    """The card upload sends: built from the report, unless README.md is a card a person wrote or edited; then
+    `choice` must say: "keep" (send it as it is) or "replace" (send the built card; the local file stays)."""
+    path = folder / CARD
+    edited = path.exists() and not card_is_fairports(path)
+    if choice == "keep":
+        if not path.exists():
+            raise FairportError(f"--card keep: {path} does not exist; drop --card to upload a card built from the "
+                                f"report")
+        return path.read_text(encoding="utf-8")
+    if edited and choice != "replace":
+        raise FairportError(f"{path} is not the card fairport wrote (edited by hand, or your own): upload does not "
+                            f"replace it; pass --card keep to upload it as it is, or --card replace to upload a card "
+                            f"built from the report (the local file stays as it is)")
+    license = license or existing_license(folder)
+    return build_card(folder, report_dir, license, unverified=unverified, repo_id=repo_id, dataset=dataset)
+
+
+def hub_token() -> str:
+    """The Hub token (HF_TOKEN or the stored login), checked before anything goes to the network."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise FairportError("no Hugging Face token found: set HF_TOKEN, or run `hf auth login` (nothing was "
+                            "uploaded)")
+    return token
 
 
 # what a verify run may leave in DST/verify that is not the report: CTranslate2's conversion, resumable batches
@@ -248,7 +285,9 @@ def public_provenance(path: Path) -> bytes:
 def upload(folder: str | Path, repo_id: str, *, private: bool = False, revision: str = "main",
            commit_message: str | None = None, create_pr: bool = False, dry_run: bool = False,
            allow_unverified: bool = False, license: str | None = None, report_dir=None, retries: int = 3,
-           dataset: str | None = None, out=print) -> dict:
+           dataset: str | None = None, card_choice: str | None = None, out=print) -> dict:
+    """Push the folder with its card. Nothing local is written: the card sent is built in memory (or, with
+    `card_choice="keep"`, the folder's own README.md as it is)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -266,10 +305,11 @@ def upload(folder: str | Path, repo_id: str, *, private: bool = False, revision:
     if not verified and not allow_unverified:
         why = "has no parity report" if report is None else "has a failing parity report"
         raise FairportError(f"{folder} {why} (run `fairport verify` first, or pass --allow-unverified)")
-    license = license or existing_license(folder)
-    card = build_card(folder, report_dir, license, unverified=not verified, repo_id=repo_id, dataset=dataset)
-    contents = {str(p.relative_to(folder)): p for p in _files(folder) if p != folder / "README.md"}
-    contents["README.md"] = card.encode()
+    card = card_to_upload(folder, card_choice, report_dir, license, not verified, repo_id, dataset)
+    if not dry_run:
+        hub_token()
+    contents = {str(p.relative_to(folder)): p for p in _files(folder) if p != folder / CARD}
+    contents[CARD] = card.encode()
     contents["provenance.json"] = public_provenance(folder / "provenance.json")
     listing = [(name, len(v) if isinstance(v, bytes) else v.stat().st_size) for name, v in sorted(contents.items())]
     if dry_run:
@@ -281,7 +321,6 @@ def upload(folder: str | Path, repo_id: str, *, private: bool = False, revision:
         out("--- README.md (model card) ---")
         out(card)
         return {"dry_run": True, "files": listing}
-    (folder / "README.md").write_text(card, encoding="utf-8")
     return _push(contents, repo_id, private, revision, commit_message, create_pr, retries, out, listing)
 
 

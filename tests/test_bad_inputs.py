@@ -135,7 +135,10 @@ def test_force_replaces_only_what_fairport_wrote(fixtures_dir, tmp_path):
     assert proc.returncode != 0 and "notes.txt" in proc.stderr and (dst / "notes.txt").exists()
     (dst / "notes.txt").unlink()
     (dst / "verify").mkdir()
-    (dst / "verify" / "report.md").write_text("# an old report")
+    (dst / "verify" / "report.md").write_text("# my notes on it")  # not a report verify wrote: kept
+    proc = fairport("convert", src, dst, "--force", "--beam", "3")
+    assert proc.returncode != 0 and "verify/" in proc.stderr and (dst / "verify" / "report.md").exists()
+    (dst / "verify" / "report.md").write_text("# fairport verify: PASS\n")  # an old report: replaced
     proc = fairport("convert", src, dst, "--force", "--beam", "3")
     assert proc.returncode == 0, proc.stderr
     assert '"beam": 3' in (dst / "generation_config.json").read_text() and not (dst / "verify").exists()
@@ -229,7 +232,7 @@ def test_missing_bpe_file_gives_an_ids_only_folder_that_says_why(fixtures_dir, t
     notes = json.loads((tmp_path / "out" / "provenance.json").read_text())["notes"]
     assert any("sentencepiece" in n and "--sentencepiece-model" in n and "/home/trainer/data/spm.model" in n
                for n in notes), notes
-    with pytest.raises(FairportError, match="no text pipeline.*--sentencepiece-model"):
+    with pytest.raises(FairportError, match="takes token ids only.*--sentencepiece-model"):
         load(tmp_path / "out").translate("hello")
     # --bpe none: ids only, on purpose, with nothing to report
     convert(fixtures_dir / "transformer_spm_args", tmp_path / "ids", bpe="none")

@@ -56,7 +56,9 @@ def test_dtype_option(name, dtype, want, fixtures_dir, tmp_path):
     with safe_open(str(dst / "model.safetensors"), "pt") as f:
         t = f.get_tensor("model.encoder.embed_tokens.weight")
     assert t.dtype == want
-    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == str(want).replace("torch.", "")
+    config = json.loads((dst / "config.json").read_text())
+    assert config["fairport"]["stored_dtype"] == str(want).replace("torch.", "")
+    assert config["dtype"] == "float32"  # what transformers' default load computes in: fairseq's numbers
 
 
 @needs_fairseq

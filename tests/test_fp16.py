@@ -11,30 +11,34 @@ from fairport.converters.convert import convert
 from fairport.original.protocol import Generate, Logits, direction_overrides, hub_request, run
 from fairport.reference import load
 from fairport.verify.inputs import random_batch
-from helpers import needs_fairseq, needs_shared
+from helpers import HAVE_TRANSFORMERS, needs_fairseq, needs_shared
 
 FAMILIES = {"wmt_big_joined": None, "bart_base_mnli": None, "mbart_en_ro_spm": None,
             "m2m_multilingual": ("en", "de")}
 
 
-def fp16_copy(fixtures_dir, name, out):
+def fp16_copy(fixtures_dir, name, out, dtype=torch.float16):
     """The fixture's release folder with its checkpoint's weights halved (a trusted file: plain torch.load)."""
     import shutil
 
     shutil.copytree(fixtures_dir / name, out)
     state = torch.load(out / "model.pt", weights_only=False)
-    state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["model"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state["model"].items()}
     torch.save(state, out / "model.pt")
     return out
 
 
 @needs_fairseq
 @needs_shared
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_fp16_checkpoint_loads_with_defaults_and_equals_fairseq(name, fixtures_dir, tmp_path):
+@pytest.mark.parametrize("name,half", [(name, torch.float16) for name in FAMILIES] +
+                         [("wmt_big_joined", torch.bfloat16), ("bart_base_mnli", torch.bfloat16)])
+def test_fp16_checkpoint_loads_with_defaults_and_equals_fairseq(name, half, fixtures_dir, tmp_path):
+    """fairport's load() and, where the folder is transformers-loadable, transformers' own defaults
+    (`AutoModelForSeq2SeqLM.from_pretrained(folder)`, nothing else: what the card's usage line runs) compute as
+    fairseq does on the same half-precision file; the folder stores the weights as the checkpoint did."""
     from helpers import gpt2_files
 
-    src = fp16_copy(fixtures_dir, name, tmp_path / "src")
+    src = fp16_copy(fixtures_dir, name, tmp_path / "src", half)
     convert(src, tmp_path / "port", **gpt2_files(name))
     model = load(tmp_path / "port")  # no dtype
     assert next(model.parameters()).dtype == torch.float32
@@ -52,6 +56,14 @@ def test_fp16_checkpoint_loads_with_defaults_and_equals_fairseq(name, fixtures_d
     theirs_logits, out = run([src / "model.pt"], src, Logits(batch["src_tokens"], batch["prev_output_tokens"]),
                              Generate(batch["src_tokens"], {"beam": 3, "max_len_b": 8}), overrides=overrides)
     assert (logits - theirs_logits["logits"]).abs()[keep].max().item() <= 1e-4
+    assert model.folder.dtype == str(half).replace("torch.", "")  # stored as the checkpoint had it
+    if model.folder.transformers and HAVE_TRANSFORMERS:
+        from fairport.verify.transformers_side import TransformersSide
+
+        hf = TransformersSide(model.folder, "cpu")  # from_pretrained(folder), transformers' defaults
+        assert next(hf.model.parameters()).dtype == torch.float32
+        theirs_hf = hf.logits(batch["src_tokens"], batch["prev_output_tokens"])
+        assert (theirs_hf - theirs_logits["logits"]).abs()[keep].max().item() <= 1e-4
     eos = model.generation_defaults().get("eos")  # the task's generator EOS (mBART translation: [ro_RO])
     mine = model.generate(batch["src_tokens"], beam=3, max_len_b=8, eos=eos, prefix_tokens=prefix)
     theirs = out["hypotheses"]

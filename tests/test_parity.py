@@ -70,7 +70,7 @@ def test_transformers_logits_match_fairseq(name, family, fixtures_dir, converted
 
     folder = converted(name)
     assert json.loads((folder / "config.json").read_text())["model_type"] == family
-    hf = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()  # its defaults, as users load it
     model = load(folder, dtype=torch.float32)
     cfg = model.config
     batch = random_batch(cfg.src_vocab_size, cfg.tgt_vocab_size, batch=4, seed=7)

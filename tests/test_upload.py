@@ -38,12 +38,13 @@ def port(verified_port, tmp_path):
 
 @needs_fairseq
 def test_upload_sends_exact_files_and_a_valid_card(port):
+    local = {str(p.relative_to(port)): p.read_bytes() for p in port.rglob("*") if p.is_file()}
     with FakeHub(TOKEN, lfs_over=4096) as hub:
         proc = upload(port, "me/port", hub.url)
         assert proc.returncode == 0, proc.stderr
         sent = hub.files["me/port"]
-    local = {str(p.relative_to(port)): p.read_bytes() for p in port.rglob("*") if p.is_file()}
-    assert set(sent) == set(local)
+    assert local == {str(p.relative_to(port)): p.read_bytes() for p in port.rglob("*") if p.is_file()}
+    assert set(sent) == set(local) | {"README.md"}  # the card is built for the upload; nothing local is written
     for name, data in local.items():
         if name != "provenance.json":
             assert sent[name] == data, name

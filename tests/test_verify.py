@@ -31,7 +31,7 @@ def test_correct_port_passes_with_full_report(trained_dir, trained_port, tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "verify: PASS"
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert rep["schema"] == "fairport.verify/2" and rep["passed"]  # /2: mismatches classified (issue 12)
+    assert rep["schema"] == "fairport.verify/3" and rep["passed"]  # /3: engines as deployed, per-engine parity
     assert rep["logits"]["reference"]["max_abs"] <= 1e-4
     assert "transformers" in rep["logits"]  # FSMT-compatible folder: the third side ran
     assert rep["generation"]["beam"]["exact_match"] == 1.0 and rep["generation"]["greedy"]["exact_match"] == 1.0
@@ -66,9 +66,57 @@ def test_perturbed_layer_fails_and_is_named(trained_dir, trained_port, tmp_path)
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["layers"]["first_divergent"] == "decoder.layers.1"
     assert "decoder.layers.1" in proc.stdout  # named among the failing checks, listed last
+    # its logits check failed: divergence is established, so no mismatch costs a run to explain (it fails fast)
     mismatches = [m for g in rep["generation"].values() for m in g["mismatches"]]
-    assert mismatches and all(m["class"] == "divergence" for m in mismatches)
+    assert mismatches and all(m["class"] == "not explained" and "logits check failed" in m["explanation"]
+                              for m in mismatches)
     assert any(c["name"].endswith("every mismatch explained") and not c["passed"] for c in rep["checks"])
+
+
+@needs_fairseq
+def test_transformers_as_deployed_generates_as_fairseq(trained_dir, tmp_path):
+    """transformers loaded with its defaults and generate() with the folder's generation config, on inputs that
+    all run to the length limit (max_len_b 4): greedy equals fairseq's outputs; every beam difference is the named
+    rule of transformers' search at the limit (its forced EOS scored 0), shown with both models' scores."""
+    port = tmp_path / "port"
+    convert(trained_dir, port, generation_overrides={"max_len_b": 4})
+    gen = json.loads((port / "generation_config.json").read_text())
+    # fairseq's max_len 4 is 4 tokens and the EOS it forces; transformers counts its decoder start token too
+    assert gen["max_length"] == 6 and gen["forced_eos_token_id"] == gen["eos_token_id"] and gen["min_length"] == 2
+    proc = run_verify(trained_dir, port, "--fairseq-data", trained_dir / "bin", "--limit", "40", "--out", tmp_path / "r")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    hf = rep["transformers"]
+    assert hf["dtype"] == "float32" and hf["load"] == "AutoModelForSeq2SeqLM.from_pretrained(folder)"
+    assert hf["greedy"]["exact_match"] == 1.0
+    outputs = rep["generation"]["beam"]["outputs"]
+    assert any(len(o["original"]) == 5 for o in outputs)  # the limit is hit: 4 tokens and </s>
+    for m in hf["beam"]["mismatches"]:
+        assert m["class"] == "search rule" and any("length limit" in r for r in m["rules"]), m
+        assert m["evidence"]["margin"]["transformers"] < 0 <= m["evidence"]["margin_under_its_rules"]
+    assert any(c["name"] == "transformers generation (beam): every mismatch explained" and c["passed"]
+               for c in rep["checks"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| transformers | PASS |" in md and "| fairport reference | PASS |" in md
+
+
+@needs_fairseq
+def test_an_interrupted_reverify_keeps_the_previous_report(trained_dir, trained_port, tmp_path):
+    """A repeated verify that is interrupted (a fault injected in its second batch) leaves the earlier, complete
+    report as it was and keeps its finished batches; --resume then finishes and replaces the report."""
+    out = tmp_path / "r"
+    args = (trained_dir, trained_port, "--fairseq-data", trained_dir / "bin", "--limit", "24", "--batch-size", "8",
+            "--out", out)
+    assert run_verify(*args).returncode == 0
+    before = {n: (out / n).read_bytes() for n in ("report.json", "report.md", "layers.png", "speed.png")}
+    proc = run_verify(*args, env={"FAIRPORT_TEST_FAULT": "0:1"})
+    assert proc.returncode == 1 and "injected fault" in proc.stderr and "--resume" in proc.stderr
+    assert {n: (out / n).read_bytes() for n in before} == before
+    assert (out / "shards" / "batch-00000.pt").exists() and not (out / "shards" / "batch-00001.pt").exists()
+    proc = run_verify(*args, "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "finished batches kept" in proc.stdout and not (out / "shards").exists()
+    assert json.loads((out / "report.json").read_text())["passed"]
 
 
 @needs_fairseq

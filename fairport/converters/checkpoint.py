@@ -295,6 +295,22 @@ def _load_legacy(path: Path) -> Any:
                                                                              numel)).load()
 
 
+def _what_it_is(head: bytes) -> str:
+    """What a file that is not a checkpoint looks like, from its first bytes."""
+    if not head:
+        return "it is empty"
+    if len(head) > 9 and head[8:10] == b'{"':
+        return ("it is a safetensors file (a converted model's weights?); convert takes the fairseq checkpoint "
+                "(*.pt), and a fairport folder is already converted")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        return "it is a text file"
+    return "its first bytes are neither a zip archive nor a pickle (not a torch.save file)"
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a fairseq checkpoint dict safely, on the CPU. Tensors are memory-mapped one by one from the file
     (zip checkpoints of torch >= 1.6 and the legacy format before it), so training state is never read
@@ -303,7 +319,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FairportError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(512)
     is_zip = head[:2] == b"PK"
     if is_zip:
         try:
@@ -314,7 +330,7 @@ def load_checkpoint(path: str | Path) -> dict:
         if not any(n.endswith("data.pkl") for n in names):
             raise FairportError(f"{path} is a zip file but not a PyTorch checkpoint (no data.pkl inside)")
     elif not head or head[0] != 0x80:  # legacy torch files start with a pickle PROTO opcode
-        raise FairportError(f"{path} is not a PyTorch checkpoint (it does not start like one; is it a text file?)")
+        raise FairportError(f"{path} is not a PyTorch checkpoint: {_what_it_is(head)}")
     try:
         state = _load_zip(path) if is_zip else _load_legacy(path)
     except FairportError:

@@ -47,6 +47,9 @@ def find_sources(src: str | Path, **named) -> Sources:
     """The checkpoint in SRC (a file, or a release folder holding one) with the files and choices `named`
     (Sources' field names: src_dict, bpecodes, bpe, ...), each checked now."""
     src = Path(src)
+    if src.is_dir() and (src / "config.json").is_file() and (src / "provenance.json").is_file():
+        raise FairportError(f"{src} is a fairport model folder (already converted); convert takes the fairseq "
+                            f"checkpoint it came from (its provenance.json names it)")
     if src.is_dir():
         found = [src / n for n in CHECKPOINT_NAMES if (src / n).is_file()]
         if not found:

@@ -22,9 +22,10 @@ from fairport import __version__
 from fairport.converters import hf, tasks, weights
 from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2, write_sentencepiece
 from fairport.errors import FairportError
-from fairport.reference.folder import sha256
+from fairport.reference.folder import card_is_fairports, sha256
 from fairport.reference.generate import GenerationOptions
 from fairport.reference.names import to_hf_name
+from fairport.reference.tokenizer import Framing
 
 if TYPE_CHECKING:
     from fairport.converters.convert import Converted
@@ -57,6 +58,15 @@ def check_replaceable(dst: Path) -> None:
                             f"--force replaces only a folder fairport wrote, or an empty one; choose another "
                             f"destination or empty it yourself")
     foreign = [name for name in entries if name not in listed and name not in WRITTEN_BESIDE]
+    if "README.md" in entries and not card_is_fairports(dst / "README.md"):
+        foreign.append("README.md (a card you wrote or edited)")
+    if "verify" in entries:
+        from fairport.verify.report import check_report_dir
+
+        try:
+            check_report_dir(dst / "verify")
+        except FairportError:
+            foreign.append("verify/ (holds files verify did not write)")
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
         raise FairportError(f"{dst} holds files fairport did not write ({shown}): --force would delete them; "
@@ -70,15 +80,13 @@ def generation_config(conv: Converted, overrides: dict | None = None) -> dict:
     found.update({k: v for k, v in (overrides or {}).items() if v is not None})
     gen = asdict(GenerationOptions(**{k: v for k, v in found.items() if v is not None}))
     gen["eos"] = conv.symbols.get("generation_eos")  # a task's generator ending (and starting) with a language token
-    c = conv.config
-    eos = c.eos if gen["eos"] is None else gen["eos"]
-    return {
-        "num_beams": int(gen["beam"]), "length_penalty": float(gen["lenpen"]),
-        "max_length": min(int(gen["max_len_b"]), c.max_target_positions - 1), "min_length": int(gen["min_len"]),
-        "no_repeat_ngram_size": int(gen["no_repeat_ngram_size"]), "early_stopping": True,
-        "bos_token_id": c.bos, "eos_token_id": eos, "pad_token_id": c.pad, "decoder_start_token_id": eos,
-        "fairseq": gen, "fairseq_source": "checkpoint" if conv.generation else "fairseq defaults",
-    }
+    framing = Framing(conv.config.bos, conv.config.eos, bool((conv.text or {}).get("bart")),
+                      multi=conv.dicts.multilingual.meta(conv.dicts.src) if conv.dicts.multilingual else None,
+                      source_lang=conv.options.get("source_lang"), target_lang=conv.options.get("target_lang"))
+    varies = bool(framing.multi and framing.multi["decoder_langtok"] and not framing.target_lang)
+    fields, rules = hf.generation_fields(gen, conv.config, None if varies else framing.forced_prefix(), varies)
+    return {**fields, "fairseq": gen, "fairseq_source": "checkpoint" if conv.generation else "fairseq defaults",
+            "fairseq_rules_not_expressed": rules}
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
@@ -197,10 +205,14 @@ def write_member(conv: Converted, sources: Sources, out: Path, dtype: torch.dtyp
         "multilingual": conv.dicts.multilingual.meta(conv.dicts.src) if conv.dicts.multilingual else None,
         "task": conv.options.get("task"), "langs": tasks.task_langs(conv.options) or None,
         "source_lang": conv.options.get("source_lang"), "target_lang": conv.options.get("target_lang"),
-        "transformers": family, "transformers_unmet": unmet,
+        "transformers": family, "transformers_unmet": unmet, "stored_dtype": str(torch_dtype).replace("torch.", ""),
     }
     config = hf.hf_config(family, cfg, {"langs": langs}) if family else {"model_type": "fairport"}
-    config["torch_dtype"] = str(torch_dtype).replace("torch.", "")
+    # the dtype transformers computes in when loaded with its defaults (`dtype="auto"` reads this): float32, as
+    # fairseq computes whatever its checkpoint stores (an fp16 release under fp16 compute is ~1e-2 off, and FSMT's
+    # and M2M-100's sinusoidal tables, built at init in this dtype, stay wrong even after .float()). The weights
+    # stay stored as the checkpoint had them (meta "stored_dtype"); pass dtype=torch.float16 to compute in half.
+    config["dtype"] = config["torch_dtype"] = "float32"
     config["fairport"] = meta
     (out / "config.json").write_text(json.dumps(config, indent=2))
     files["config.json"] = None
@@ -211,12 +223,12 @@ def write_member(conv: Converted, sources: Sources, out: Path, dtype: torch.dtyp
         "source": {"checkpoint": str(sources.checkpoint), "sha256": sha256(sources.checkpoint),
                    "bytes": sources.checkpoint.stat().st_size},
         "inputs": {k: str(v) for k, v in conv.inputs.items()},
-        "dtype": config["torch_dtype"], "arch": cfg.arch, "task": conv.options.get("task"),
+        "dtype": meta["stored_dtype"], "arch": cfg.arch, "task": conv.options.get("task"),
         "dropped": conv.dropped, "notes": conv.notes,
         "files": {f: digest or sha256(out / f) for f, digest in sorted(files.items())},
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
-    return MemberWritten(family, unmet, config["torch_dtype"], files)
+    return MemberWritten(family, unmet, meta["stored_dtype"], files)
 
 
 def write_model_folder(dst: Path, members: list[Callable[[Path], MemberWritten]]) -> MemberWritten:

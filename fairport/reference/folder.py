@@ -22,6 +22,8 @@ from fairport.util import first_line
 
 CONFIG, GENERATION, PROVENANCE = "config.json", "generation_config.json", "provenance.json"
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+CARD = "README.md"  # the model card `fairport card` writes; its last line marks it as fairport's, unedited
+CARD_MARK = "<!-- fairport card sha256: "
 
 # folders written before config.json carried `fairport.text` named their pipeline in one word
 LEGACY_TEXT = {"gpt2": {"tokenizer": None, "bpe": "gpt2", "bart": True},
@@ -34,6 +36,23 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def signed_card(text: str) -> str:
+    """A card as `fairport card` writes it: its text, then a line with the text's sha256 (how upload and
+    convert --force tell fairport's card from one a person edited)."""
+    text = text if text.endswith("\n") else text + "\n"
+    return f"{text}{CARD_MARK}{hashlib.sha256(text.encode()).hexdigest()} -->\n"
+
+
+def card_is_fairports(path: Path) -> bool:
+    """Whether `path` is a card fairport wrote and nobody changed since."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    body, _, mark = text.rstrip("\n").rpartition("\n")
+    return mark.startswith(CARD_MARK) and signed_card(body + "\n") == text
 
 
 def damaged(path: Path, what: str) -> FairportError:
@@ -58,7 +77,7 @@ class ModelFolder:
     meta: dict  # config.json's "fairport" section
     generation: dict  # generation_config.json's "fairseq" section: fairseq's option names
     provenance: dict
-    dtype: str  # the stored weights' dtype (config.json torch_dtype)
+    dtype: str  # the stored weights' dtype (config.json's fairport.stored_dtype; older folders: its torch_dtype)
 
     @classmethod
     def open(cls, path: str | Path) -> ModelFolder:
@@ -72,7 +91,7 @@ class ModelFolder:
         except (KeyError, ValueError, TypeError) as e:
             raise FairportError(f"{path / CONFIG} is not a fairport config ({e})") from None
         return cls(path, model, meta, _json(path / GENERATION).get("fairseq", {}), _json(path / PROVENANCE),
-                   str(config.get("torch_dtype", "float32")))
+                   str(meta.get("stored_dtype") or config.get("torch_dtype", "float32")))
 
     @property
     def text(self) -> dict | None:

@@ -311,11 +311,8 @@ class Tokenizer:
         spec = folder.text
         if not spec:
             why = next((n.split(": ", 1)[1] for n in folder.notes if n.startswith("text pipeline:")), None)
-            raise FairportError(
-                f"{folder.path} has no text pipeline{f' ({why})' if why else ''}: it takes token ids only; for text "
-                f"in/out convert again with the BPE files (--gpt2-encoder-json/--gpt2-vocab-bpe, --bpecodes or "
-                f"--sentencepiece-model) or name the pipeline (--bpe/--tokenizer; --tokenizer space: "
-                f"whitespace-separated symbols)")
+            raise FairportError(f"{folder.path} takes token ids only{f' ({why})' if why else ''}; for text, convert "
+                                f"again with its BPE files (fairport convert --help)")
         return cls(folder.path, spec, src, tgt, Framing.from_folder(folder))
 
     @property

@@ -9,7 +9,11 @@ Each mismatch gets one class:
   score is a sum of t+1 log-probabilities, each of which the two models may compute up to 2*delta apart
   (delta: the largest |logit difference| measured teacher-forced, fp32), so the margin between two candidates
   can move by up to 4 * delta * (t+1). A flip within that is a tie the two models break differently.
+- search rule (engines only: transformers, CTranslate2): the engine's own scores explain its choice under a rule
+  of its search that fairseq applies otherwise, named in the explanation (FORCED_FIRST, EOS_AT_LIMIT).
 - divergence: anything else (a flip larger than that, a candidate one search did not consider, ...).
+- not explained: once divergence is established (a failed logits check, or MAX_DIVERGENCES divergences on a side),
+  the remaining mismatches are listed without running anything more; like a divergence, it fails.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from __future__ import annotations
 from fairport.verify.report import num
 
 NEAR_TIE, BATCH, DIVERGENCE = "near-tie", "batch-dependent original", "divergence"
-CLASSES = (NEAR_TIE, BATCH, DIVERGENCE)
+SEARCH_RULE = "search rule"  # an engine's search applies a named rule otherwise (explained, not a failure)
+UNEXPLAINED = "not explained"  # listed once divergence is established; fails like a divergence
+CLASSES = (NEAR_TIE, BATCH, SEARCH_RULE, DIVERGENCE, UNEXPLAINED)
+# search rules engines apply otherwise than fairseq, each a log-probability fairseq counts and the engine does not
+FORCED_FIRST = ("the forced first token is scored 0 (transformers' forced_bos_token_id) where fairseq scores its "
+                "log-probability, so finished hypotheses of different lengths rank otherwise under lenpen")
+EOS_AT_LIMIT = ("at the length limit the final EOS is scored 0 (transformers' forced_eos_token_id; CTranslate2 stops "
+                "without it) where fairseq forces EOS and scores its log-probability")
 
 
 def steps_of(trace: list[dict], row: int) -> list[dict]:

@@ -4,11 +4,59 @@ report.md (for people: rounded numbers, tables) and PNG plots. docs/verify.md de
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA = "fairport.verify/2"
+from fairport.errors import FairportError
+
+SCHEMA = "fairport.verify/3"  # /3: a transformers section, per-engine parity, two more mismatch classes
 FILES = ("report.json", "report.md", "layers.png", "speed.png")  # what `write` puts in the report folder
+# what else a verify run writes there: resumable batches, CTranslate2's conversion of the source
+RUN_FOLDERS = ("shards", "ctranslate2")
+TEMPORARY = ".report-new"  # where `write` puts the new report until it is complete
+
+
+def report_dir(dst: str | Path, out: str | Path | None) -> Path:
+    """Where verify writes its report (and keeps its shards): OUT, else DST/verify."""
+    return Path(out) if out else Path(dst) / "verify"
+
+
+def _ours(folder: Path) -> set[str]:
+    """The entries of `folder` that a verify run wrote: a fairport report (report.json of this schema family,
+    report.md as `write` starts it) and, beside such a report or resumable shards, its plots and run folders."""
+    mine = set()
+    try:
+        if json.loads((folder / "report.json").read_text()).get("schema", "").startswith("fairport.verify/"):
+            mine.add("report.json")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        with open(folder / "report.md", encoding="utf-8") as f:
+            if f.readline().startswith("# fairport verify:"):
+                mine.add("report.md")
+    except (OSError, UnicodeDecodeError):
+        pass
+    if (folder / "shards" / "manifest.json").is_file():
+        mine.add("shards")
+    if mine:
+        mine |= {n for n in ("layers.png", "speed.png", "ctranslate2", TEMPORARY) if (folder / n).exists()}
+    return mine
+
+
+def check_report_dir(folder: Path) -> None:
+    """Before any work: the report folder is new, empty, or holds only what verify wrote there (which a new
+    report replaces once it is complete). Anything else is refused by name: nothing of the user's is removed."""
+    if not folder.exists():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise FairportError(f"report folder {folder} exists and is not a folder; choose another --out")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _ours(folder))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise FairportError(f"report folder {folder} holds files fairport verify did not write ({shown}); verify "
+                            f"replaces only its own report: choose another --out, or move them")
 
 
 @dataclass
@@ -50,15 +98,79 @@ def num(v, digits: int = 3) -> str:
 
 
 def write(report: Report, out: Path, source: str, port: str) -> dict:
-    """Write the report into `out`. `source`/`port` are shown by name only: a report may be published (the
-    model card cites it), so it carries no local paths."""
+    """Write the report into `out` (checked by `check_report_dir`). `source`/`port` are shown by name only: a
+    report may be published (the model card cites it), so it carries no local paths. The new files are written
+    into a temporary folder first and moved into place once all are there (report.json last): an interrupted
+    write leaves the earlier report whole. Then the run's shards, which have served, go."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = _plots(report, out)
+    shutil.rmtree(out / TEMPORARY, ignore_errors=True)  # an earlier write that was interrupted
+    new = out / TEMPORARY
+    new.mkdir()
+    plots = _plots(report, new)
     doc = {"schema": SCHEMA, "passed": report.passed, "source": Path(source).name, "port": Path(port).name,
            "checks": [asdict(c) for c in report.checks], "plots": plots, **report.sections}
-    (out / "report.json").write_text(json.dumps(doc, indent=2, default=str))
-    (out / "report.md").write_text(markdown(doc))
+    (new / "report.json").write_text(json.dumps(doc, indent=2, default=str))
+    (new / "report.md").write_text(markdown(doc))
+    written = [n for n in FILES if (new / n).exists()]
+    for name in sorted(written, key=lambda n: n == "report.json"):
+        os.replace(new / name, out / name)
+    for name in set(FILES) - set(written):  # an earlier report's plot this one does not have
+        (out / name).unlink(missing_ok=True)
+    new.rmdir()
+    shutil.rmtree(out / "shards", ignore_errors=True)
     return doc
+
+
+ENGINES = {"reference": "fairport reference", "transformers": "transformers", "ctranslate2": "CTranslate2"}
+
+
+def engine_of(check: str) -> str:
+    """Which engine a check is about, by its name ("transformers generation (beam): ...", "logits: transformers
+    vs original ...", "ctranslate2: ..."); every other check is the fairport reference's."""
+    for engine in ("transformers", "ctranslate2"):
+        if check.startswith(engine) or check.startswith(f"logits: {engine}"):
+            return engine
+    return "reference"
+
+
+def engines(doc: dict) -> list[dict]:
+    """One row per engine the run checked: its verdict (its own checks), logits |Δ|, exact match and mismatch
+    classes per setting, tokenizer ids, speed; what the report and the model card show."""
+    rows = []
+    for engine, title in ENGINES.items():
+        section = doc["generation"] if engine == "reference" else doc.get(engine)
+        if not section:
+            continue
+        checks = [c for c in doc["checks"] if engine_of(c["name"]) == engine]
+        if engine == "ctranslate2":
+            logits = ("log-probs", section["log_probs"]["max_abs"])
+        else:
+            logits = ("logits", doc["logits"].get(engine, {}).get("max_abs"))
+        speed = doc.get("speed", {})
+        rows.append({
+            "engine": engine, "title": title, "passed": all(c["passed"] for c in checks), "delta": logits,
+            "exact_match": {k: section[k]["exact_match"] for k in ("greedy", "beam") if k in section},
+            "counts": {k: {c: v for c, v in section[k]["counts"].items() if v} for k in ("greedy", "beam")
+                       if k in section},
+            "tokenizer": doc.get("tokenizer") if engine == "reference" else section.get("tokenizer"),
+            "sentences_per_s": {k: (speed[k]["reference"]["sentences_per_s"] if engine == "reference"
+                                    else section[k].get("sentences_per_s")) for k in ("greedy", "beam")
+                                if k in section and (engine != "reference" or k in speed)}})
+    return rows
+
+
+def engine_table(doc: dict) -> list[str]:
+    rows = []
+    for e in engines(doc):
+        tok = e["tokenizer"]
+        rows.append([e["title"], "PASS" if e["passed"] else "**FAIL**", f"{e['delta'][0]} {num(e['delta'][1])}",
+                     " / ".join(f"{k} {v:.1%}" for k, v in e["exact_match"].items()),
+                     "; ".join(f"{k}: " + (", ".join(f"{v} {c}" for c, v in cs.items()) or "none")
+                               for k, cs in e["counts"].items()),
+                     f"{tok['sentences'] - len(tok['mismatches'])}/{tok['sentences']} equal" if tok else "-",
+                     " / ".join(f"{k} {num(v)}" for k, v in e["sentences_per_s"].items())])
+    return table(["engine", "verdict", "max abs Δ", "exact match (greedy / beam)", "mismatches", "tokenizer ids",
+                  "sentences/s"], rows)
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -88,17 +200,19 @@ def markdown(doc: dict) -> str:
         L += [f"![per-layer divergence]({doc['plots']['layers']})", ""]
     L += table(["module", "max abs Δ", "tolerance", "ok"],
                [[r["module"], r["max_abs"], r["tolerance"], "yes" if r["ok"] else "NO"] for r in layers["curve"]])
-    L += ["", "## Generation", ""]
-    L += table(["setting", "options", "exact match", "max score Δ (matches)", "near-ties", "batch-dependent",
-                "divergences"],
-               [[k, ", ".join(f"{o}={v}" for o, v in g["options"].items() if v is not None), f"{g['exact_match']:.1%}",
-                 g["max_score_abs"], g["counts"]["near-tie"], g["counts"]["batch-dependent original"],
-                 g["counts"]["divergence"]] for k, g in doc["generation"].items()])
+    L += ["", "## Parity per engine (each as it is deployed, against the original, this run)", ""]
+    L += engine_table(doc)
     L += ["", "Every top-hypothesis mismatch is explained or fails (docs/verify.md, \"Reading a mismatch\"):"]
-    for k, g in doc["generation"].items():
-        for m in g["mismatches"][:20]:
-            L += ["", f"- **{k}, input {m['input']}: {m['class']}.** {m['explanation']}",
-                  f"  - original: `{m['original']}`", f"  - port: `{m['port']}`"]
+    for engine, section, label in (("reference", doc["generation"], "port"), ("transformers", doc.get("transformers"),
+                                   "transformers"), ("ctranslate2", doc.get("ctranslate2"), "ctranslate2")):
+        for k in ("greedy", "beam"):
+            for m in (section or {}).get(k, {}).get("mismatches", [])[:20]:
+                L += ["", f"- **{engine} {k}, input {m['input']}: {m['class']}.** {m['explanation']}",
+                      f"  - original: `{m['original']}`", f"  - {label}: `{m[label]}`"]
+    rules = (doc.get("transformers") or {}).get("rules_not_expressed")
+    if rules:
+        L += ["", "fairseq rules the folder's generation_config.json cannot express for transformers' generate():", ""]
+        L += [f"- {r}" for r in rules]
     if "quality" in doc:
         q = doc["quality"]
         L += ["", "## Quality", ""]

@@ -55,10 +55,20 @@ from fairport.reference.tokenizer import Framing
 from fairport.util import first_line, peak_rss_mb
 from fairport.verify import ctranslate2 as ct2
 from fairport.verify import inputs as verify_inputs
-from fairport.verify.mismatch import BATCH, CLASSES, DIVERGENCE, NEAR_TIE, explain_tie
-from fairport.verify.report import FILES as REPORT_FILES
-from fairport.verify.report import Report, num
+from fairport.verify.mismatch import (
+    BATCH,
+    CLASSES,
+    DIVERGENCE,
+    EOS_AT_LIMIT,
+    FORCED_FIRST,
+    NEAR_TIE,
+    SEARCH_RULE,
+    UNEXPLAINED,
+    explain_tie,
+)
+from fairport.verify.report import Report, check_report_dir, num, report_dir
 from fairport.verify.shards import Shards
+from fairport.verify.transformers_side import TransformersSide
 
 # logits tolerance per dtype, relative to the largest |logit| of the fp32 original (fp32: absolute);
 # int8 = float32 model with int8 linear layers (dynamic quantization)
@@ -73,6 +83,7 @@ TASK_ARGS_DEVIATION = ("fairseq 0.12's translation_from_pretrained_bart reads `s
                        "fairseq versions mBART was released with.")
 # the folder's generation options verify uses (sampling is not compared: its draws differ by design)
 SEARCH_KEYS = ("beam", "lenpen", "max_len_a", "max_len_b", "min_len", "no_repeat_ngram_size", "unkpen", "eos")
+MAX_DIVERGENCES = 3  # divergences found on one side after which its other mismatches are not explained (no runs)
 FAULT = "FAIRPORT_TEST_FAULT"  # tests: "RANK:BATCH" raises on that batch, "RANK:BATCH:exit" ends the process
 
 
@@ -84,7 +95,7 @@ class VerifyOptions:
     limit: int | None = 100
     device: str = "cpu"
     dtypes: tuple[str, ...] = ("float32",)
-    out: Path | None = None  # the report folder (default DST/verify); shards go to OUT/shards
+    out: Path | None = None  # the report folder (report.report_dir: default DST/verify); shards go to OUT/shards
     seed: int = 0
     batch_size: int = 16
     logits_tol: float = 1e-4
@@ -98,6 +109,7 @@ class VerifyOptions:
     source_lang: str | None = None  # many-to-many models: the direction to verify
     target_lang: str | None = None
     resume: bool = False  # keep the finished batches of an interrupted run with the same inputs and options
+    transformers: bool = True  # verify transformers on the folder too, as deployed (verify/transformers_side.py)
     ctranslate2: bool = False  # verify CTranslate2's conversion of SRC too (verify/ctranslate2.py)
     ctranslate2_model: Path | None = None  # ... or this ready CTranslate2 model folder
     compile: bool = False  # the port generates with the compiled decoder step (reference/compiled.py)
@@ -118,7 +130,7 @@ class VerifyRun:
     src_dir: Path | None = None  # the original's data folder (the checkpoint's)
     port: object = None
     first_member: object = None  # logits and layer checks use an ensemble's first member
-    hf_model: object = None
+    hf: object = None  # the transformers side (TransformersSide), when the folder loads there
     ct2: object = None  # the CTranslate2 side, when asked for
     precision_models: dict = field(default_factory=dict)  # dtype -> the port in that dtype
     tokenizer: object = None
@@ -136,6 +148,7 @@ class VerifyRun:
     results: dict[int, dict] = field(default_factory=dict)  # batch -> its results (rank 0: every batch)
     delta: float = 0.0  # the largest fp32 |logit difference|, reference vs original
     shards: Shards | None = None
+    traces: dict = field(default_factory=dict)  # (batch, setting) -> both searches traced there (explanations)
     rank_memory: list = field(default_factory=list)  # each rank's peak RSS (MB): its fairseq worker, itself
 
     def fairseq(self) -> Original:
@@ -198,17 +211,11 @@ def open_port(run: VerifyRun) -> None:
                             if d != "float32"}
     if run.opts.ctranslate2 or run.opts.ctranslate2_model:
         open_ctranslate2(run)
-    if run.folder.transformers:
+    if run.folder.transformers and run.opts.transformers:
         try:
-            import transformers
-            from transformers import AutoModelForSeq2SeqLM
-
-            transformers.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-            run.hf_model = AutoModelForSeq2SeqLM.from_pretrained(run.folder.path, dtype=torch.float32).eval()
-            run.hf_model.to(run.device)
-        except Exception as e:  # transformers missing or failing is reported, not fatal
-            run.report.note(f"transformers side skipped: {type(e).__name__}: {first_line(e)}")
+            run.hf = TransformersSide(run.folder, run.device)
+        except FairportError as e:  # transformers missing or failing is reported, not fatal
+            run.report.note(f"transformers side skipped: {e}")
 
 
 def open_ctranslate2(run: VerifyRun) -> None:
@@ -219,7 +226,7 @@ def open_ctranslate2(run: VerifyRun) -> None:
         return
     folder = run.opts.ctranslate2_model
     if folder is None:
-        folder = (run.opts.out or run.folder.path / "verify") / "ctranslate2"
+        folder = report_dir(run.folder.path, run.opts.out) / "ctranslate2"
         if run.ranks.main:
             run.say("ct2-fairseq-converter: CTranslate2's own conversion of the checkpoint ...")
             ct2.convert(run.checkpoints[0], folder)
@@ -268,15 +275,12 @@ def read_inputs(run: VerifyRun) -> None:
 
 def run_batches(run: VerifyRun) -> None:
     """Every batch of this rank, both sides (kept in OUT/shards as it finishes); rank 0 then holds them all."""
-    out = run.opts.out or run.folder.path / "verify"
-    shards = Shards(out / "shards", Shards.key_of(
+    shards = Shards(report_dir(run.folder.path, run.opts.out) / "shards", Shards.key_of(
         run.inputs.src, run.inputs.refs, run.settings, run.opts.dtypes, run.opts.batch_size, run.device,
         [str(p) for p in run.checkpoints], [p.stat().st_size for p in run.checkpoints], run.folder.provenance,
         run.forced, run.overrides, str(run.ct2.folder) if run.ct2 else None))
-    if run.ranks.main:
+    if run.ranks.main:  # an earlier report stays until this run's is complete (report.write)
         shards.prepare(run.opts.resume)
-        for name in REPORT_FILES:  # an earlier report must not pass for this run's
-            (out / name).unlink(missing_ok=True)
     run.ranks.barrier()
     todo = [b for b in run.mine if not (run.opts.resume and shards.path(b).exists())]
     if len(todo) < len(run.mine):
@@ -367,10 +371,14 @@ def compute_batch(run: VerifyRun, b: int) -> dict:
     res["nll"]["reference"] = _nll(logits.cpu(), tgt, cfg.pad)
     if b == 0:
         res["layers"] = layer_curve_of(mine_layers, theirs["layers"], src.ne(cfg.pad), keep, run.opts.layer_tol)
-    if run.hf_model is not None:
-        logits = _hf_logits(run.hf_model, src.to(dev), prev.to(dev), cfg.pad)
+    if run.hf is not None:
+        logits = run.hf.logits(src, prev)
         res["logits"]["transformers"] = _delta(logits, ref, keep)
         res["nll"]["transformers"] = _nll(logits, tgt, cfg.pad)
+        res["transformers"] = {"seconds": {}}
+        for key, options in run.settings.items():
+            res["transformers"][key], res["transformers"]["seconds"][key] = run.hf.generate(
+                src, options, run.forced, cfg.max_target_positions)
     if run.ct2 is not None:
         res["ctranslate2"] = ctranslate2_batch(run, src, tgt, torch.log_softmax(ref, dim=-1), targets)
     res["precision"] = {}
@@ -444,20 +452,6 @@ def layer_curve_of(mine: dict, theirs: dict, src_keep, tgt_keep, tol: float) -> 
     return curve
 
 
-def _hf_logits(model, src, prev, pad) -> torch.Tensor:
-    """transformers row by row, unpadded (its BART/mBART positions ignore padding); pads stay zero."""
-    rows = []
-    with torch.no_grad():
-        for i in range(src.size(0)):
-            s = src[i][src[i].ne(pad)][None]
-            p = prev[i][prev[i].ne(pad)][None]
-            rows.append(model(input_ids=s, decoder_input_ids=p, use_cache=False).logits[0].float().cpu())
-    out = torch.zeros(prev.size(0), prev.size(1), rows[0].size(-1))
-    for i, r in enumerate(rows):
-        out[i, : r.size(0)] = r
-    return out
-
-
 def _batches_in_order(run: VerifyRun) -> list[dict]:
     return [run.results[b] for b in sorted(k for k in run.results if isinstance(k, int))]
 
@@ -502,38 +496,104 @@ def layer_curve(run: VerifyRun) -> None:
                    f"first module whose output differs: {first_bad}" if first_bad else "")
 
 
+def outputs_of(run: VerifyRun, side: str, key: str) -> list:
+    """One side's top hypotheses in setting `key`, in input order: "original"/"reference" (the port) or an engine
+    ("transformers", "ctranslate2")."""
+    if side in ("original", "reference"):
+        return run.per_input(f"{key}.{side}")
+    out: list = [None] * len(run.inputs.src)
+    for res in _batches_in_order(run):
+        for i, h in zip(res["inputs"], res[side][key]):
+            out[i] = h
+    return out
+
+
+def explain_all(run: VerifyRun, what: str, inputs: list[int], explain_one, divergent: str | None,
+                found: list[int]) -> list[tuple[int, dict]]:
+    """`explain_one(i)` for each mismatched input (a progress bar shows this phase), until divergence is
+    established: from the start when `divergent` says why (a failed logits check), else once MAX_DIVERGENCES
+    divergences are found on this side (`found` counts them across settings). Past that point the rest are listed
+    as not explained, saying why, and nothing more runs: a wrong port fails about as fast as a right one passes."""
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(inputs, desc=f"explaining {what} mismatches", unit="input", file=sys.stderr, leave=False,
+                  disable=not (run.opts.progress and run.ranks.main) or not inputs):
+        why = divergent or (f"{found[0]} divergences were already found on this side"
+                            if found[0] >= MAX_DIVERGENCES else None)
+        if why:
+            out.append((i, {"class": UNEXPLAINED, "evidence": {},
+                            "explanation": f"not explained: {why}, so the outputs diverge; explaining stopped "
+                                           f"there (the per-layer curve and the divergences above say where)."}))
+            continue
+        result = explain_one(i)
+        found[0] += result["class"] == DIVERGENCE
+        out.append((i, result))
+    return out
+
+
+def tally(run: VerifyRun, title: str, mismatches: list[dict], n: int) -> tuple[dict, float, float]:
+    """The class counts of one side's mismatches in one setting, and its checks: every mismatch explained (no
+    divergence, none left unexplained), and near-ties and batch effects within --max-tie-rate."""
+    counts = {c: sum(m["class"] == c for m in mismatches) for c in CLASSES}
+    rate, explained = 1 - len(mismatches) / max(n, 1), (counts[NEAR_TIE] + counts[BATCH]) / max(n, 1)
+    failed = counts[DIVERGENCE] + counts[UNEXPLAINED]
+    detail = f"{len(mismatches)} of {n} differ: " + ", ".join(f"{v} {c}" for c, v in counts.items() if v) \
+        if mismatches else f"0 of {n} differ"
+    if not (run.opts.strict and title.startswith("generation")):
+        run.report.add(f"{title}: every mismatch explained", failed == 0, failed, 0, detail)
+        bound = run.opts.max_tie_rate
+        run.report.add(f"{title}: near-ties and batch effects within --max-tie-rate", explained <= bound, explained,
+                       bound, f"exact match {rate:.1%}")
+    else:
+        run.report.add(f"{title}: top hypothesis exact match", rate >= run.opts.exact_match, rate,
+                       run.opts.exact_match, detail)
+    return counts, rate, explained
+
+
 def generation(run: VerifyRun) -> None:
     """Exact match per setting; every mismatch explained (verify/mismatch.py) or a divergence."""
     o, section = run.opts, {}
+    logits = run.report.sections["logits"]["reference"]["max_abs"]
+    divergent = f"the logits check failed (|Δ| {num(logits)} > {num(o.logits_tol)})" if logits > o.logits_tol else None
+    found = [0]
     for key, options in run.settings.items():
-        theirs, mine = run.per_input(f"{key}.original"), run.per_input(f"{key}.reference")
+        theirs, mine = outputs_of(run, "original", key), outputs_of(run, "reference", key)
         same = [a["tokens"] == b["tokens"] for a, b in zip(theirs, mine)]
         score_d = max((abs(a["score"] - b["score"]) for a, b, s in zip(theirs, mine, same) if s), default=0.0)
         mismatches = []
-        for i in (i for i, s in enumerate(same) if not s):
-            run.say(f"explaining the {key} mismatch on input {i} ...")
-            why = explain(run, key, options, i)
+        for i, why in explain_all(run, f"the port's {key}", [i for i, s in enumerate(same) if not s],
+                                  lambda i, key=key, options=options: explain(run, key, options, i), divergent, found):
             src = run.inputs.src_text[i] if run.inputs.src_text else run.text(run.inputs.src[i], source=True)
             mismatches.append({"input": i, "source": src, "original": run.text(theirs[i]["tokens"]),
                                "port": run.text(mine[i]["tokens"]), **why})
-        counts = {c: sum(m["class"] == c for m in mismatches) for c in CLASSES}
-        n = len(same)
-        rate, explained = sum(same) / max(n, 1), (counts["near-tie"] + counts[BATCH]) / max(n, 1)
+        counts, rate, _ = tally(run, f"generation ({key})", mismatches, len(same))
         section[key] = {"options": options, "exact_match": rate, "max_score_abs": score_d, "counts": counts,
                         "mismatches": mismatches,
                         "outputs": [{"original": a["tokens"], "port": b["tokens"], "original_score": a["score"],
                                      "port_score": b["score"]} for a, b in zip(theirs, mine)]}
-        detail = f"{n - sum(same)} of {n} differ: " + ", ".join(f"{v} {c}" for c, v in counts.items())
-        if o.strict:
-            run.report.add(f"generation ({key}): top hypothesis exact match", rate >= o.exact_match, rate,
-                           o.exact_match, detail)
-        else:
-            run.report.add(f"generation ({key}): every mismatch explained", counts[DIVERGENCE] == 0,
-                           counts[DIVERGENCE], 0, detail)
-            run.report.add(f"generation ({key}): near-ties and batch effects within --max-tie-rate",
-                           explained <= o.max_tie_rate, explained, o.max_tie_rate, f"exact match {rate:.1%}")
         run.report.add(f"generation ({key}): score |Δ| on matches", score_d <= o.score_tol, score_d, o.score_tol)
     run.report.sections["generation"] = section
+
+
+def traced(run: VerifyRun, b: int, key: str, options: dict) -> tuple[dict, list, list]:
+    """Both searches traced on batch b in setting `key`, run once and shared by every mismatch of that batch."""
+    if (b, key) not in run.traces:
+        src = run.src_batch(b)
+        o = run.fairseq()(Generate(src, options, prefix=run.prefix(src.size(0)), force_bos=run.framing.bart,
+                                   trace=True))
+        trace: list = []
+        p = generate(run.port, src.to(run.device), prefix_tokens=_dev(run.prefix(src.size(0)), run.device),
+                     trace=trace, **options)
+        run.traces[(b, key)] = (o, trace, p)
+    return run.traces[(b, key)]
+
+
+def original_alone(run: VerifyRun, i: int, options: dict) -> list[int]:
+    """The original's top hypothesis for input i generated in a batch of its own."""
+    out = run.fairseq()(Generate(torch.tensor([run.inputs.src[i]]), options, prefix=run.prefix(1),
+                                 force_bos=run.framing.bart))
+    return out["hypotheses"][0][0]["tokens"].tolist()
 
 
 def explain(run: VerifyRun, key: str, options: dict, i: int) -> dict:
@@ -541,24 +601,62 @@ def explain(run: VerifyRun, key: str, options: dict, i: int) -> dict:
     the same batch."""
     b = next(b for b, idx in enumerate(run.batches) if i in idx)
     row = run.batches[b].index(i)
-    src = run.src_batch(b)
     mine_top = run.per_input(f"{key}.reference")[i]["tokens"]
-    alone = torch.tensor([run.inputs.src[i]])
-    original_alone = run.fairseq()(Generate(alone, options, prefix=run.prefix(1), force_bos=run.framing.bart))
-    alone_tokens = original_alone["hypotheses"][0][0]["tokens"].tolist()
-    o = run.fairseq()(Generate(src, options, prefix=run.prefix(src.size(0)), force_bos=run.framing.bart, trace=True))
-    trace: list = []
-    p = generate(run.port, src.to(run.device), prefix_tokens=_dev(run.prefix(src.size(0)), run.device), trace=trace,
-                 **options)
-    hyps = lambda hs: [{"tokens": h["tokens"].tolist(), "score": float(h["score"])} for h in hs]  # noqa: E731
-    why = explain_tie(o["trace"], trace, row, hyps(o["hypotheses"][row]), hyps(p[row]), run.delta, run.text)
+    alone_tokens = original_alone(run, i, options)
+    o, trace, p = traced(run, b, key, options)
+    why = explain_tie(o["trace"], trace, row, hyps_of(o["hypotheses"][row]), hyps_of(p[row]), run.delta, run.text)
     why["evidence"]["original_alone"] = run.text(alone_tokens)
     if alone_tokens == mine_top:
         why = {"class": BATCH, "evidence": why["evidence"],
                "explanation": f"run alone, the original gives the port's output: its output for this input depends "
-                              f"on what it is batched with (here a batch of {src.size(0)}). Searches in that batch: "
-                              f"{why['explanation']}"}
+                              f"on what it is batched with (here a batch of {len(run.batches[b])}). Searches in that "
+                              f"batch: {why['explanation']}"}
     return why
+
+
+def hyps_of(hs: list[dict]) -> list[dict]:
+    return [{"tokens": h["tokens"].tolist(), "score": float(h["score"])} for h in hs]
+
+
+def engine_generation(run: VerifyRun, name: str, side, eps: float, divergent: str | None, forced_first: bool) -> dict:
+    """An engine's outputs (transformers', CTranslate2's) against the original's in each setting: exact match,
+    every mismatch explained from the outputs' own scores (an engine's search cannot be traced), checks named
+    after the engine. `forced_first`: the engine scores a forced first token 0 (see explain_engine)."""
+    section: dict = {}
+    found = [0]
+    for key, options in run.settings.items():
+        theirs, mine = outputs_of(run, "original", key), outputs_of(run, name, key)
+        diff = [i for i, (a, b) in enumerate(zip(theirs, mine)) if a["tokens"] != b["tokens"]]
+        mismatches = []
+        def one(i, options=options, key=key, theirs=theirs, mine=mine):
+            return explain_engine(run, name, side, options, i, theirs[i]["tokens"], mine[i]["tokens"], eps,
+                                  key == "greedy", forced_first)
+
+        for i, why in explain_all(run, f"{name}'s {key}", diff, one, divergent, found):
+            mismatches.append({"input": i, "original": run.text(theirs[i]["tokens"]),
+                               name: run.text(mine[i]["tokens"]), **why})
+        counts, rate, _ = tally(run, f"{name} generation ({key})", mismatches, len(theirs))
+        seconds = sum(res[name]["seconds"][key] for res in _batches_in_order(run))
+        section[key] = {"options": options, "exact_match": rate, "counts": counts, "mismatches": mismatches,
+                        "seconds": seconds, "sentences_per_s": len(theirs) / max(seconds, 1e-9)}
+    return section
+
+
+def transformers_side(run: VerifyRun) -> None:
+    """transformers as deployed (verify/transformers_side.py): its default load's logits (logits_and_nll checks
+    them), and generate() with the folder's generation config on every input, every mismatch explained."""
+    if run.hf is None:
+        return
+    o = run.opts
+    delta = run.report.sections["logits"]["transformers"]["max_abs"]
+    divergent = f"its logits check failed (|Δ| {num(delta)} > {num(o.logits_tol)})" if delta > o.logits_tol else None
+    eps = 2 * min(delta, o.logits_tol)  # a log-probability moves at most twice as far as the logits do
+    forced_first = run.hf.forced is not None or run.forced is not None
+    section = {"load": "AutoModelForSeq2SeqLM.from_pretrained(folder)", "dtype": str(next(
+        run.hf.model.parameters()).dtype).replace("torch.", ""), "load_seconds": run.hf.load_seconds,
+        "rules_not_expressed": run.hf.rules, **engine_generation(run, "transformers", run.hf, eps, divergent,
+                                                                forced_first)}
+    run.report.sections["transformers"] = section
 
 
 def ctranslate2_side(run: VerifyRun) -> None:
@@ -574,74 +672,68 @@ def ctranslate2_side(run: VerifyRun) -> None:
     tol = 2 * o.logits_tol  # a log-probability moves at most twice as far as the logits do
     run.report.add("ctranslate2: teacher-forced log-probs vs original", lp["max_abs"] <= tol, lp["max_abs"], tol,
                    f"mean |Δ| {lp['mean_abs']:.2e} over {lp['values']} target tokens")
-    eps = min(lp["max_abs"], tol)
-    section: dict = {"model": run.ct2.folder.name, "load_seconds": run.ct2.load_seconds, "log_probs": lp}
-    for key, options in run.settings.items():
-        theirs = run.per_input(f"{key}.original")
-        mine: list = [None] * len(theirs)
-        for res in batches:
-            for i, h in zip(res["inputs"], res["ctranslate2"][key]):
-                mine[i] = h
-        mismatches = []
-        for i in (i for i, (a, b) in enumerate(zip(theirs, mine)) if a["tokens"] != b["tokens"]):
-            run.say(f"explaining CTranslate2's {key} mismatch on input {i} ...")
-            why = explain_ctranslate2(run, options, i, theirs[i]["tokens"], mine[i]["tokens"], eps, key == "greedy")
-            mismatches.append({"input": i, "original": run.text(theirs[i]["tokens"]), "ctranslate2": run.text(
-                mine[i]["tokens"]), **why})
-        counts = {c: sum(m["class"] == c for m in mismatches) for c in CLASSES}
-        n = len(theirs)
-        rate, explained = 1 - len(mismatches) / max(n, 1), (counts["near-tie"] + counts[BATCH]) / max(n, 1)
-        seconds = sum(res["ctranslate2"]["seconds"][key] for res in batches)
-        section[key] = {"exact_match": rate, "counts": counts, "mismatches": mismatches, "seconds": seconds,
-                        "sentences_per_s": n / max(seconds, 1e-9)}
-        detail = f"{len(mismatches)} of {n} differ: " + ", ".join(f"{v} {c}" for c, v in counts.items())
-        run.report.add(f"ctranslate2 generation ({key}): every mismatch explained", counts[DIVERGENCE] == 0,
-                       counts[DIVERGENCE], 0, detail)
-        run.report.add(f"ctranslate2 generation ({key}): near-ties and batch effects within --max-tie-rate",
-                       explained <= o.max_tie_rate, explained, o.max_tie_rate, f"exact match {rate:.1%}")
-    run.report.sections["ctranslate2"] = section
+    divergent = f"its log-probs check failed (|Δ| {num(lp['max_abs'])} > {num(tol)})" if lp["max_abs"] > tol else None
+    run.report.sections["ctranslate2"] = {
+        "model": run.ct2.folder.name, "load_seconds": run.ct2.load_seconds, "log_probs": lp,
+        **engine_generation(run, "ctranslate2", run.ct2, min(lp["max_abs"], tol), divergent, False)}
 
 
-def explain_ctranslate2(run: VerifyRun, options: dict, i: int, a: list[int], c: list[int], eps: float,
-                        greedy: bool) -> dict:
-    """The original's output A and CTranslate2's C for input i: the original alone, then both models'
+def explain_engine(run: VerifyRun, name: str, side, options: dict, i: int, a: list[int], c: list[int], eps: float,
+                   greedy: bool, forced_first: bool) -> dict:
+    """The original's output A and the engine's C for input i: the original alone, then both models'
     teacher-forced scores of both (greedy: at the first token where they part; beam: whole, length-normalised
-    as fairseq ranks finished hypotheses). Each log-prob may differ by `eps` between the models."""
-    src = torch.tensor([run.inputs.src[i]])
-    alone = run.fairseq()(Generate(src, options, prefix=run.prefix(1), force_bos=run.framing.bart))
-    alone = alone["hypotheses"][0][0]["tokens"].tolist()
+    as fairseq ranks finished hypotheses). Each log-prob may differ by `eps` between the models. Where the
+    engine's own scores rank A higher, its search chose otherwise: if its own scores rank C higher once the
+    log-probabilities its search does not count are left out (a forced first token, `forced_first`; an EOS at the
+    length limit), that named rule explains it (SEARCH_RULE), else it is a divergence."""
+    alone = original_alone(run, i, options)
     evidence: dict = {"original_alone": run.text(alone)}
     if alone == c:
-        return {"class": BATCH, "evidence": evidence, "explanation": "run alone, the original gives CTranslate2's "
+        return {"class": BATCH, "evidence": evidence, "explanation": f"run alone, the original gives {name}'s "
                 "output: its output for this input depends on what it is batched with."}
     cfg = run.folder.config
     start = run.settings["beam"].get("eos", cfg.eos)
+    src = torch.tensor([run.inputs.src[i]])
     both = src.repeat(2, 1)  # the input once for each output scored
     so = run.fairseq()(Score(both, [a, c], start))["log_probs"]
-    sc = run.ct2.score(both, [a, c], cfg.pad, cfg.eos)
+    sc = side.score(both, [a, c], cfg.pad, cfg.eos)
     t = next((k for k, (x, y) in enumerate(zip(a, c)) if x != y), min(len(a), len(c)) - 1)
+    lenpen = options.get("lenpen", 1.0)
     if greedy:
         m_o, m_c = so[0][t] - so[1][t], sc[1][t] - sc[0][t]
         tolerance, where = 2 * eps, f"at token {t}"
     else:
-        lenpen = options.get("lenpen", 1.0)
         norm = [sum(x) / len(x) ** lenpen for x in (*so, *sc)]
         m_o, m_c = norm[0] - norm[1], norm[3] - norm[2]
         tolerance, where = 2 * eps * max(len(a), len(c)), "on the whole hypotheses (length-normalised)"
-    evidence |= {"step": t, "margin": {"original": m_o, "ctranslate2": m_c}, "flip": m_o + m_c,
-                 "tolerance": tolerance, "delta_log_probs": eps}
-    if m_c < 0:  # CTranslate2's own scores rank the original's output higher: its search chose otherwise
+    evidence |= {"step": t, "margin": {"original": m_o, name: m_c}, "flip": m_o + m_c, "tolerance": tolerance,
+                 "delta_log_probs": eps}
+    if m_c < 0:  # the engine's own scores rank the original's output higher: its search chose otherwise
+        b = next(b for b, idx in enumerate(run.batches) if i in idx)
+        limit = min(int(options.get("max_len_a", 0) * run.src_batch(b).size(1) + options.get("max_len_b", 200)),
+                    cfg.max_target_positions - 1) + 1  # tokens with the EOS fairseq forces at max_len
+        rules = [r for r, holds in ((FORCED_FIRST, forced_first and a[:1] == c[:1]),
+                                    (EOS_AT_LIMIT, limit in (len(a), len(c)))) if holds]
+        if rules and not greedy:
+            own = [(sum(x) - (x[0] if forced_first else 0) - (x[-1] if len(x) == limit else 0)) / len(x) ** lenpen
+                   for x in sc]  # the engine's own scores, without what its search does not count
+            evidence["margin_under_its_rules"] = own[1] - own[0]
+            if own[1] >= own[0]:
+                return {"class": SEARCH_RULE, "rules": rules, "evidence": evidence, "explanation": (
+                    f"{where}, {name}'s own scores rank the original's output {num(-m_c)} higher as fairseq scores "
+                    f"it, and its own output {num(own[1] - own[0])} higher as its search scores it: "
+                    + "; ".join(rules) + ".")}
         return {"class": DIVERGENCE, "evidence": evidence, "explanation": (
-            f"{where}, CTranslate2's own scores rank the original's output {num(-m_c)} above its own (the original's: "
+            f"{where}, {name}'s own scores rank the original's output {num(-m_c)} above its own (the original's: "
             f"{num(m_o)}): its search returned a hypothesis it scores lower, so its search (length normalisation, "
             f"stopping) differs from fairseq's here, not its numbers.")}
-    story = (f"{where}, the original prefers its output by {num(m_o)} and CTranslate2 its own by {num(m_c)} "
+    story = (f"{where}, the original prefers its output by {num(m_o)} and {name} its own by {num(m_c)} "
              f"(teacher-forced); they disagree by {num(m_o + m_c)}")
     if m_o >= 0 and m_o + m_c <= tolerance:
         return {"class": NEAR_TIE, "evidence": evidence,
                 "explanation": f"{story}, within {num(tolerance)} of the measured log-prob |Δ| {num(eps)}: a tie."}
     return {"class": DIVERGENCE, "evidence": evidence,
-            "explanation": f"{story}, beyond the {num(tolerance)} the measured log-prob |Δ| allows: CTranslate2's "
+            "explanation": f"{story}, beyond the {num(tolerance)} the measured log-prob |Δ| allows: {name}'s "
                            f"numbers differ here."}
 
 
@@ -789,8 +881,8 @@ def environment(run: VerifyRun) -> None:
 
 
 EVERY_RANK = [open_port, choose_direction, read_inputs, run_batches]
-RANK_ZERO = [logits_and_nll, layer_curve, generation, ctranslate2_side, tokenizer_ids, quality, precision_matrix,
-             speed, environment]
+RANK_ZERO = [logits_and_nll, layer_curve, generation, transformers_side, ctranslate2_side, tokenizer_ids, quality,
+             precision_matrix, speed, environment]
 
 
 def verify(src: str | Path, dst: str | Path, opts: VerifyOptions, ranks: Ranks | None = None) -> Report | None:
@@ -799,6 +891,7 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions, ranks: Ranks |
     for name in opts.dtypes:
         if name not in DTYPE_TOL:
             raise FairportError(f"--dtypes: unknown dtype {name!r} (choose from {', '.join(DTYPE_TOL)})")
+    check_report_dir(report_dir(dst, opts.out))
     device = ranks.start(opts.device)
     run = VerifyRun(Path(src), ModelFolder.open(dst), opts, ranks, device)
     try:
@@ -807,9 +900,7 @@ def verify(src: str | Path, dst: str | Path, opts: VerifyOptions, ranks: Ranks |
         if ranks.main:
             for stage in RANK_ZERO:
                 stage(run)
-        ranks.barrier()  # every rank's batches are in the report: the shards have served
-        if ranks.main:
-            run.shards.remove()
+        ranks.barrier()  # every rank's batches are in the report (report.write removes the shards once it is written)
         return run.report if ranks.main else None
     finally:
         if run.original is not None:

@@ -69,12 +69,13 @@ def progress_of(argv: list[str], rank: int) -> str:
     if not argv or argv[0] != "verify":
         return ""
     from fairport.cli import build_parser
+    from fairport.verify.report import report_dir
 
     try:
         a = build_parser().parse_args(argv)
     except SystemExit:
         return ""
-    folder = (Path(a.out) if a.out else Path(a.dst) / "verify") / "shards"
+    folder = report_dir(a.dst, a.out) / "shards"
     p = folder / f"progress-rank-{rank}.json"
     if not p.exists():
         return f"the batches finished before are kept in {folder}: rerun with --resume"
