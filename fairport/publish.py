@@ -21,7 +21,7 @@ from fairport.errors import FairportError
 from fairport.reference.folder import CARD, ModelFolder, card_is_fairports, sha256, signed_card
 from fairport.reference.tokenizer import Framing
 from fairport.util import first_line
-from fairport.verify.report import num
+from fairport.verify.report import engine_table, engines, num
 from fairport.verify.report import report_dir as verify_report_dir
 
 PIPELINES = {"translation": "translation", "denoising": "summarization", "multilingual_denoising": "translation",
@@ -162,11 +162,7 @@ def build_card(folder: str | Path, report_dir: str | Path | None = None, license
           f"shared embeddings {model['share_all_embeddings']}, stored dtype `{f.dtype}`.", ""]
     L += ["## Usage", ""]
     if f.transformers:
-        hf_tok = (f.path / "tokenizer_config.json").exists()
-        L += ["With transformers:", "", "```python",
-              "from transformers import AutoModelForSeq2SeqLM" + (", AutoTokenizer" if hf_tok else ""),
-              *([f'tok = AutoTokenizer.from_pretrained("{name}")'] if hf_tok else []),
-              f'model = AutoModelForSeq2SeqLM.from_pretrained("{name}")', "```", ""]
+        L += _transformers_usage(f, name, report)
     L += ["With fairport (fairseq-exact generation and tokenization):", "", "```python",
           "from huggingface_hub import snapshot_download", "from fairport.reference import load",
           f'model = load(snapshot_download("{name}"))',
@@ -185,12 +181,46 @@ def build_card(folder: str | Path, report_dir: str | Path | None = None, license
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(L)))
 
 
+def _transformers_usage(f: ModelFolder, name: str, report: dict | None) -> list[str]:
+    """The transformers lines: exactly what verify's transformers side runs (its default load, generate() with the
+    folder's generation config), with how that run did, and the fairseq rules the config cannot express."""
+    hf_tok = (f.path / "tokenizer_config.json").exists()
+    framing = Framing.from_folder(f)
+    forced = ""
+    if framing.multi and framing.multi["decoder_langtok"] and not framing.target_lang:
+        src, tgt = framing.default_direction()
+        forced = f", forced_bos_token_id={framing.lang_token(tgt, 'target')}  # the target language ({tgt})"
+    side = (report or {}).get("transformers")
+    if side:
+        rows = {e["engine"]: e for e in engines(report)}
+        verdict = "PASS" if rows["transformers"]["passed"] else "FAIL"
+        how = (f"verify ran exactly these lines on the parity data: **{verdict}**, exact match with fairseq "
+               + ", ".join(f"{k} {side[k]['exact_match']:.1%}" for k in ("greedy", "beam") if k in side)
+               + " (table below).")
+    else:
+        how = "**Not verified**: the parity report has no transformers side (run `fairport verify` with transformers " \
+              "installed)."
+    L = ["With transformers (loads in float32, as fairseq computes, whatever the stored dtype):", "", "```python",
+         "from transformers import AutoModelForSeq2SeqLM" + (", AutoTokenizer" if hf_tok else ""),
+         *([f'tok = AutoTokenizer.from_pretrained("{name}")'] if hf_tok else []),
+         f'model = AutoModelForSeq2SeqLM.from_pretrained("{name}")',
+         f"out = model.generate(input_ids, attention_mask=attention_mask{forced})  # the folder's generation config",
+         "```", "", how, ""]
+    rules = json.loads(f.file("generation_config.json").read_text()).get("fairseq_rules_not_expressed") \
+        if f.file("generation_config.json").exists() else []
+    if rules:
+        L += ["fairseq rules transformers' generation config cannot express:", ""] + [f"- {r}" for r in rules] + [""]
+    return L
+
+
 def _parity_section(report: dict | None, dataset: str) -> list[str]:
     if not report:
         return ["## Parity", "", "No fairport parity report was found for this folder.", ""]
     L = ["## Parity with the original (fairport verify)", "",
-         f"Result: **{'PASS' if report['passed'] else 'FAIL'}** on {dataset} ({report['inputs']['count']} inputs).", "",
-         "| check | result | value | threshold |", "|---|---|---|---|"]
+         f"Result: **{'PASS' if report['passed'] else 'FAIL'}** on {dataset} ({report['inputs']['count']} inputs).", ""]
+    if "transformers" in report or "ctranslate2" in report or report.get("schema", "").endswith("/3"):
+        L += ["Each engine as it is deployed, against the original, in this run:", ""] + engine_table(report) + [""]
+    L += ["| check | result | value | threshold |", "|---|---|---|---|"]
     for c in report["checks"]:
         L.append(f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'} | {num(c['value'])} | {num(c['threshold'])} |")
     if report.get("plots", {}).get("layers"):

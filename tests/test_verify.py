@@ -312,3 +312,21 @@ def test_verify_checks_ctranslate2s_conversion_too(trained_dir, trained_port, tm
     assert "ctranslate2: teacher-forced log-probs vs original" in names
     assert "ctranslate2 generation (beam): every mismatch explained" in names
     assert (tmp_path / "r" / "ctranslate2" / "model.bin").exists()
+
+
+@needs_fairseq
+@needs_ctranslate2
+def test_ctranslate2_on_an_mbart_translation_task(fixtures_dir, converted, tmp_path):
+    """A task whose generator starts from and ends with a language token ([ro_RO]) and whose source ends with
+    one ([en_XX]): CTranslate2's conversion, its config set for that framing as its users must set it, is
+    checked like the other engines (no skip): every mismatch explained, none a divergence."""
+    name = "mbart_en_ro_args"  # legacy args: what CTranslate2's fairseq converter reads
+    proc = run_verify(fixtures_dir / name, converted(name), "--limit", "12", "--sides", "reference,ctranslate2",
+                      "--out", tmp_path / "r")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    ct2 = rep["ctranslate2"]
+    assert ct2["log_probs"]["max_abs"] <= 2e-4 and ct2["greedy"]["exact_match"] == 1.0
+    for key in ("greedy", "beam"):
+        assert not ct2[key]["counts"]["divergence"] and not ct2[key]["counts"]["not explained"]
+    assert any("decoder start and end token [ro_RO]" in n for n in rep["notes"])

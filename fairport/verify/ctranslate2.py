@@ -36,6 +36,26 @@ def convert(checkpoint: Path, out: Path, quantization: str = "float32") -> Path:
     return out
 
 
+def frame_for_task(folder: Path, model) -> str | None:
+    """Set a CTranslate2 model's config.json for a task whose framing its fairseq converter does not record (what
+    a user deploying it must do too): a generator that starts from and ends with a language token (mBART
+    translation: decoder start and end token `[ro_RO]`), a source that does not end with `</s>` (`x </s> [en_XX]`:
+    the source is given whole, `add_source_eos` off). `model`: the fairport folder. Returns what was set."""
+    config = json.loads((folder / "config.json").read_text())
+    _, target = vocabularies(folder)
+    changed = []
+    eos = model.generation.get("eos")
+    if eos is not None:
+        config["decoder_start_token"] = config["eos_token"] = target[eos]
+        changed.append(f"decoder start and end token {target[eos]}")
+    if model.meta.get("source_suffix") is not None:
+        config["add_source_eos"] = False
+        changed.append("add_source_eos false (the source given whole)")
+    if changed:
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return ", ".join(changed) or None
+
+
 def vocabularies(folder: Path) -> tuple[list[str], list[str]]:
     """A CTranslate2 model's (source, target) vocabularies: shared, or one file each."""
     if (folder / "shared_vocabulary.json").exists():
@@ -63,13 +83,18 @@ class CTranslate2Side:
         self.load_seconds = time.perf_counter() - t0
         self.source, self.target = vocabularies(folder)
         self.index = {t: i for i, t in enumerate(self.target)}
+        config = json.loads((folder / "config.json").read_text())
+        self.add_source_eos = config.get("add_source_eos", True)
+        self.eos = self.index[config.get("eos_token", "</s>")]  # fairseq ids of its end token
 
     def _sources(self, src: torch.Tensor, pad: int, eos: int) -> list[list[str]]:
-        """Left-padded fairseq ids -> tokens, without the final </s> (CTranslate2 adds its own)."""
+        """Left-padded fairseq ids -> tokens, without the final </s> where CTranslate2 adds its own."""
         rows = []
         for row in src.tolist():
             ids = [i for i in row if i != pad]
-            rows.append([self.source[i] for i in (ids[:-1] if ids and ids[-1] == eos else ids)])
+            if self.add_source_eos and ids and self.source[ids[-1]] == "</s>":
+                ids = ids[:-1]
+            rows.append([self.source[i] for i in ids])
         return rows
 
     def generate(self, src: torch.Tensor, options: dict, pad: int, eos: int, forced: int | None,

@@ -220,16 +220,16 @@ def open_port(run: VerifyRun) -> None:
 
 def open_ctranslate2(run: VerifyRun) -> None:
     """CTranslate2's own conversion of SRC (rank 0 converts, into OUT/ctranslate2), or the folder given."""
-    if run.folder.generation.get("eos") is not None:
-        run.report.note("ctranslate2 side skipped: this task's generator starts from and ends with a language token "
-                        f"(id {run.folder.generation['eos']}), which CTranslate2's decoder start token cannot be")
-        return
     folder = run.opts.ctranslate2_model
     if folder is None:
         folder = report_dir(run.folder.path, run.opts.out) / "ctranslate2"
         if run.ranks.main:
             run.say("ct2-fairseq-converter: CTranslate2's own conversion of the checkpoint ...")
             ct2.convert(run.checkpoints[0], folder)
+            framed = ct2.frame_for_task(folder, run.folder)
+            if framed:
+                run.report.note(f"ctranslate2: its config.json set for this task's framing ({framed}), as its "
+                                f"users must (docs/verify.md)")
         run.ranks.barrier()
     run.ct2 = ct2.CTranslate2Side(Path(folder), run.device, torch.get_num_threads())
 
@@ -396,10 +396,10 @@ def ctranslate2_batch(run: VerifyRun, src, tgt, ref_lp, targets) -> dict:
     cfg = run.folder.config
     out: dict = {"seconds": {}}
     for key, options in run.settings.items():
-        out[key], out["seconds"][key] = run.ct2.generate(src, options, cfg.pad, cfg.eos, run.forced,
+        out[key], out["seconds"][key] = run.ct2.generate(src, options, cfg.pad, run.ct2.eos, run.forced,
                                                          cfg.max_target_positions)
     theirs = ref_lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    mine = run.ct2.score(src, targets, cfg.pad, cfg.eos)
+    mine = run.ct2.score(src, targets, cfg.pad, run.ct2.eos)
     deltas = [abs(a - float(b)) for row, lp in enumerate(mine) for a, b in zip(lp, theirs[row, : len(targets[row])])]
     out["log_probs"] = {"sum": sum(deltas), "values": len(deltas), "max": max(deltas, default=0.0)}
     return out
@@ -652,7 +652,8 @@ def transformers_side(run: VerifyRun) -> None:
     divergent = f"its logits check failed (|Δ| {num(delta)} > {num(o.logits_tol)})" if delta > o.logits_tol else None
     eps = 2 * min(delta, o.logits_tol)  # a log-probability moves at most twice as far as the logits do
     forced_first = run.hf.forced is not None or run.forced is not None
-    section = {"load": "AutoModelForSeq2SeqLM.from_pretrained(folder)", "dtype": str(next(
+    section = {**run.report.sections.get("transformers", {}),
+               "load": "AutoModelForSeq2SeqLM.from_pretrained(folder)", "dtype": str(next(
         run.hf.model.parameters()).dtype).replace("torch.", ""), "load_seconds": run.hf.load_seconds,
         "rules_not_expressed": run.hf.rules, **engine_generation(run, "transformers", run.hf, eps, divergent,
                                                                 forced_first)}
@@ -696,7 +697,7 @@ def explain_engine(run: VerifyRun, name: str, side, options: dict, i: int, a: li
     src = torch.tensor([run.inputs.src[i]])
     both = src.repeat(2, 1)  # the input once for each output scored
     so = run.fairseq()(Score(both, [a, c], start))["log_probs"]
-    sc = side.score(both, [a, c], cfg.pad, cfg.eos)
+    sc = side.score(both, [a, c], cfg.pad, start)
     t = next((k for k, (x, y) in enumerate(zip(a, c)) if x != y), min(len(a), len(c)) - 1)
     lenpen = options.get("lenpen", 1.0)
     if greedy:
@@ -753,6 +754,44 @@ def tokenizer_ids(run: VerifyRun) -> None:
     run.report.sections["tokenizer"] = {"sentences": len(ours), "mismatches": bad[:50]}
     run.report.add("tokenizer: ids equal the original's encoder", not bad, len(bad), 0,
                    f"{len(bad)} of {len(ours)} sentences differ")
+    if run.hf is not None:
+        transformers_tokenizer(run, sentences, theirs)
+
+
+def transformers_tokenizer(run: VerifyRun, sentences: list[str], theirs: list[list[int]]) -> None:
+    """`AutoTokenizer.from_pretrained(DST)` (the card's line) against fairseq's encoder on the same sentences. A
+    sentence it encodes otherwise is explained when fairport's encoder, given the text after the tokenizer's own
+    normalisation step, gives its ids (FSMTTokenizer: Moses punctuation normalisation, which fairseq does not
+    apply); anything else fails."""
+    section = run.report.sections.setdefault("transformers", {})
+    if not run.folder.file("tokenizer_config.json").exists():
+        section["tokenizer"] = None
+        run.report.note("transformers tokenizer not checked: the folder has no transformers tokenizer files")
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run.folder.path)
+    normalise = getattr(tok, "moses_pipeline", None)
+    rule = ("FSMTTokenizer normalises punctuation (Moses) before tokenizing; fairseq's pipeline does not: pass "
+            "fairseq's text through fairport's tokenizer for fairseq's ids")
+    explained, unexplained = [], []
+    for i, (s, want) in enumerate(zip(sentences, theirs)):
+        ids = tok(s)["input_ids"]
+        if ids == want:
+            continue
+        if normalise is not None and run.tokenizer.encode(
+                normalise(s, lang=tok.src_lang), run.folder.config.max_source_positions, run.source_lang,
+                run.target_lang).tolist() == ids:
+            explained.append(i)
+        else:
+            unexplained.append(i)
+    section["tokenizer"] = {"class": type(tok).__name__, "sentences": len(sentences),
+                            "mismatches": (explained + unexplained)[:50], "explained": len(explained),
+                            "rule": rule if explained else None, "unexplained": unexplained[:50]}
+    detail = f"{len(explained) + len(unexplained)} of {len(sentences)} sentences differ" + (
+        f" ({len(explained)} by the rule: {rule})" if explained else "")
+    run.report.add("transformers tokenizer: AutoTokenizer ids equal fairseq's, or a named rule", not unexplained,
+                   len(unexplained), 0, detail)
 
 
 def _bleu(hyps: list[str], refs: list[str]) -> float | None:
