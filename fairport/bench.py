@@ -216,7 +216,10 @@ def _run_side(side: str, job: dict, tmp: Path, timeout: float) -> dict:
     proc = subprocess.run([sys.executable, "-m", "fairport.bench", "--worker", str(job_path)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise FairportError(f"bench side {side} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-12:]))
+        lines = proc.stderr.strip().splitlines()
+        if lines and lines[-1].startswith("fairport: error: "):  # a FairportError in the worker: its one line
+            raise FairportError(f"bench side {side}: {lines[-1].removeprefix('fairport: error: ')}")
+        raise FairportError(f"bench side {side} failed:\n" + "\n".join(lines[-12:]))
     return json.loads((tmp / f"{side}.out.json").read_text())
 
 
@@ -568,7 +571,10 @@ def plot(result: dict, path: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker_main(sys.argv[2])
+        try:
+            worker_main(sys.argv[2])
+        except FairportError as e:  # one line, which the parent passes on
+            raise SystemExit(f"fairport: error: {e}") from None
     elif len(sys.argv) == 3 and sys.argv[1] == "--throughput-worker":
         throughput_worker(sys.argv[2])
     else:
