@@ -160,8 +160,16 @@ def _distributed(a: argparse.Namespace, argv: list[str]) -> int | None:
         rest = list(argv)
         i = next(i for i, x in enumerate(rest) if x == "--nproc" or x.startswith("--nproc="))
         del rest[i: i + (1 if "=" in rest[i] else 2)]
-        return launch(a.nproc, rest)
+        return launch(a.nproc, rest, describe_death=_verify_progress(a) if a.command == "verify" else None)
     return None
+
+
+def _verify_progress(a: argparse.Namespace):
+    """What a verify rank that died was doing: its progress file in the run's shards folder."""
+    from fairport.validation.verify.report import report_dir
+    from fairport.validation.verify.shards import progress_of
+
+    return lambda rank: progress_of(report_dir(a.dst, a.out) / "shards", rank)
 
 
 # ---- verbs --------------------------------------------------------------------------------------------
@@ -215,8 +223,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fairport.converters.text import TEXT_FILES
-    from fairport.verify.report import print_summary, report_dir, write
-    from fairport.verify.run import VerifyOptions, verify
+    from fairport.validation.verify.report import print_summary, report_dir, write
+    from fairport.validation.verify.run import VerifyOptions, verify
 
     refuse_idle_flags([
         (a.split is not None and not a.fairseq_data, f"--split {a.split} chooses a split of --fairseq-data, which "
@@ -264,7 +272,7 @@ def cmd_upload(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fairport.bench import bench, print_results
+    from fairport.validation.bench import bench, print_results
 
     if a.target not in PRESETS and not Path(a.target).is_dir():
         raise FairportError(f"bench: {a.target} is neither a converted folder nor a preset ({', '.join(PRESETS)})")

@@ -65,8 +65,9 @@ def main(out: str = "fairport-demo") -> int:
     steps = 1 + 2 * 2  # build, then convert and verify each of the two models
     print(f"[1/{steps}] fairseq builds a BART-like checkpoint (bart_base preset, shrunk) and trains a WMT-like "
           "translation model (transformer_wmt_en_de, shrunk; fairseq-train, ~1 min):", flush=True)
-    run(["fairport.original.fixtures", str(src_dir), "bart_base_mnli"] + (["--shared", str(shared)] if shared else []))
-    run(["fairport.original.fixtures", str(src_dir), "--trained"])
+    shared_flag = ["--shared", str(shared)] if shared else []
+    run(["fairport.validation.original.fixtures", str(src_dir), "bart_base_mnli", *shared_flag])
+    run(["fairport.validation.original.fixtures", str(src_dir), "--trained"])
 
     bart_convert = ["--beam", "4", "--max-len-b", "30", "--lenpen", "2.0", "--no-repeat-ngram-size", "3"]
     bart_verify = ["--limit", "12"]

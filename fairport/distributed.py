@@ -110,10 +110,11 @@ def report_error(ranks: Ranks, message: str) -> bool:
     return ranks.main and not os.environ.get(LAUNCHED)
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], describe_death=None) -> int:
     """`--nproc N`: run `fairport ARGV` in N processes on this machine through torch.distributed's launcher
     (what torchrun runs), as `torchrun --standalone --nproc-per-node N -m fairport ARGV` would. Prints one
-    error line if a rank fails or dies."""
+    error line if a rank fails or dies; `describe_death(rank)` says what a rank that died was doing (the verb
+    knows: verify's progress files), if given."""
     import logging
     import tempfile
 
@@ -141,7 +142,7 @@ def launch(nproc: int, argv: list[str]) -> int:
             else:  # a rank died (the others were stopped after it): name the first to go
                 rank, failure = e.get_first_failure()
                 print(f"fairport: error: rank {rank} died (exit code {failure.exitcode}) before saying why; "
-                      f"{died_hint(argv, rank)}", file=sys.stderr)
+                      f"{(describe_death and describe_death(rank)) or 'no progress was recorded'}", file=sys.stderr)
             return 1
         except Exception as e:  # the launcher itself failed (rendezvous, ports)
             print(f"fairport: error: could not start {nproc} processes: {first_line(e)}", file=sys.stderr)
@@ -149,11 +150,3 @@ def launch(nproc: int, argv: list[str]) -> int:
         finally:
             for k in env:
                 os.environ.pop(k, None)
-
-
-def died_hint(argv: list[str], rank: int) -> str:
-    """What a rank that died was doing, from the progress file verify keeps (see verify/run.py)."""
-    from fairport.verify.shards import progress_of
-
-    progress = progress_of(argv, rank)
-    return progress or "no progress was recorded"

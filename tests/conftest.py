@@ -34,11 +34,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def built_by_fairseq(tmp_path_factory, name: str, *args: str) -> Path:
-    """A fresh folder the fixture builder (fairport/original/fixtures.py, run by fairseq) filled."""
+    """A fresh folder the fixture builder (fairport/validation/original/fixtures.py, run by fairseq) filled."""
     if not HAVE_FAIRSEQ:
         pytest.skip("fairseq (the original) is not installed")
     out = tmp_path_factory.mktemp(name)
-    proc = run_module("fairport.original.fixtures", out, *args, "--shared", SHARED)
+    proc = run_module("fairport.validation.original.fixtures", out, *args, "--shared", SHARED)
     if proc.returncode != 0:
         raise RuntimeError("fairseq fixture builder failed:\n" + stderr_tail(proc, 40))
     return out
@@ -46,7 +46,7 @@ def built_by_fairseq(tmp_path_factory, name: str, *args: str) -> Path:
 
 @pytest.fixture(scope="session")
 def fixtures_dir(tmp_path_factory) -> Path:
-    """All fixtures of fairport.original.fixtures.FIXTURES, built by fairseq."""
+    """All fixtures of fairport.validation.original.fixtures.FIXTURES, built by fairseq."""
     return built_by_fairseq(tmp_path_factory, "fairseq-fixtures")
 
 
@@ -82,8 +82,8 @@ def trained_dir(tmp_path_factory) -> Path:
 def verified_port(trained_dir, tmp_path_factory) -> Path:
     """The trained fixture converted and verified (a passing report in DST/verify)."""
     from fairport.converters.convert import convert
-    from fairport.verify.report import write
-    from fairport.verify.run import VerifyOptions, verify
+    from fairport.validation.verify.report import write
+    from fairport.validation.verify.run import VerifyOptions, verify
 
     dst = tmp_path_factory.mktemp("verified") / "port"
     convert(trained_dir, dst)
@@ -109,7 +109,7 @@ def fairseq_generations(trained_dir):
     """fairseq's hypotheses for test_generation.CASES on the trained fixture's first sources (one worker run)."""
     from test_generation import CASES, SEED, source_batch
 
-    from fairport.original.protocol import Generate, run
+    from fairport.validation.original.protocol import Generate, run
 
     src = source_batch(trained_dir)
     results = run([trained_dir / "model.pt"], trained_dir, *[Generate(src, o, seed=SEED) for o in CASES.values()])

@@ -28,7 +28,7 @@ needs_ctranslate2 = pytest.mark.skipif(importlib.util.find_spec("ctranslate2") i
 
 def gpt2_files(name: str) -> dict:
     """The GPT-2 BPE files a fixture with a GPT-2 dictionary converts with (when the shared data is here)."""
-    from fairport.original.fixtures import FIXTURES
+    from fairport.validation.original.fixtures import FIXTURES
 
     if FIXTURES.get(name, {}).get("dicts") == "gpt2" and (SHARED / "gpt2" / "encoder.json").exists():
         return {"encoder_json": SHARED / "gpt2" / "encoder.json", "vocab_bpe": SHARED / "gpt2" / "vocab.bpe"}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_generation import CASES, SEED, assert_same, source_batch
 
-from fairport.original.protocol import Generate, run
 from fairport.reference import compiled, load
-from fairport.verify.inputs import random_batch
+from fairport.validation.original.protocol import Generate, run
+from fairport.validation.verify.inputs import random_batch
 from helpers import needs_fairseq, run_cli
 
 
@@ -87,7 +87,7 @@ def test_packed_and_int8_layers_are_refused(tmp_path):
 
 @needs_fairseq
 def test_verify_checks_the_compiled_step(trained_dir, trained_converted, tmp_path):
-    from fairport.verify.run import VerifyOptions, verify
+    from fairport.validation.verify.run import VerifyOptions, verify
 
     rep = verify(trained_dir, trained_converted / "single", VerifyOptions(
         limit=8, fairseq_data=trained_dir / "bin", compile=True, out=tmp_path / "verify", progress=False))

@@ -13,7 +13,7 @@ import pytest
 
 from fairport.distributed import Ranks
 from fairport.reference.hub import length_sorted_batches
-from fairport.verify.inputs import from_fairseq_data
+from fairport.validation.verify.inputs import from_fairseq_data
 from helpers import ROOT, assert_one_error_line, needs_fairseq, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same threads per process either way: the same products, bit for bit

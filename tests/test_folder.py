@@ -12,7 +12,7 @@ from safetensors import safe_open
 from fairport.converters.convert import convert
 from fairport.reference import load
 from fairport.reference.folder import sha256
-from fairport.verify.inputs import random_batch
+from fairport.validation.verify.inputs import random_batch
 from helpers import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fairport.converters.convert import convert
-from fairport.original.protocol import Generate, Logits, direction_overrides, hub_request, run
 from fairport.reference import load
-from fairport.verify.inputs import random_batch
+from fairport.validation.original.protocol import Generate, Logits, direction_overrides, hub_request, run
+from fairport.validation.verify.inputs import random_batch
 from helpers import HAVE_TRANSFORMERS, needs_fairseq, needs_shared
 
 FAMILIES = {"wmt_big_joined": None, "bart_base_mnli": None, "mbart_en_ro_spm": None,
@@ -58,7 +58,7 @@ def test_fp16_checkpoint_loads_with_defaults_and_equals_fairseq(name, half, fixt
     assert (logits - theirs_logits["logits"]).abs()[keep].max().item() <= 1e-4
     assert model.folder.dtype == str(half).replace("torch.", "")  # stored as the checkpoint had it
     if model.folder.transformers and HAVE_TRANSFORMERS:
-        from fairport.verify.transformers_side import TransformersSide
+        from fairport.validation.verify.transformers_side import TransformersSide
 
         hf = TransformersSide(model.folder, "cpu")  # from_pretrained(folder), transformers' defaults
         assert next(hf.model.parameters()).dtype == torch.float32

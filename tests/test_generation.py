@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fairport.original.protocol import Generate, run
 from fairport.reference import fast, load
 from fairport.reference.batching import pad_batch
 from fairport.reference.dictionary import Dictionary
 from fairport.reference.ensemble import Ensemble
-from fairport.verify.inputs import random_batch
+from fairport.validation.original.protocol import Generate, run
+from fairport.validation.verify.inputs import random_batch
 from helpers import needs_fairseq
 
 SCORE_TOL = 1e-4

@@ -24,7 +24,7 @@ from fairport.reference.generate import generate
 from fairport.reference.load import build, tied_names
 from fairport.reference.model import EncoderDecoder, LayerCache
 from fairport.reference.names import to_hf_name
-from fairport.verify.inputs import random_batch
+from fairport.validation.verify.inputs import random_batch
 from helpers import assert_close, needs_transformers
 
 TINY = dict(src_vocab_size=60, tgt_vocab_size=60, encoder_embed_dim=32, encoder_ffn_dim=48, encoder_layers=2,

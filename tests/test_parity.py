@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fairport.original.fixtures import FIXTURES
-from fairport.original.protocol import Logits, Predict, run
 from fairport.reference import fast, load
-from fairport.verify.inputs import random_batch
+from fairport.validation.original.fixtures import FIXTURES
+from fairport.validation.original.protocol import Logits, Predict, run
+from fairport.validation.verify.inputs import random_batch
 from helpers import HAVE_TRANSFORMERS, needs_fairseq
 
 TOL = 1e-4

@@ -9,11 +9,11 @@ import pytest
 
 from fairport.converters.convert import convert
 from fairport.errors import FairportError
-from fairport.original.fixtures import train_sentencepiece
-from fairport.original.protocol import direction_overrides, hub_request, run
 from fairport.reference import load
 from fairport.reference.dictionary import Dictionary
 from fairport.reference.tokenizer import GPT2BPE, Tokenizer, load_tokenizer
+from fairport.validation.original.fixtures import train_sentencepiece
+from fairport.validation.original.protocol import direction_overrides, hub_request, run
 from helpers import SHARED, gpt2_files, needs_fairseq, needs_shared, run_cli
 
 LANGS = ("en", "de", "ru")

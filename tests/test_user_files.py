@@ -6,7 +6,6 @@ original, is in test_verify.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -25,15 +24,15 @@ TOKEN = "hf_fairportTESTtoken0123456789"
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("userfiles")
     ckpt = tiny_checkpoint(root / "release")
-    proc = run_cli("convert", ckpt, root / "port")
+    proc = run_cli("convert", ckpt, root / "folder")
     assert proc.returncode == 0, proc.stderr
     return root
 
 
 @pytest.fixture()
-def port(made, tmp_path):
-    dst = tmp_path / "port"
-    shutil.copytree(made / "port", dst)
+def folder(made, tmp_path):
+    dst = tmp_path / "folder"
+    shutil.copytree(made / "folder", dst)
     return dst
 
 
@@ -43,25 +42,25 @@ def snapshot(folder) -> dict:
 
 # ---- generate ---------------------------------------------------------------------------------------------
 
-def test_generate_refuses_an_output_that_is_its_input(port, tmp_path):
+def test_generate_refuses_an_output_that_is_its_input(folder, tmp_path):
     src = tmp_path / "news.en"
     src.write_text("w4 w5 w6\nw7 w8\n")
     before = src.read_bytes()
-    assert_one_error_line(run_cli("generate", port, "--input", src, "--output", src), "is the --input file")
+    assert_one_error_line(run_cli("generate", folder, "--input", src, "--output", src), "is the --input file")
     link = tmp_path / "same.en"
     os.link(src, link)  # another name for the same file
-    assert_one_error_line(run_cli("generate", port, "--input", src, "--output", link), "is the --input file")
+    assert_one_error_line(run_cli("generate", folder, "--input", src, "--output", link), "is the --input file")
     assert src.read_bytes() == before
 
 
-def test_generate_writes_its_output_whole_or_not_at_all(port, tmp_path):
+def test_generate_writes_its_output_whole_or_not_at_all(folder, tmp_path):
     src, out = tmp_path / "in.txt", tmp_path / "out.txt"
     src.write_text("w4 w5 w6\nw7 w8\n")
     out.write_text("an earlier translation\n")
-    proc = run_cli("generate", port, "--input", src, "--output", out, "--target-lang", "fr")  # fails before output
+    proc = run_cli("generate", folder, "--input", src, "--output", out, "--target-lang", "fr")  # fails before output
     assert_one_error_line(proc, "not a many-to-many model")
     assert out.read_text() == "an earlier translation\n"
-    proc = run_cli("generate", port, "--input", src, "--output", out, "--quiet", "--max-len-b", "3")
+    proc = run_cli("generate", folder, "--input", src, "--output", out, "--quiet", "--max-len-b", "3")
     assert proc.returncode == 0, proc.stderr
     assert len(out.read_text().splitlines()) == 2
     assert not [p for p in tmp_path.iterdir() if "fairport-tmp" in p.name]
@@ -69,18 +68,18 @@ def test_generate_writes_its_output_whole_or_not_at_all(port, tmp_path):
 
 # ---- verify's report folder ------------------------------------------------------------------------------------
 
-def test_verify_refuses_a_report_folder_holding_the_users_files(made, port, tmp_path):
+def test_verify_refuses_a_report_folder_holding_the_users_files(made, folder, tmp_path):
     mydocs = tmp_path / "mydocs"
     mydocs.mkdir()
     (mydocs / "report.md").write_text("my own notes\n")
     (mydocs / "plan.txt").write_text("plan\n")
-    proc = run_cli("verify", made / "release", port, "--out", mydocs)
+    proc = run_cli("verify", made / "release", folder, "--out", mydocs)
     assert_one_error_line(proc, "plan.txt", "report.md", "did not write")
     assert (mydocs / "report.md").read_text() == "my own notes\n" and (mydocs / "plan.txt").exists()
 
 
 def test_a_report_fairport_wrote_is_replaced_only_when_the_new_one_is_complete(tmp_path):
-    from fairport.verify.report import Report, check_report_dir, write
+    from fairport.validation.verify.report import Report, check_report_dir, write
 
     out = tmp_path / "r"
     rep = Report()
@@ -91,7 +90,7 @@ def test_a_report_fairport_wrote_is_replaced_only_when_the_new_one_is_complete(t
                                                                   "machine": "", "threads": 1, "processes": 1,
                                                                   "seed": 0, "source_sha256": {},
                                                                   "known_deviations": []}}
-    write(rep, out, "src.pt", "port")
+    write(rep, out, "src.pt", "folder")
     (out / "shards").mkdir()
     (out / "shards" / "manifest.json").write_text("{}")
     check_report_dir(out)  # its own report and shards: verify may replace them
@@ -109,90 +108,90 @@ def hub_env(url, token=TOKEN, home=None):
     return env
 
 
-def test_a_failing_upload_leaves_the_folder_byte_for_byte(port, tmp_path):
-    assert run_cli("card", port).returncode == 0
-    before = snapshot(port)
+def test_a_failing_upload_leaves_the_folder_byte_for_byte(folder, tmp_path):
+    assert run_cli("card", folder).returncode == 0
+    before = snapshot(folder)
     # nothing listens there: the upload fails after its retries
-    proc = run_cli("upload", port, "me/port", "--allow-unverified", env=hub_env("http://127.0.0.1:9"))
+    proc = run_cli("upload", folder, "me/folder", "--allow-unverified", env=hub_env("http://127.0.0.1:9"))
     assert_one_error_line(proc, "upload failed")
-    assert snapshot(port) == before
+    assert snapshot(folder) == before
 
 
-def test_upload_without_a_token_says_so_before_the_network(port, tmp_path):
+def test_upload_without_a_token_says_so_before_the_network(folder, tmp_path):
     from fakehub import FakeHub
 
     with FakeHub(TOKEN) as hub:
-        proc = run_cli("upload", port, "me/port", "--allow-unverified", env=hub_env(hub.url, token=None,
+        proc = run_cli("upload", folder, "me/folder", "--allow-unverified", env=hub_env(hub.url, token=None,
                                                                                      home=tmp_path / "hf"))
         assert hub.log == []
     assert_one_error_line(proc, "no Hugging Face token", "HF_TOKEN", "hf auth login")
 
 
-def test_a_card_the_user_edited_is_never_replaced(port):
+def test_a_card_the_user_edited_is_never_replaced(folder):
     from fakehub import FakeHub
 
-    assert run_cli("card", port).returncode == 0
-    card = port / "README.md"
+    assert run_cli("card", folder).returncode == 0
+    card = folder / "README.md"
     card.write_text(card.read_text() + "\nA line I added by hand.\n")
-    before = snapshot(port)
-    assert_one_error_line(run_cli("card", port), "README.md", "--force")
+    before = snapshot(folder)
+    assert_one_error_line(run_cli("card", folder), "README.md", "--force")
     with FakeHub(TOKEN) as hub:
-        proc = run_cli("upload", port, "me/port", "--allow-unverified", env=hub_env(hub.url))
+        proc = run_cli("upload", folder, "me/folder", "--allow-unverified", env=hub_env(hub.url))
         assert_one_error_line(proc, "README.md", "--card keep", "--card replace")
         assert hub.log == []
-        proc = run_cli("upload", port, "me/port", "--allow-unverified", "--card", "keep", env=hub_env(hub.url))
+        proc = run_cli("upload", folder, "me/folder", "--allow-unverified", "--card", "keep", env=hub_env(hub.url))
         assert proc.returncode == 0, proc.stderr
-        assert hub.files["me/port"]["README.md"] == card.read_bytes()
-        proc = run_cli("upload", port, "me/port", "--allow-unverified", "--card", "replace", env=hub_env(hub.url))
+        assert hub.files["me/folder"]["README.md"] == card.read_bytes()
+        proc = run_cli("upload", folder, "me/folder", "--allow-unverified", "--card", "replace", env=hub_env(hub.url))
         assert proc.returncode == 0, proc.stderr
-        sent = hub.files["me/port"]["README.md"].decode()
+        sent = hub.files["me/folder"]["README.md"].decode()
         assert "A line I added by hand." not in sent and "UNVERIFIED PORT" in sent
-    assert snapshot(port) == before  # upload wrote nothing locally
+    assert snapshot(folder) == before  # upload wrote nothing locally
 
 
-def test_upload_sends_a_fresh_card_without_writing_one(port):
+def test_upload_sends_a_fresh_card_without_writing_one(folder):
     from fakehub import FakeHub
 
-    before = snapshot(port)
+    before = snapshot(folder)
     with FakeHub(TOKEN) as hub:
-        proc = run_cli("upload", port, "me/port", "--allow-unverified", env=hub_env(hub.url))
+        proc = run_cli("upload", folder, "me/folder", "--allow-unverified", env=hub_env(hub.url))
         assert proc.returncode == 0, proc.stderr
-        assert "me/port" in hub.files["me/port"]["README.md"].decode()
-    assert snapshot(port) == before and not (port / "README.md").exists()
+        assert "me/folder" in hub.files["me/folder"]["README.md"].decode()
+    assert snapshot(folder) == before and not (folder / "README.md").exists()
 
 
-def test_convert_force_keeps_a_card_the_user_edited(made, port):
-    assert run_cli("card", port).returncode == 0
-    assert run_cli("convert", made / "release", port, "--force").returncode == 0  # its own card: replaced
-    assert run_cli("card", port).returncode == 0
-    (port / "README.md").write_text((port / "README.md").read_text() + "mine\n")
-    assert_one_error_line(run_cli("convert", made / "release", port, "--force"), "README.md")
-    assert (port / "README.md").read_text().endswith("mine\n")
+def test_convert_force_keeps_a_card_the_user_edited(made, folder):
+    assert run_cli("card", folder).returncode == 0
+    assert run_cli("convert", made / "release", folder, "--force").returncode == 0  # its own card: replaced
+    assert run_cli("card", folder).returncode == 0
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "mine\n")
+    assert_one_error_line(run_cli("convert", made / "release", folder, "--force"), "README.md")
+    assert (folder / "README.md").read_text().endswith("mine\n")
 
 
 # ---- a damaged folder -------------------------------------------------------------------------------------
 
-def cut_short(port):
-    weights = port / "model.safetensors"
+def cut_short(folder):
+    weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
-def bit_flipped(port):
-    weights = port / "model.safetensors"
+def bit_flipped(folder):
+    weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0x10
     weights.write_bytes(bytes(data))
 
 
-def corrupt_header(port):
-    weights = port / "model.safetensors"
+def corrupt_header(folder):
+    weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[9:20] = b"garbage!!!!"
     weights.write_bytes(bytes(data))
 
 
-def missing(port):
-    (port / "model.safetensors").unlink()
+def missing(folder):
+    (folder / "model.safetensors").unlink()
 
 
 DAMAGE = {"cut short": (cut_short, "cut short"), "bit flipped": (bit_flipped, "sha256"),
@@ -200,18 +199,18 @@ DAMAGE = {"cut short": (cut_short, "cut short"), "bit flipped": (bit_flipped, "s
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_folder_is_one_line_naming_the_file(damage, made, port, tmp_path):
+def test_a_damaged_folder_is_one_line_naming_the_file(damage, made, folder, tmp_path):
     spoil, what = DAMAGE[damage]
-    spoil(port)
+    spoil(folder)
     with pytest.raises(FairportError, match=what) as e:
-        load(port)
+        load(folder)
     assert "model.safetensors" in str(e.value) and "convert again" in str(e.value)
     src = tmp_path / "in.txt"
     src.write_text("w4 w5\n")
-    assert_one_error_line(run_cli("generate", port, "--input", src, "--output", tmp_path / "o"), what,
+    assert_one_error_line(run_cli("generate", folder, "--input", src, "--output", tmp_path / "o"), what,
                           "model.safetensors", "convert again")
     assert not (tmp_path / "o").exists()
-    assert_one_error_line(run_cli("verify", made / "release", port, "--out", tmp_path / "r"), what,
+    assert_one_error_line(run_cli("verify", made / "release", folder, "--out", tmp_path / "r"), what,
                           "model.safetensors")
 
 
@@ -224,17 +223,17 @@ def test_a_missing_shard_is_named(made, tmp_path):
         load(tmp_path / "sharded")
 
 
-def test_a_damaged_folder_on_two_ranks_is_one_line(port, tmp_path):
+def test_a_damaged_folder_on_two_ranks_is_one_line(folder, tmp_path):
     """Every rank meets the damage; the run says it once, without advice to resume (no resume can fix it)."""
-    bit_flipped(port)
+    bit_flipped(folder)
     src = tmp_path / "in.txt"
     src.write_text("w4 w5\nw6\n")
-    proc = run_cli("generate", port, "--input", src, "--output", tmp_path / "o", "--nproc", "2",
+    proc = run_cli("generate", folder, "--input", src, "--output", tmp_path / "o", "--nproc", "2",
                    env={"OMP_NUM_THREADS": "1"})
     line = assert_one_error_line(proc, "sha256", "model.safetensors")
     assert "--resume" not in line
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "fairport", "generate", str(port), "--input", str(src), "--output",
+                           "-m", "fairport", "generate", str(folder), "--input", str(src), "--output",
                            str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
@@ -247,24 +246,24 @@ def test_a_damaged_folder_on_two_ranks_is_one_line(port, tmp_path):
 # ---- flags that would do nothing, and convert's inputs ------------------------------------------------------
 
 @pytest.mark.parametrize("args,words", [
-    (["verify", "{release}", "{port}", "--split", "valid"], ["--split", "--fairseq-data"]),
-    (["verify", "{release}", "{port}", "--exact-match", "0.9"], ["--exact-match", "--strict"]),
-    (["verify", "{release}", "{port}", "--strict", "--max-tie-rate", "0.1"], ["--max-tie-rate", "--strict"]),
-    (["generate", "{port}", "--seed", "3"], ["--seed", "--sampling"]),
-    (["generate", "{port}", "--sampling-topk", "3"], ["--sampling-topk", "--sampling"]),
-    (["generate", "{port}", "--compile", "--no-pack"], ["--no-pack", "--compile"]),
+    (["verify", "{release}", "{folder}", "--split", "valid"], ["--split", "--fairseq-data"]),
+    (["verify", "{release}", "{folder}", "--exact-match", "0.9"], ["--exact-match", "--strict"]),
+    (["verify", "{release}", "{folder}", "--strict", "--max-tie-rate", "0.1"], ["--max-tie-rate", "--strict"]),
+    (["generate", "{folder}", "--seed", "3"], ["--seed", "--sampling"]),
+    (["generate", "{folder}", "--sampling-topk", "3"], ["--sampling-topk", "--sampling"]),
+    (["generate", "{folder}", "--compile", "--no-pack"], ["--no-pack", "--compile"]),
 ])
-def test_flags_that_do_nothing_together_are_refused(args, words, made, port):
-    args = [a.format(release=made / "release", port=port) for a in args]
+def test_flags_that_do_nothing_together_are_refused(args, words, made, folder):
+    args = [a.format(release=made / "release", folder=folder) for a in args]
     assert_one_error_line(run_cli(*args), *words)
 
 
-def test_convert_says_what_a_wrong_source_is(made, port, tmp_path):
+def test_convert_says_what_a_wrong_source_is(made, folder, tmp_path):
     noise = tmp_path / "noise.pt"
     noise.write_bytes(bytes(range(7, 256)) * 4)
     assert_one_error_line(run_cli("convert", noise, tmp_path / "a"), "neither a zip archive nor a pickle")
-    assert_one_error_line(run_cli("convert", port / "model.safetensors", tmp_path / "b"), "safetensors file")
-    assert_one_error_line(run_cli("convert", port, tmp_path / "c"), "fairport model folder", "already converted")
+    assert_one_error_line(run_cli("convert", folder / "model.safetensors", tmp_path / "b"), "safetensors file")
+    assert_one_error_line(run_cli("convert", folder, tmp_path / "c"), "fairport model folder", "already converted")
     text = tmp_path / "notes.pt"
     text.write_text("some notes\n")
     assert_one_error_line(run_cli("convert", text, tmp_path / "d"), "text file")

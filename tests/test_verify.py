@@ -83,7 +83,8 @@ def test_transformers_as_deployed_generates_as_fairseq(trained_dir, tmp_path):
     gen = json.loads((port / "generation_config.json").read_text())
     # fairseq's max_len 4 is 4 tokens and the EOS it forces; transformers counts its decoder start token too
     assert gen["max_length"] == 6 and gen["forced_eos_token_id"] == gen["eos_token_id"] and gen["min_length"] == 2
-    proc = run_verify(trained_dir, port, "--fairseq-data", trained_dir / "bin", "--limit", "40", "--out", tmp_path / "r")
+    proc = run_verify(trained_dir, port, "--fairseq-data", trained_dir / "bin", "--limit", "40",
+                      "--out", tmp_path / "r")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     hf = rep["transformers"]
@@ -199,11 +200,11 @@ def test_an_exact_tie_is_a_near_tie_with_margin_zero_and_passes(fixtures_dir, tm
     eps = 1e-5
     import torch
 
-    from fairport.original.protocol import Generate, Original
     from fairport.reference import load
     from fairport.reference.batching import pad_batch
     from fairport.reference.hub import length_sorted_batches
-    from fairport.verify.inputs import random_inputs
+    from fairport.validation.original.protocol import Generate, Original
+    from fairport.validation.verify.inputs import random_inputs
 
     name = "iwslt_legacy_2019"  # its output projection is its own (untied): one row changes nothing else
     convert(fixtures_dir / name, tmp_path / "before")
@@ -263,8 +264,8 @@ def test_a_batch_dependent_original_is_recognised(trained_dir, tmp_path):
 
     from fairport.distributed import Ranks
     from fairport.reference.folder import ModelFolder
-    from fairport.verify import run as stages
-    from fairport.verify.run import VerifyOptions, VerifyRun
+    from fairport.validation.verify import run as stages
+    from fairport.validation.verify.run import VerifyOptions, VerifyRun
 
     port = tmp_path / "port"
     convert(trained_dir, port, generation_overrides={"max_len_a": 0.5, "max_len_b": 0})

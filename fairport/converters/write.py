@@ -28,7 +28,7 @@ from fairport.reference.names import to_hf_name
 from fairport.reference.tokenizer import Framing
 
 if TYPE_CHECKING:
-    from fairport.converters.convert import Converted
+    from fairport.converters.converted import Converted
     from fairport.converters.sources import Sources
 
 # what fairport writes into a model folder besides the files provenance.json lists
@@ -61,7 +61,7 @@ def check_replaceable(dst: Path) -> None:
     if "README.md" in entries and not card_is_fairports(dst / "README.md"):
         foreign.append("README.md (a card you wrote or edited)")
     if "verify" in entries:
-        from fairport.verify.report import check_report_dir
+        from fairport.validation.verify.report import check_report_dir
 
         try:
             check_report_dir(dst / "verify")

@@ -196,7 +196,7 @@ def generate(model, src_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None
     "positional_scores"} as fairseq returns them. Runs under torch.inference_mode (no autograd bookkeeping:
     measured ~14% less per-step overhead than no_grad on a small model); the tensors returned are ordinary.
     `trace`: a list that receives, at each step, what the search saw and chose, in the form the original's
-    worker records fairseq's search (fairport/verify/mismatch.py compares the two)."""
+    worker records fairseq's search (fairport/validation/verify/mismatch.py compares the two)."""
     opts = GenerationOptions(**options)
     models = list(getattr(model, "members", None) or [model])
     with torch.inference_mode():

@@ -18,7 +18,7 @@ Each mismatch gets one class:
 
 from __future__ import annotations
 
-from fairport.verify.report import num
+from fairport.validation.verify.report import num
 
 NEAR_TIE, BATCH, DIVERGENCE = "near-tie", "batch-dependent original", "divergence"
 SEARCH_RULE = "search rule"  # an engine's search applies a named rule otherwise (explained, not a failure)

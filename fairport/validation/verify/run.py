@@ -36,7 +36,14 @@ from fairport.converters.checkpoint import load_checkpoint
 from fairport.converters.sources import ensemble_members, find_sources
 from fairport.distributed import Ranks
 from fairport.errors import FairportError
-from fairport.original.protocol import (
+from fairport.reference import load
+from fairport.reference.batching import pad_batch
+from fairport.reference.folder import ModelFolder, sha256
+from fairport.reference.generate import generate
+from fairport.reference.hub import length_sorted_batches
+from fairport.reference.tokenizer import Framing
+from fairport.util import first_line, peak_rss_mb
+from fairport.validation.original.protocol import (
     Generate,
     Layers,
     Logits,
@@ -46,16 +53,9 @@ from fairport.original.protocol import (
     direction_overrides,
     hub_request,
 )
-from fairport.reference import load
-from fairport.reference.batching import pad_batch
-from fairport.reference.folder import ModelFolder, sha256
-from fairport.reference.generate import generate
-from fairport.reference.hub import length_sorted_batches
-from fairport.reference.tokenizer import Framing
-from fairport.util import first_line, peak_rss_mb
-from fairport.verify import ctranslate2 as ct2
-from fairport.verify import inputs as verify_inputs
-from fairport.verify.mismatch import (
+from fairport.validation.verify import ctranslate2 as ct2
+from fairport.validation.verify import inputs as verify_inputs
+from fairport.validation.verify.mismatch import (
     BATCH,
     CLASSES,
     DIVERGENCE,
@@ -66,9 +66,9 @@ from fairport.verify.mismatch import (
     UNEXPLAINED,
     explain_tie,
 )
-from fairport.verify.report import Report, check_report_dir, num, report_dir
-from fairport.verify.shards import Shards
-from fairport.verify.transformers_side import TransformersSide
+from fairport.validation.verify.report import Report, check_report_dir, num, report_dir
+from fairport.validation.verify.shards import Shards
+from fairport.validation.verify.transformers_side import TransformersSide
 
 # logits tolerance per dtype, relative to the largest |logit| of the fp32 original (fp32: absolute);
 # int8 = float32 model with int8 linear layers (dynamic quantization)

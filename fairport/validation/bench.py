@@ -42,7 +42,7 @@ def side_dtypes(side: str, dtypes: list[str]) -> list[str]:
 
 def convert_ctranslate2(checkpoint: Path, workdir: Path, dtype: str) -> tuple[Path, dict]:
     """CTranslate2's own conversion of the fairseq checkpoint (verify/ctranslate2.py), timed and sized."""
-    from fairport.verify.ctranslate2 import convert
+    from fairport.validation.verify.ctranslate2 import convert
 
     t0 = time.perf_counter()
     out = convert(checkpoint, workdir / f"ct2-{checkpoint.parent.name}-{dtype}", quantization=dtype)
@@ -150,7 +150,7 @@ def _transformers_worker(job: dict) -> dict:
 def _fairseq_worker(job: dict) -> dict:
     from fairseq import checkpoint_utils
 
-    from fairport.original.worker import _fix_ngram_blocking, reset_beam_size, sequence_generator
+    from fairport.validation.original.worker import _fix_ngram_blocking, reset_beam_size, sequence_generator
 
     _fix_ngram_blocking()
     t0 = time.perf_counter()
@@ -176,7 +176,7 @@ def _ctranslate2_worker(job: dict) -> dict:
     hypothesis held to the same number of decoder steps as the others (min = max decoding length)."""
     import ctranslate2
 
-    from fairport.verify.ctranslate2 import vocabularies
+    from fairport.validation.verify.ctranslate2 import vocabularies
 
     models: dict = {}
     vocab = {d: vocabularies(Path(f)) for d, f in job["ctranslate2"].items()}  # (source, target) per precision
@@ -213,7 +213,7 @@ def _run_side(side: str, job: dict, tmp: Path, timeout: float) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if side == "fairseq":
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # fairseq 0.12 under torch >= 2.6, on its own side only
-    proc = subprocess.run([sys.executable, "-m", "fairport.bench", "--worker", str(job_path)],
+    proc = subprocess.run([sys.executable, "-m", "fairport.validation.bench", "--worker", str(job_path)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
@@ -329,8 +329,8 @@ def cpu_model() -> str:
 def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
           repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print,
           warmup_s: float = 1.0, procs: list[int] = (), threads: list[int] | None = None) -> dict:
-    from fairport.original.fixtures import BENCH_PRESETS
     from fairport.reference.folder import ModelFolder
+    from fairport.validation.original.fixtures import BENCH_PRESETS
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         return {"device": device, "status": "not measured: no CUDA device on this machine"}
@@ -343,7 +343,7 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
         src_dir = workdir / target
         if not (src_dir / "model.pt").exists():
             say(f"fairseq builds {target} at its published size (random weights) ...")
-            proc = subprocess.run([sys.executable, "-m", "fairport.original.fixtures", str(workdir), target,
+            proc = subprocess.run([sys.executable, "-m", "fairport.validation.original.fixtures", str(workdir), target,
                                    "--bench"], capture_output=True, text=True,
                                   env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if proc.returncode != 0:
@@ -447,7 +447,8 @@ def throughput(folder: Path, nproc: int, dtype: str, batch: int, beam: int, step
                "src_len": src_len, "device": device, "gen": gen, "out": str(Path(tmp) / "out.json")}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                               str(nproc), "-m", "fairport.bench", "--throughput-worker", str(Path(tmp) / "job.json")],
+                               str(nproc), "-m", "fairport.validation.bench", "--throughput-worker",
+                               str(Path(tmp) / "job.json")],
                               capture_output=True, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore"))
         if proc.returncode != 0:

@@ -64,19 +64,10 @@ class Shards:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def progress_of(argv: list[str], rank: int) -> str:
-    """For the --nproc launcher: what rank `rank` of `fairport verify ARGV` was doing when it died."""
-    if not argv or argv[0] != "verify":
-        return ""
-    from fairport.cli import build_parser
-    from fairport.verify.report import report_dir
-
-    try:
-        a = build_parser().parse_args(argv)
-    except SystemExit:
-        return ""
-    folder = report_dir(a.dst, a.out) / "shards"
-    p = folder / f"progress-rank-{rank}.json"
+def progress_of(folder: Path, rank: int) -> str:
+    """For the --nproc launcher: what rank `rank` was doing when it died, from the progress file it kept in the
+    shards folder `folder`."""
+    p = Path(folder) / f"progress-rank-{rank}.json"
     if not p.exists():
         return f"the batches finished before are kept in {folder}: rerun with --resume"
     info = json.loads(p.read_text())

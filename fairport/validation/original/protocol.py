@@ -65,7 +65,7 @@ class Generate:
     """fairseq's SequenceGenerator on one batch through the task's inference step (a many-to-many task forces
     its target language token), with the task's generator EOS. Results: {"hypotheses": per sentence, best
     first, {"tokens", "score", "positional_scores"}; "seconds": the generation's wall time; "trace" when asked:
-    per step, what fairseq's search saw and chose (see fairport/verify/mismatch.py)}."""
+    per step, what fairseq's search saw and chose (see fairport/validation/verify/mismatch.py)}."""
 
     src: torch.Tensor
     options: dict  # GenerationOptions' names (beam, lenpen, ...)
@@ -109,7 +109,7 @@ class Original:
         torch.save(job, self.tmp / "job.pt")
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
         self.stderr = open(self.tmp / "stderr.txt", "w")  # noqa: SIM115 (the worker's, open until close())
-        self.proc = subprocess.Popen([sys.executable, "-m", "fairport.original.worker", str(self.tmp)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fairport.validation.original.worker", str(self.tmp)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                      env=env)
 

@@ -1,7 +1,7 @@
-"""The fairseq original's side of every comparison, run in its own process: `python -m fairport.original.worker
-DIR` (started by original/protocol.py's `Original`). It loads the checkpoint(s) with fairseq itself and answers
-typed requests (protocol.py) through one handler each (HANDLERS). This is the only process that imports
-fairseq with `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`, which fairseq 0.12 needs under torch >= 2.6.
+"""The fairseq original's side of every comparison, run in its own process: `python -m
+fairport.validation.original.worker DIR` (started by protocol.py's `Original`). It loads the checkpoint(s) with
+fairseq itself and answers typed requests (protocol.py) through one handler each (HANDLERS). This is the only
+process that imports fairseq with `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`, which fairseq 0.12 needs under torch >= 2.6.
 
 Two fixes to the installed fairseq 0.12 are applied here, both reported by `fairport verify`:
 - n-gram blocking (`_fix_ngram_blocking`): 0.12's Python fallback never blocks; the fixed one blocks as
@@ -113,7 +113,7 @@ def sequence_generator(models, task, options: dict):
 
 def trace_search(generator) -> list[dict]:
     """Record, at each step, what fairseq's search saw (the hypotheses entering the step, by original sentence)
-    and chose (its 2*beam candidates with their scores); fairport/verify/mismatch.py reads it."""
+    and chose (its 2*beam candidates with their scores); fairport/validation/verify/mismatch.py reads it."""
     steps: list[dict] = []
     step_fn = generator.search.step
 

@@ -1,4 +1,4 @@
-"""A verify report: checks and measured sections, written as report.json (schema fairport.verify/2),
+"""A verify report: checks and measured sections, written as report.json (schema fairport.verify/3),
 report.md (for people: rounded numbers, tables) and PNG plots. docs/verify.md describes the schema."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ would pass, built by fairseq's task/model code, given random weights, and saved 
 checkpoints at some point in time (2019 `args` Namespace files with legacy names and the old
 serialization, `cfg` as omegaconf objects, `cfg` as plain containers, fp16 weights, ...).
 
-Run in its own process (it imports fairseq): `python -m fairport.original.fixtures OUTDIR [NAME ...]`.
+Run in its own process (it imports fairseq): `python -m fairport.validation.original.fixtures OUTDIR [NAME ...]`.
 """
 
 from __future__ import annotations
