@@ -208,7 +208,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
                                   "itself): drop one of them"),
     ])
     return generate_file(a.dst, a.input, a.output, device=a.device, dtype=a.dtype, pack=not a.no_pack,
-                         compile=a.compile, batch_size=a.batch_size, seed=a.seed, quiet=a.quiet,
+                         compile=a.compile, batch_size=a.batch_size or (None if a.max_tokens else 32),
+                         max_tokens=a.max_tokens, seed=a.seed, quiet=a.quiet,
                          source_lang=a.source_lang, target_lang=a.target_lang, **_search_values(a, "search", "sample"))
 
 
@@ -321,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("dst", help="a folder written by `fairport convert`")
     g.add_argument("--input", default="-", help="one source per line (default: stdin)")
     g.add_argument("--output", default="-", help="one output per line, in input order (default: stdout)")
-    g.add_argument("--batch-size", type=positive_int, default=32)
+    g.add_argument("--batch-size", type=positive_int, help="inputs per batch (default 32; with --max-tokens, no bound "
+                   "unless given)")
+    g.add_argument("--max-tokens", type=positive_int, help="batch by token budget, as fairseq-generate's --max-tokens: "
+                   "at most this many padded source tokens a batch (length-sorted; output in input order)")
     g.add_argument("--source-lang", help="many-to-many models (M2M-100, mBART-50): the source language")
     g.add_argument("--target-lang", help="many-to-many models: the target language")
     g.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N (default: cpu; under torchrun "
@@ -335,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="decode with the compiled decoder step (reference/compiled.py: same tokens, faster on small "
                    "models and at batch 1, slower at large batches of large ones; compiling takes ~30 s on a tiny "
-                   "model, 1-2 min on large ones, once per process)")
+                   "model, 1-2 min on large ones, once per machine: kept in a cache for later processes)")
     g.add_argument("--nproc", type=positive_int, default=1, help="processes on this machine (torch.distributed; "
                    "or run under torchrun for several machines)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -31,7 +31,8 @@ def read_lines(path: str) -> list[str]:
 
 
 def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", dtype: str | None = None,
-                  pack: bool = True, compile: bool = False, batch_size: int = 32, seed: int | None = None,
+                  pack: bool = True, compile: bool = False, batch_size: int | None = 32,
+                  max_tokens: int | None = None, seed: int | None = None,
                   quiet: bool = False, source_lang: str | None = None, target_lang: str | None = None,
                   **gen) -> int:
     from tqdm import tqdm
@@ -41,7 +42,8 @@ def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", 
     device = ranks.start(device)
     try:
         if compile and ranks.main and not quiet:
-            print("compiling the decoder step (once per process: ~30 s on a tiny model, 1-2 min on large ones) ...",
+            print("the compiled decoder step (compiled once per machine, ~30 s on a tiny model, 1-2 min on large ones, "
+                  "then loaded from a cache) ...",
                   file=sys.stderr)
         model = load(folder, device=device, dtype=dtype, pack=pack, compile=compile)
         framing = model.tokenizer.framing  # fails early: no text pipeline
@@ -55,7 +57,7 @@ def generate_file(folder: str, input: str, output: str, *, device: str = "cpu", 
         framing.check_direction(source_lang, target_lang)
         lines = read_lines(input)
         encoded = model.encode_all(lines, source_lang, target_lang)
-        batches = length_sorted_batches([len(e) for e in encoded], batch_size)
+        batches = length_sorted_batches([len(e) for e in encoded], batch_size, max_tokens)
         mine = [batches[b] for b in ranks.deal([sum(len(encoded[i]) for i in b) for b in batches])]
         desc = "generate" if ranks.world == 1 else f"generate (rank 0 of {ranks.world})"
         with tqdm(total=sum(map(len, mine)), unit="sent", desc=desc, disable=quiet or not ranks.main,

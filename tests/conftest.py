@@ -12,6 +12,8 @@ from pathlib import Path
 # reproducible results, as the command line does (fairport/cli.py; no measurable cost); subprocesses inherit it.
 # Tolerances are unchanged.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# compiled decoder steps are kept for this session only (the tests' processes share them; no earlier run's count)
+os.environ["FAIRPORT_CACHE"] = __import__("tempfile").mkdtemp(prefix="fairport-test-cache-")
 
 import pytest
 

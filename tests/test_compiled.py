@@ -4,6 +4,8 @@ one compilation (~30 s here), so the models are session fixtures."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_generation import CASES, SEED, assert_same, source_batch
@@ -93,3 +95,41 @@ def test_verify_checks_the_compiled_step(trained_dir, trained_converted, tmp_pat
         limit=8, fairseq_data=trained_dir / "bin", compile=True, out=tmp_path / "verify", progress=False))
     assert rep.passed
     assert any("compiled decoder step" in n for n in rep.sections["notes"])
+
+
+def test_a_compiled_step_is_compiled_once_per_machine(tmp_path):
+    """A second process loads the step the first compiled (kept in the cache, keyed by the folder's hashes, the
+    versions, the processor, dtype and threads) instead of compiling it, and generates the same tokens; a folder
+    whose weights changed compiles again. fairseq-free: a small checkpoint in fairseq's format."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT, rewrite_weights, run_cli, tiny_checkpoint
+
+    folder = tmp_path / "port"
+    assert run_cli("convert", tiny_checkpoint(tmp_path / "release"), folder).returncode == 0
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+from fairport.reference import load
+m = load({str(folder)!r}, compile=True)
+src = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]])
+hyps = m.generate(src, beam=3, max_len_b=6)
+print(json.dumps({{"cached": m.compiled_step.from_cache, "tokens": [h[0]["tokens"].tolist() for h in hyps]}}))
+"""
+    env = {**__import__("os").environ, "FAIRPORT_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert not first["cached"] and second["cached"] and first["tokens"] == second["tokens"]
+    eager = load(folder, pack=False)
+    src = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]])
+    assert [h[0]["tokens"].tolist() for h in eager.generate(src, beam=3, max_len_b=6)] == first["tokens"]
+    assert len(list((tmp_path / "cache" / "compiled").glob("*.pt2"))) == 1
+    key = compiled.cache_key(eager, compiled.CPU_OPTIONS)
+    rewrite_weights(folder, lambda w: w["model.decoder.layers.0.fc1.weight"].mul_(1.01))
+    assert compiled.cache_key(load(folder, pack=False), compiled.CPU_OPTIONS) != key  # compiled again

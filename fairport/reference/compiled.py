@@ -19,6 +19,11 @@ Rows, source length and step count are dynamic sizes of the compiled program: se
 nothing new, and a beam reorder is one gather for all layers. Its logits differ from the eager step's by ~1e-6
 (other summation orders); the tests check its tokens against the eager reference and against fairseq.
 
+Compiled once per machine: the compiled program is kept on disk (`cache_dir()`: $FAIRPORT_CACHE, else
+~/.cache/fairport/compiled), keyed by what it depends on (`cache_key`: the folder's weight hashes, torch and
+fairport versions, the processor, device, dtype and thread count, the compiler options); a later process, or
+another rank on the machine, loads it instead of compiling (a lock makes concurrent processes compile once).
+
 Threads: inductor fixes the number of threads of its generated loops when it compiles (torch's count then), so
 set torch.set_num_threads before loading with compile=True; a later change does not reach the compiled step.
 
@@ -29,9 +34,15 @@ there), but no GPU was available to run it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
+import os
+import platform
+import shutil
 import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -146,16 +157,19 @@ class CompiledStep:
         dynamic = ({0: rows}, None, {0: steps, 3: rows}, {2: sentences, 4: source_length},
                    {0: sentences, 3: source_length}, None)
         options = CPU_OPTIONS if p.device.type == "cpu" else {}
+        key = cache_key(model, options)
+        self.cached = None if key is None else cache_dir() / f"{key}.pt2"
+        self.from_cache = False
         try:  # inductor prints its GEMM search's timings on stderr: silenced
-            with tempfile.TemporaryDirectory(prefix="fairport-step-") as tmp, \
-                    contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            with _locked(self.cached), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's deprecation notices from inside the compiler
-                # sizes of 0 or 1 (the first steps, one row) take the general code path, not guards against them
-                with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-                    program = torch.export.export(DecoderStep(model.decoder).eval(), args, dynamic_shapes=dynamic)
-                path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
-                                                                inductor_configs=options)
-                self.run = torch._inductor.aoti_load_package(path)
+                self.run = _load_cached(self.cached)
+                self.from_cache = self.run is not None
+                if self.run is None:
+                    # sizes of 0 or 1 (the first steps, one row) take the general code path, not guards against them
+                    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                        program = torch.export.export(DecoderStep(model.decoder).eval(), args, dynamic_shapes=dynamic)
+                    self.run = _compile(program, options, self.cached)
         except Exception as e:  # noqa: BLE001 - any compiler failure: one line, the eager step still works
             detail = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
             raise FairportError(f"compiling the decoder step failed ({type(e).__name__}: {detail}); generate without "
@@ -163,6 +177,80 @@ class CompiledStep:
 
     def state(self, src_tokens: torch.Tensor, rows: int, capacity: int) -> CompiledDecoderState:
         return CompiledDecoderState(self.model, self.run, src_tokens, rows, capacity)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FAIRPORT_CACHE") or Path.home() / ".cache" / "fairport") / "compiled"
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line  # the model name, else the instruction sets: what inductor's generated code assumes
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_key(model: EncoderDecoder, options: dict) -> str | None:
+    """What a compiled step depends on, hashed: the weights (the folder's recorded hashes, so a folder that
+    changed compiles again), the versions, the processor, device, dtype and thread count (inductor fixes its
+    loops' threads when it compiles), the compiler options. None (no caching) for a model not loaded from a
+    folder with recorded hashes."""
+    from fairport import __version__
+
+    folder = getattr(model, "folder", None)
+    files = (folder.provenance.get("files") if folder is not None else None) or None
+    if not files:
+        return None
+    p = next(model.parameters())
+    parts = {"weights": files, "torch": torch.__version__, "fairport": __version__, "cpu": _processor(),
+             "device": str(p.device), "dtype": str(p.dtype), "threads": torch.get_num_threads(),
+             "options": options, "config": model.config.to_dict()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _locked(path: Path | None):
+    """One process at a time compiles a given step; the others wait, then load what it kept."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (two processes may both compile; each keeps a whole file)
+        yield
+        return
+    with open(path.with_suffix(".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_cached(path: Path | None):
+    if path is None or not path.is_file():
+        return None
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    except Exception:  # noqa: BLE001 - a damaged or foreign cache entry: compile again (it is replaced)
+        return None
+
+
+def _compile(program, options: dict, keep: Path | None):
+    """Compile with AOTInductor; the package is kept at `keep` (written beside it, then renamed into place)."""
+    with tempfile.TemporaryDirectory(prefix="fairport-step-") as tmp:
+        path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
+                                                        inductor_configs=options)
+        if keep is None:
+            return torch._inductor.aoti_load_package(path)
+        part = keep.with_suffix(f".{os.getpid()}.part")
+        shutil.move(path, part)
+        os.replace(part, keep)  # a whole file, or none
+    return torch._inductor.aoti_load_package(str(keep))
 
 
 def compile_step(model: nn.Module) -> nn.Module:

@@ -105,10 +105,26 @@ class HubVerbs:
     translate = sample
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of `batch_size`, shortest first (a stable sort), as fairseq's hub batches them."""
+def length_sorted_batches(lengths: list[int], batch_size: int | None, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices in batches, shortest first (a stable sort), as fairseq batches them: at most `batch_size` inputs
+    (None: no bound), and with `max_tokens` at most that many padded source tokens (the batch's longest input x
+    its inputs, fairseq's --max-tokens rule)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens is None:
+        size = batch_size or len(order) or 1
+        return [order[i: i + size] for i in range(0, len(order), size)]
+    too_long = next((i for i in order if lengths[i] > max_tokens), None)
+    if too_long is not None:
+        raise FairportError(f"input {too_long} has {lengths[too_long]} tokens, more than --max-tokens {max_tokens}: "
+                            f"raise --max-tokens")
+    batches: list[list[int]] = []
+    for i in order:  # ascending lengths: input i is the widest of the batch it joins
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= max_tokens and \
+                (batch_size is None or len(batches[-1]) < batch_size):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 class PortedModel(HubVerbs, EncoderDecoder):

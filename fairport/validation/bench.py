@@ -183,6 +183,8 @@ def _ctranslate2_worker(job: dict) -> dict:
 
     def prepare(cfg, src, threads):
         folder = job["ctranslate2"][cfg["dtype"]]
+        for key in [k for k in models if isinstance(k, tuple) and k != (cfg["dtype"], threads)]:
+            del models[key]  # one Translator in the process at a time: its memory is one model's, as deployed
         translator = _loaded(models, (cfg["dtype"], threads), lambda: ctranslate2.Translator(
             folder, device=job["device"], compute_type="int8" if cfg["dtype"] == "int8" else "float32",
             inter_threads=1, intra_threads=threads))

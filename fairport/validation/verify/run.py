@@ -194,7 +194,8 @@ def open_port(run: VerifyRun) -> None:
         load_checkpoint(p)
     torch.manual_seed(run.opts.seed)
     if run.opts.compile and run.opts.progress and run.ranks.main:
-        print("compiling the port's decoder step (~30 s on a tiny model, 1-2 min on large ones) ...", file=sys.stderr)
+        print("the port's compiled decoder step (compiled once per machine, ~30 s on a tiny model, 1-2 min on large "
+              "ones, then loaded from a cache) ...", file=sys.stderr)
     run.port = load(run.folder.path, device=run.device, dtype=torch.float32, compile=run.opts.compile)
     if run.opts.compile:
         run.report.note("the port generates with the compiled decoder step (reference/compiled.py)")
