@@ -34,7 +34,13 @@ def test_bench_tiny_preset_checks_outputs_while_timing(tmp_path):
             assert "transformers" not in row["sides"] and 0 <= ref["exact_match_rate"] <= 1
     roof = res["roofline"]
     assert roof["memory_read_gbps"] > 0 and roof["weight_read_gbps"]["torch:float32"] > 0
-    assert roof["weight_read_gbps"]["packed:float32"] > 0 and roof["weight_read_gbps"]["packed:bfloat16"] > 0
+    assert roof["weight_read_gbps"]["packed:float32"] > 0
+    # bf16 is packed only where this oneDNN can pack it on this processor (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)
+    from fairport.reference.fast import pack_linear
+
+    bf16_packs = pack_linear(torch.nn.Linear(64, 64).to(torch.bfloat16), min_numel=0) is not None
+    assert ("packed:bfloat16" in roof["weight_read_gbps"]) == bf16_packs
+    assert not bf16_packs or roof["weight_read_gbps"]["packed:bfloat16"] > 0
     assert any(k.startswith("torch:bfloat16:") for k in roof["matmul_gflops"])
     assert roof["weight_read_gbps"]["int8:int8"] > 0
     assert 0 < res["batch1_int8_bound_ms_per_step"] < res["batch1_bound_ms_per_step"]

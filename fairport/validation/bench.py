@@ -241,7 +241,7 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
     dtype the matmul GFLOP/s and weight-read GB/s (256 MB matrix times one row) of torch's default path
     (`F.linear`, what fairseq and transformers use) and of the reference's packed oneDNN path (CPU); for
     int8, of the int8 product (weight bytes counted at one byte a value)."""
-    from fairport.reference.fast import PACKABLE_DTYPES, Int8Linear, PackedLinear, int8_available, onednn_available
+    from fairport.reference.fast import PACKABLE_DTYPES, Int8Linear, int8_available, onednn_available, pack_linear
 
     block = torch.randn(64 << 20, device=device)  # 256 MB
     _, times = _timed(block.sum, 10, warmup_s=0.2)
@@ -253,9 +253,11 @@ def roofline(dim: int, ffn: int, rows: list[int], dtypes: list[str], device: str
         if name == "int8":
             paths = {"int8": Int8Linear} if device == "cpu" and int8_available() else {}
         elif device == "cpu" and dt in PACKABLE_DTYPES and onednn_available():
-            paths["packed"] = PackedLinear
+            paths["packed"] = functools.partial(pack_linear, min_numel=0)
         for path, make in paths.items():
             lin = make(_linear(ffn, dim, dt, device))
+            if lin is None:  # this oneDNN cannot pack this dtype on this processor (bf16 without AVX-512 BF16/BW)
+                continue
             for r in rows:
                 x = torch.randn(r, dim, dtype=dt, device=device)
                 _, times = _timed(functools.partial(lin, x), 20, warmup_s=0.2)
