@@ -243,7 +243,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         exact_match=defaults.exact_match if a.exact_match is None else a.exact_match,
         max_tie_rate=defaults.max_tie_rate if a.max_tie_rate is None else a.max_tie_rate,
         strict=a.strict, text_files={k: Path(getattr(a, k)) for k in TEXT_FILES if getattr(a, k)},
-        source_lang=a.source_lang, target_lang=a.target_lang, resume=a.resume, ctranslate2="ctranslate2" in a.sides,
+        source_lang=a.source_lang, target_lang=a.target_lang, resume=a.resume, transformers="transformers" in a.sides,
+        ctranslate2="ctranslate2" in a.sides,
         ctranslate2_model=a.ctranslate2_model and Path(a.ctranslate2_model), compile=a.compile)
     rep = verify(a.src, a.dst, opts)
     if rep is None:  # not rank 0: rank 0 writes the report
