@@ -65,6 +65,8 @@ from fairport.validation.verify.mismatch import (
     SEARCH_RULE,
     UNEXPLAINED,
     explain_tie,
+    selected,
+    steps_of,
 )
 from fairport.validation.verify.report import Report, check_report_dir, num, report_dir
 from fairport.validation.verify.shards import Shards
@@ -734,9 +736,42 @@ def explain_engine(run: VerifyRun, name: str, side, options: dict, i: int, a: li
     if m_o >= 0 and m_o + m_c <= tolerance:
         return {"class": NEAR_TIE, "evidence": evidence,
                 "explanation": f"{story}, within {num(tolerance)} of the measured log-prob |Δ| {num(eps)}: a tie."}
+    if m_o < 0 and not greedy:  # the original's own numbers prefer the engine's output: its beam dropped it
+        pruned = pruned_near_tie(run, options, i, c, eps)
+        if pruned is not None:
+            evidence["pruning"] = pruned
+            return {"class": NEAR_TIE, "evidence": evidence, "explanation": (
+                f"{story}: the original's own scores rank {name}'s output {num(-m_o)} higher, but its beam dropped "
+                f"that hypothesis at step {pruned['step']}, where it scored {num(pruned['margin'])} below the last "
+                f"one kept, within the {num(pruned['tolerance'])} that {pruned['step'] + 1} tokens of log-prob |Δ| "
+                f"{num(eps)} allow: a pruning tie the two searches broke differently.")}
     return {"class": DIVERGENCE, "evidence": evidence,
-            "explanation": f"{story}, beyond the {num(tolerance)} the measured log-prob |Δ| allows: {name}'s "
-                           f"numbers differ here."}
+            "explanation": f"{story}: not within the {num(tolerance)} the measured log-prob |Δ| allows, nor a tie "
+                           f"in the original's beam: {name}'s numbers or search differ here."}
+
+
+def pruned_near_tie(run: VerifyRun, options: dict, i: int, c: list[int], eps: float) -> dict | None:
+    """Where the original's beam search (traced on input i's batch) dropped the prefix of the engine's output
+    `c`: the step, and how far below the last hypothesis kept there it scored. A near-tie (the dict) when that
+    margin is within what `eps` per token allows the two models' scores to move (2 x eps x tokens), else None."""
+    b = next(b for b, idx in enumerate(run.batches) if i in idx)
+    key = next(k for k, o in run.settings.items() if o == options)
+    o, _, _ = traced(run, b, key, options)
+    row = run.batches[b].index(i)
+    steps = steps_of(o["trace"], row)
+    finished = [tuple(h["tokens"]) for h in hyps_of(o["hypotheses"][row])]
+    for t in range(min(len(steps), len(c))):
+        kept = selected(steps, finished, t)
+        prefix = tuple(c[: t + 1])
+        if prefix in kept:
+            continue
+        scores = dict(steps[t]["cands"])
+        lowest_kept = min((v for seq, v in scores.items() if seq in kept), default=None)
+        if prefix not in scores or lowest_kept is None:
+            return None
+        margin, tolerance = lowest_kept - scores[prefix], 2 * eps * (t + 1)
+        return {"step": t, "margin": margin, "tolerance": tolerance} if margin <= tolerance else None
+    return None
 
 
 def tokenizer_ids(run: VerifyRun) -> None:
