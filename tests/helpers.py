@@ -103,3 +103,10 @@ def tiny_checkpoint(folder: Path) -> Path:
     model["encoder.version"] = model["decoder.version"] = torch.tensor([3.0])
     torch.save({"args": args, "model": model, "optimizer_history": [], "extra_state": {}}, folder / "model.pt")
     return folder / "model.pt"
+
+
+def tiny_release_and_port(root: Path) -> Path:
+    """`root/release` (tiny_checkpoint) and `root/port`, its folder converted by the command line; returns root."""
+    proc = run_cli("convert", tiny_checkpoint(root / "release"), root / "port")
+    assert proc.returncode == 0, proc.stderr
+    return root

@@ -8,16 +8,13 @@ import subprocess
 import pytest
 
 from fairport.cli import main
-from helpers import assert_one_error_line, run_cli, tiny_checkpoint
+from helpers import assert_one_error_line, run_cli, tiny_release_and_port
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A converted model folder (from a checkpoint written in fairseq's format, no fairseq needed)."""
-    root = tmp_path_factory.mktemp("cli")
-    ckpt = tiny_checkpoint(root / "release")
-    proc = run_cli("convert", ckpt, root / "port")
-    assert proc.returncode == 0, proc.stderr
+    root = tiny_release_and_port(tmp_path_factory.mktemp("cli"))
     (root / "in.txt").write_text("w4 w5 w6\nw7 w8\n")
     return root
 

@@ -15,24 +15,20 @@ import pytest
 
 from fairport.errors import FairportError
 from fairport.reference import load
-from helpers import ROOT, assert_one_error_line, run_cli, tiny_checkpoint
+from helpers import ROOT, assert_one_error_line, run_cli, tiny_release_and_port
 
 TOKEN = "hf_fairportTESTtoken0123456789"
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    root = tmp_path_factory.mktemp("userfiles")
-    ckpt = tiny_checkpoint(root / "release")
-    proc = run_cli("convert", ckpt, root / "folder")
-    assert proc.returncode == 0, proc.stderr
-    return root
+    return tiny_release_and_port(tmp_path_factory.mktemp("userfiles"))
 
 
 @pytest.fixture()
 def folder(made, tmp_path):
     dst = tmp_path / "folder"
-    shutil.copytree(made / "folder", dst)
+    shutil.copytree(made / "port", dst)
     return dst
 
 

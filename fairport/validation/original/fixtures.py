@@ -58,13 +58,6 @@ FIXTURES: dict[str, dict] = {
                                             "--decoder-normalize-before", "--layernorm-embedding", "--bpe",
                                             "sentencepiece", "--sentencepiece-model", "{folder}/sentence.bpe.model"],
                             format="cfg"),
-    # the same, saved with legacy args as the 2020 mBART fine-tunes were: what CTranslate2's converter reads
-    "mbart_en_ro_args": dict(arch="mbart_large", task="translation_from_pretrained_bart", dicts="spm",
-                             langs=("en_XX", "ro_RO"), spm_file="sentence.bpe.model",
-                             flags=SHRINK + ["--langs", "en_XX,ro_RO", "--encoder-normalize-before",
-                                             "--decoder-normalize-before", "--layernorm-embedding", "--bpe",
-                                             "sentencepiece", "--sentencepiece-model", "{folder}/sentence.bpe.model"],
-                             format="args"),
     # a transformer trained with --bpe sentencepiece (legacy args); the recorded model path is the trainer's
     # and no longer exists: the model file sits beside the checkpoint under the same name
     "transformer_spm_args": dict(arch="transformer", task="translation", dicts="spm", langs=("en", "de"),
@@ -95,6 +88,8 @@ FIXTURES: dict[str, dict] = {
                                                  "--sentencepiece-model", "{folder}/sentence.bpe.model"],
                                  format="cfg"),
 }
+# mbart_en_ro_spm saved with legacy args, as the 2020 mBART fine-tunes were: what CTranslate2's converter reads
+FIXTURES["mbart_en_ro_args"] = {**FIXTURES["mbart_en_ro_spm"], "format": "args"}
 
 
 def _write_dict(path: Path, symbols: list[str]) -> None:
