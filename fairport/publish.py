@@ -194,9 +194,14 @@ def _transformers_usage(f: ModelFolder, name: str, report: dict | None) -> list[
     if side:
         rows = {e["engine"]: e for e in engines(report)}
         verdict = "PASS" if rows["transformers"]["passed"] else "FAIL"
-        how = (f"verify ran exactly these lines on the parity data: **{verdict}**, exact match with fairseq "
+        tok = side.get("tokenizer")
+        tok_line = "" if not hf_tok else (
+            f" AutoTokenizer: {tok['sentences'] - len(tok['mismatches'])} of {tok['sentences']} sentences give "
+            f"fairseq's ids" + (f" (the others by a named rule: {tok['rule']})" if tok.get("rule") else "") + "."
+            if tok else " AutoTokenizer was not checked (the parity data were token ids, not text).")
+        how = (f"verify ran these lines on the parity data: **{verdict}**, exact match with fairseq "
                + ", ".join(f"{k} {side[k]['exact_match']:.1%}" for k in ("greedy", "beam") if k in side)
-               + " (table below).")
+               + " (table below)." + tok_line)
     else:
         how = "**Not verified**: the parity report has no transformers side (run `fairport verify` with transformers " \
               "installed)."

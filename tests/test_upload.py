@@ -66,6 +66,9 @@ def test_upload_sends_exact_files_and_a_valid_card(port):
     body = sent["README.md"].decode()
     assert "## Parity with the original" in body and "verify/layers.png" in body and "sha256" in body
     assert "UNVERIFIED" not in body
+    # one parity table per engine, measured in the report's run, and the transformers lines verify ran
+    assert "| fairport reference | PASS |" in body and "| transformers | PASS |" in body
+    assert "model = AutoModelForSeq2SeqLM.from_pretrained(\"me/port\")" in body and "verify ran these lines" in body
 
 
 @needs_fairseq
