@@ -8,6 +8,7 @@ import json
 import struct
 import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from fairport.errors import FairportError
 from fairport.reference import compiled, fast
 from fairport.reference.config import ModelConfig
-from fairport.reference.folder import ModelFolder, damaged
+from fairport.reference.folder import ModelFolder, damaged, sha256
 from fairport.reference.hub import PortedEnsemble, PortedModel
 from fairport.reference.model import EncoderDecoder, SelfAttention, SinusoidalPositions, sinusoidal_table
 from fairport.reference.names import reference_name
@@ -57,18 +58,39 @@ def read_safetensors(path: Path, expected_sha256: str | None = None) -> Iterator
             raise damaged(path, "has a corrupt header (not a safetensors file)") from None
         if 8 + size + end > total:
             raise damaged(path, f"is cut short ({total} of {8 + size + end} bytes)")
-        for name, info in tensors:
-            start, stop = info["data_offsets"]
-            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-            buf = t.reshape(-1).view(torch.uint8).numpy()
-            f.seek(8 + size + start)
-            if f.readinto(buf) != stop - start:
-                raise damaged(path, f"is cut short (in {name})")
-            digest.update(buf)
-            yield name, t
+        # the hash runs in a thread of its own (hashlib releases the GIL), one tensor behind the reading: it
+        # overlaps with the caller's work on the next tensor and holds at most one tensor back
+        with ThreadPoolExecutor(1) as hasher:
+            pending = None
+            pos = 0  # bytes of the data section read so far, in file order
+            for name, info in tensors:
+                start, stop = info["data_offsets"]
+                if start < pos:  # tensors sharing bytes: hash the file apart (no such file is written)
+                    pending, digest = None, None
+                elif start > pos and digest is not None:  # bytes between tensors count too, in order
+                    if pending is not None:
+                        pending.result()
+                    digest.update(f.read(start - pos))
+                t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+                buf = t.reshape(-1).view(torch.uint8).numpy()
+                f.seek(8 + size + start)
+                if f.readinto(buf) != stop - start:
+                    raise damaged(path, f"is cut short (in {name})")
+                pos = max(pos, stop)
+                if digest is not None:
+                    if pending is not None:
+                        pending.result()
+                    pending = hasher.submit(digest.update, buf)
+                yield name, t
+            if pending is not None:
+                pending.result()
         if expected_sha256 is not None:
-            digest.update(f.read())  # anything after the last tensor counts too
-            if digest.hexdigest() != expected_sha256:
+            if digest is None:
+                actual = sha256(path)
+            else:
+                digest.update(f.read())  # anything after the last tensor counts too
+                actual = digest.hexdigest()
+            if actual != expected_sha256:
                 raise damaged(path, "does not match the sha256 provenance.json recorded when it was written")
 
 
