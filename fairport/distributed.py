@@ -100,6 +100,11 @@ class Ranks:
                                 + (f"; {f['hint']}" if f.get("hint") else ""))
 
 
+def restart_count() -> int:
+    """How many times torchrun restarted this run's workers (`--max-restarts`; 0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def report_error(ranks: Ranks, message: str) -> bool:
     """Whether this process prints the final error line (rank 0, unless the --nproc launcher does); under the
     launcher every rank leaves its message for it in a file."""

@@ -124,3 +124,20 @@ def test_a_dying_rank_is_named_in_one_line_by_the_launcher(trained_dir, port, tm
                    "--nproc", "2", env={"FAIRPORT_TEST_FAULT": f"1:{b}:exit"})
     line = assert_one_error_line(proc, "rank 1 died", f"batch {b}", "--resume")
     assert str(inputs) in line and not (out / "report.json").exists()
+
+
+@needs_fairseq
+def test_a_run_torchrun_restarts_resumes_from_its_kept_batches(trained_dir, port, one_process_report, tmp_path):
+    """torchrun --max-restarts 1: a rank dies on its last batch; torchrun restarts the workers, which keep the
+    finished batches by themselves (no --resume) and finish with the one-process report."""
+    b, _ = _a_batch_of_rank_1(trained_dir)
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "1", "-m", "fairport", "verify", str(trained_dir), str(port),
+                           "--fairseq-data", str(trained_dir / "bin"), "--limit", LIMIT, "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **ONE_THREAD,
+                               "FAIRPORT_TEST_FAULT": f"1:{b}:exit"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torchrun restart 1:" in proc.stdout and "finished batches kept" in proc.stdout
+    assert comparable(json.loads((out / "report.json").read_text())) == comparable(one_process_report)

@@ -34,7 +34,7 @@ import torch
 from fairport import __version__
 from fairport.converters.checkpoint import load_checkpoint
 from fairport.converters.sources import ensemble_members, find_sources
-from fairport.distributed import Ranks
+from fairport.distributed import Ranks, restart_count
 from fairport.errors import FairportError
 from fairport.reference import load
 from fairport.reference.batching import pad_batch
@@ -282,12 +282,18 @@ def run_batches(run: VerifyRun) -> None:
         run.inputs.src, run.inputs.refs, run.settings, run.opts.dtypes, run.opts.batch_size, run.device,
         [str(p) for p in run.checkpoints], [p.stat().st_size for p in run.checkpoints], run.folder.provenance,
         run.forced, run.overrides, str(run.ct2.folder) if run.ct2 else None))
+    # a run torchrun restarted (--max-restarts) resumes from its kept batches by itself
+    restarts = restart_count()
+    resume = run.opts.resume or restarts > 0
     if run.ranks.main:  # an earlier report stays until this run's is complete (report.write)
-        shards.prepare(run.opts.resume)
+        shards.prepare(resume)
     run.ranks.barrier()
-    todo = [b for b in run.mine if not (run.opts.resume and shards.path(b).exists())]
+    todo = [b for b in run.mine if not (resume and shards.path(b).exists())]
     if len(todo) < len(run.mine):
-        run.say(f"--resume: {len(run.mine) - len(todo)} finished batches kept")
+        how = f"torchrun restart {restarts}" if restarts and not run.opts.resume else "--resume"
+        who = f"rank {run.ranks.rank}: " if run.ranks.world > 1 else ""
+        if run.opts.progress:  # every rank says what it kept
+            print(f"[verify] {who}{how}: {len(run.mine) - len(todo)} finished batches kept", flush=True)
     failure = None
     if todo:
         warm_up(run, todo[0])
@@ -315,9 +321,10 @@ def run_batches(run: VerifyRun) -> None:
 
 
 def _fault(run: VerifyRun, b: int) -> None:
-    """Tests' fault injection (FAIRPORT_TEST_FAULT="RANK:BATCH[:exit]")."""
+    """Tests' fault injection (FAIRPORT_TEST_FAULT="RANK:BATCH[:exit]"), on a run's first attempt only (a run
+    torchrun restarts goes through)."""
     spec = os.environ.get(FAULT, "").split(":")
-    if len(spec) >= 2 and int(spec[0]) == run.ranks.rank and int(spec[1]) == b:
+    if len(spec) >= 2 and int(spec[0]) == run.ranks.rank and int(spec[1]) == b and restart_count() == 0:
         if spec[2:] == ["exit"]:
             os._exit(3)
         raise RuntimeError(f"injected fault ({FAULT})")
