@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import torch
 from fairport import __version__
 from fairport.converters.checkpoint import load_checkpoint
 from fairport.converters.sources import ensemble_members, find_sources
-from fairport.distributed import Ranks, restart_count
+from fairport.distributed import LAUNCHED, Ranks, restart_count
 from fairport.errors import FairportError
 from fairport.reference import load
 from fairport.reference.batching import pad_batch
@@ -294,6 +295,38 @@ def run_batches(run: VerifyRun) -> None:
         who = f"rank {run.ranks.rank}: " if run.ranks.world > 1 else ""
         if run.opts.progress:  # every rank says what it kept
             print(f"[verify] {who}{how}: {len(run.mine) - len(todo)} finished batches kept", flush=True)
+    with _stopped_by_torchrun(run, shards):
+        _run_my_batches(run, shards, todo)
+
+
+@contextlib.contextmanager
+def _stopped_by_torchrun(run: VerifyRun, shards: Shards):
+    """Under plain torchrun, when a rank dies, the others are stopped (SIGTERM) or see their collectives fail:
+    rank 0 then ends with one line naming the rank that died and its batch (its progress file, its process gone),
+    not a traceback. Best effort: in some runs here rank 0 ended without a word (torchrun stopped it within
+    ~60 ms, cause not isolated), and torchrun's own summary is then the only word. (The --nproc launcher names a
+    dead rank itself, always.)"""
+    if run.ranks.world == 1 or os.environ.get(LAUNCHED) or not run.ranks.main:
+        yield
+        return
+
+    def why() -> str:
+        dead = shards.dead_ranks() or "a rank ended early (torchrun's summary below names it)"
+        return f"{dead}; the batches finished before are kept in {shards.folder}: rerun with --resume"
+
+    def stopped(signum, frame):
+        raise FairportError(f"torchrun stopped the run: {why()}")
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        yield
+    except RuntimeError as e:  # a collective failed because a peer is gone
+        raise FairportError(f"{why()} ({first_line(e)[:120]})") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_my_batches(run: VerifyRun, shards: Shards, todo: list[int]) -> None:
     failure = None
     if todo:
         warm_up(run, todo[0])

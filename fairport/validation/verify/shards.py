@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -58,7 +60,37 @@ class Shards:
         tmp.rename(self.path(batch))  # a batch file is complete, or absent
 
     def progress(self, rank: int, batch: int | None, inputs: list[int] | None = None) -> None:
-        (self.folder / f"progress-rank-{rank}.json").write_text(json.dumps({"batch": batch, "inputs": inputs}))
+        (self.folder / f"progress-rank-{rank}.json").write_text(json.dumps(
+            {"batch": batch, "inputs": inputs, "pid": os.getpid(), "host": socket.gethostname()}))
+
+    def dead_ranks(self) -> str | None:
+        """Ranks on this machine whose process is gone while their progress file says they were on a batch: "rank 1
+        died on batch 7 (inputs [...])", for the error rank 0 gives when torchrun stops the run; None if none."""
+        dead = []
+        for p in sorted(self.folder.glob("progress-rank-*.json")):
+            try:
+                info = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get("batch") is None or info.get("host") != socket.gethostname():
+                continue
+            if not _alive(info.get("pid")):
+                dead.append(f"rank {p.stem.rsplit('-', 1)[1]} died on batch {info['batch']} (inputs {info['inputs']})")
+        return "; ".join(dead) or None
+
+
+def _alive(pid) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by torchrun's agent, does not)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    try:
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
