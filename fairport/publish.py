@@ -211,8 +211,7 @@ def _transformers_usage(f: ModelFolder, name: str, report: dict | None) -> list[
          f'model = AutoModelForSeq2SeqLM.from_pretrained("{name}")',
          f"out = model.generate(input_ids, attention_mask=attention_mask{forced})  # the folder's generation config",
          "```", "", how, ""]
-    rules = json.loads(f.file("generation_config.json").read_text()).get("fairseq_rules_not_expressed") \
-        if f.file("generation_config.json").exists() else []
+    rules = f.transformers_rules
     if rules:
         L += ["fairseq rules transformers' generation config cannot express:", ""] + [f"- {r}" for r in rules] + [""]
     return L

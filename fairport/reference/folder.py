@@ -134,6 +134,11 @@ class ModelFolder:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    @property
+    def transformers_rules(self) -> list[str]:
+        """The fairseq search rules generation_config.json says transformers cannot express (converters/hf.py)."""
+        return _json(self.path / GENERATION).get("fairseq_rules_not_expressed", [])
+
     def recorded_sha256(self, path: Path) -> str | None:
         """The sha256 provenance.json recorded for one of the folder's files when it was written (None: not
         recorded, e.g. a folder written before provenance listed its files)."""

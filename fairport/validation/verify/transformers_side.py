@@ -39,7 +39,7 @@ class TransformersSide:
         gen = self.model.generation_config
         self.eos, self.start = gen.eos_token_id, gen.decoder_start_token_id
         self.forced = getattr(gen, "forced_bos_token_id", None)
-        self.rules = folder_rules(folder)
+        self.rules = folder.transformers_rules
 
     def _rows(self, src: torch.Tensor) -> list[list[int]]:
         return [[i for i in row if i != self.pad] for row in src.tolist()]
@@ -98,13 +98,3 @@ class TransformersSide:
                                                   decoder_input_ids=prev, use_cache=False).logits[0].float(), -1)
                 out.append(lp.gather(-1, torch.tensor(t, device=self.device)[:, None]).squeeze(-1).cpu().tolist())
         return out
-
-
-def folder_rules(folder) -> list[str]:
-    """The fairseq rules the folder's generation_config.json says transformers cannot express."""
-    import json
-
-    try:
-        return json.loads(folder.file("generation_config.json").read_text()).get("fairseq_rules_not_expressed", [])
-    except (OSError, ValueError):
-        return []
