@@ -50,7 +50,12 @@ class Ranks:
             torch.cuda.set_device(self.local_rank)
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if device.startswith("cuda") else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
+            timeout = datetime.timedelta(hours=6)
+            store, _, _ = next(dist.rendezvous("env://", self.rank, self.world, timeout=timeout))
+            # torchrun --max-restarts keeps its store across attempts: keys of an earlier attempt (a dead rank's
+            # address among them) must not be read by this one
+            store = dist.PrefixStore(f"fairport-attempt-{restart_count()}/", store)
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout)
         return device
 
     def stop(self) -> None:

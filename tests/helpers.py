@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,37 @@ def gpt2_files(name: str) -> dict:
     return {}
 
 
+# no test's process may run longer: a hang fails its test (the run's output so far in the message) instead of
+# holding the suite until CI gives up
+PROCESS_TIMEOUT = float(os.environ.get("FAIRPORT_TEST_PROCESS_TIMEOUT", 900))
+
+
+def run(cmd: list, *, env: dict | None = None, stdin: str | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run `cmd` (text in, text out captured) in its own process group; past PROCESS_TIMEOUT the whole group
+    (torchrun's workers and their fairseq workers too) is killed and the test fails with what it printed."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin, timeout=PROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... ran past {PROCESS_TIMEOUT:.0f}s and was killed\n"
+                    f"{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def run_cli(*args, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`python -m fairport ARGS` in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "fairport", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, input=stdin, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    return run([sys.executable, "-m", "fairport", *args], stdin=stdin,
+               env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+
+def torchrun(*args, env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC ARGS` (one thread per process unless `env` says)."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", nproc, *args],
+               env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from fairport.converters.checkpoint import load_checkpoint
 from fairport.errors import FairportError
-from helpers import ROOT, assert_one_error_line, needs_fairseq, run_cli
+from helpers import assert_one_error_line, needs_fairseq, run, run_cli
 
 
 def fairport(*args) -> subprocess.CompletedProcess:
@@ -156,8 +156,7 @@ def test_demo_removes_only_what_it_created(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "thesis.tex").write_text("years of work")
-    proc = subprocess.run([sys.executable, "-m", "fairport.demo", str(busy)], capture_output=True,
-                          text=True, cwd=ROOT)
+    proc = run([sys.executable, "-m", "fairport.demo", busy])
     assert proc.returncode != 0 and "not made by the demo" in proc.stderr
     assert (busy / "thesis.tex").read_text() == "years of work" and list(busy.iterdir()) == [busy / "thesis.tex"]
     out = tmp_path / "demo"

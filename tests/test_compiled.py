@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_generation import CASES, SEED, assert_same, source_batch
 
+import helpers
 from fairport.reference import compiled, load
 from fairport.validation.original.protocol import Generate, run
 from fairport.validation.verify.inputs import random_batch
@@ -101,10 +102,9 @@ def test_a_compiled_step_is_compiled_once_per_machine(tmp_path):
     """A second process loads the step the first compiled (kept in the cache, keyed by the folder's hashes, the
     versions, the processor, dtype and threads) instead of compiling it, and generates the same tokens; a folder
     whose weights changed compiles again. fairseq-free: a small checkpoint in fairseq's format."""
-    import subprocess
     import sys
 
-    from helpers import ROOT, rewrite_weights, run_cli, tiny_checkpoint
+    from helpers import rewrite_weights, run_cli, tiny_checkpoint
 
     folder = tmp_path / "port"
     assert run_cli("convert", tiny_checkpoint(tmp_path / "release"), folder).returncode == 0
@@ -120,7 +120,7 @@ print(json.dumps({{"cached": m.compiled_step.from_cache, "tokens": [h[0]["tokens
     env = {**__import__("os").environ, "FAIRPORT_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
 
     def run():
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+        proc = helpers.run([sys.executable, "-c", code], env=env)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.strip().splitlines()[-1])
 

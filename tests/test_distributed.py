@@ -5,16 +5,14 @@ one line naming it and its batch, and `--resume` finishes from the batches alrea
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+import helpers
 from fairport.distributed import Ranks
 from fairport.reference.hub import length_sorted_batches
 from fairport.validation.verify.inputs import from_fairseq_data
-from helpers import ROOT, assert_one_error_line, needs_fairseq, run_cli
+from helpers import assert_one_error_line, needs_fairseq, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same threads per process either way: the same products, bit for bit
 LIMIT = "40"
@@ -22,9 +20,7 @@ LIMIT = "40"
 
 def torchrun(*args, env=None):
     """`torchrun --standalone --nproc-per-node 2 -m fairport ARGS`."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "fairport", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", **ONE_THREAD, **(env or {})})
+    return helpers.torchrun("-m", "fairport", *args, env={**ONE_THREAD, **(env or {})})
 
 
 TIMINGS = {"seconds", "sentences_per_s", "load_seconds"}  # the engines' sections time themselves too
@@ -132,12 +128,9 @@ def test_a_run_torchrun_restarts_resumes_from_its_kept_batches(trained_dir, port
     finished batches by themselves (no --resume) and finish with the one-process report."""
     b, _ = _a_batch_of_rank_1(trained_dir)
     out = tmp_path / "r"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--max-restarts", "1", "-m", "fairport", "verify", str(trained_dir), str(port),
-                           "--fairseq-data", str(trained_dir / "bin"), "--limit", LIMIT, "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", **ONE_THREAD,
-                               "FAIRPORT_TEST_FAULT": f"1:{b}:exit"})
+    proc = helpers.torchrun("--max-restarts", "1", "-m", "fairport", "verify", trained_dir, port,
+                            "--fairseq-data", trained_dir / "bin", "--limit", LIMIT, "--out", out,
+                            env={**ONE_THREAD, "FAIRPORT_TEST_FAULT": f"1:{b}:exit"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torchrun restart 1:" in proc.stdout and "finished batches kept" in proc.stdout
     assert comparable(json.loads((out / "report.json").read_text())) == comparable(one_process_report)

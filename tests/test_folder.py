@@ -13,7 +13,7 @@ from fairport.converters.convert import convert
 from fairport.reference import load
 from fairport.reference.folder import sha256
 from fairport.validation.verify.inputs import random_batch
-from helpers import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared
+from helpers import HAVE_TRANSFORMERS, SHARED, gpt2_files, needs_fairseq, needs_shared, run
 
 
 def logits(folder, seed=0):
@@ -115,7 +115,6 @@ def test_bart_tokenizer_from_folder_gives_fairseq_ids(converted, fixtures_dir):
 @needs_fairseq
 def test_converter_and_reference_work_without_fairseq(fixtures_dir, tmp_path):
     """fairseq is only for running the originals: with it made unimportable, convert + load + generate work."""
-    import subprocess
     import sys
 
     code = f"""
@@ -130,7 +129,7 @@ import torch
 print(len(m.generate(torch.tensor([[5, 6, 7, 2]]), beam=2, max_len_b=3)))
 assert not any(k.startswith('fairseq') and sys.modules[k] is not None for k in sys.modules)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = run([sys.executable, "-c", code])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"
 

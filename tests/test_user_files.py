@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from fairport.errors import FairportError
 from fairport.reference import load
-from helpers import ROOT, assert_one_error_line, run_cli, tiny_release_and_port
+from helpers import assert_one_error_line, run_cli, tiny_release_and_port, torchrun
 
 TOKEN = "hf_fairportTESTtoken0123456789"
 
@@ -228,10 +226,7 @@ def test_a_damaged_folder_on_two_ranks_is_one_line(folder, tmp_path):
                    env={"OMP_NUM_THREADS": "1"})
     line = assert_one_error_line(proc, "sha256", "model.safetensors")
     assert "--resume" not in line
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "fairport", "generate", str(folder), "--input", str(src), "--output",
-                           str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    proc = torchrun("-m", "fairport", "generate", folder, "--input", src, "--output", tmp_path / "o")
     assert proc.returncode != 0
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("fairport: error:")]
     assert len(ours) == 1 and "sha256" in ours[0]
