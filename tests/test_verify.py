@@ -264,32 +264,37 @@ def test_a_batch_dependent_original_is_recognised(trained_dir, tmp_path):
 
     from fairport.distributed import Ranks
     from fairport.reference.folder import ModelFolder
-    from fairport.validation.verify import run as stages
-    from fairport.validation.verify.run import VerifyOptions, VerifyRun
+    from fairport.validation.verify.batch import top
+    from fairport.validation.verify.checks import generation, logits
+    from fairport.validation.verify.report import Report
+    from fairport.validation.verify.run import VerifyOptions, VerifyRun, run_batches
+    from fairport.validation.verify.setup import open_setup
 
     port = tmp_path / "port"
     convert(trained_dir, port, generation_overrides={"max_len_a": 0.5, "max_len_b": 0})
     opts = VerifyOptions(fairseq_data=trained_dir / "bin", limit=60, batch_size=64, out=tmp_path / "r", progress=False)
-    run = VerifyRun(trained_dir, ModelFolder.open(port), opts, Ranks(), "cpu")
+    report = Report()
+    run = VerifyRun(open_setup(trained_dir, ModelFolder.open(port), opts, Ranks(), "cpu", report), report)
+    s = run.setup
     try:
-        for stage in stages.EVERY_RANK + [stages.logits_and_nll]:
-            stage(run)
-        [batch] = run.batches  # every input in one batch: its width is the longest input's
+        run_batches(run)
+        logits.report(run)
+        [batch] = s.batches  # every input in one batch: its width is the longest input's
         # a short input: alone its max length (half its own length) may cut it short, in the batch not. Which
         # short input shows it depends on what the training run learnt, so take the shortest one that does.
-        def alone_differs(j):
-            alone = run.port.generate(torch.tensor([run.inputs.src[j]]), **run.settings["greedy"])
-            in_batch = run.results[0]["greedy"]["reference"][batch.index(j)]
-            return alone if alone[0][0]["tokens"].tolist() != in_batch["tokens"] else None
+        ports = run.results[0].checks["generation"].top["greedy"]
 
-        short = sorted((j for j in batch if len(run.inputs.src[j]) <= 12), key=lambda j: len(run.inputs.src[j]))
+        def alone_differs(j):
+            alone = s.port.generate(torch.tensor([s.inputs.src[j]]), **s.settings["greedy"])
+            return alone if alone[0][0]["tokens"].tolist() != ports[batch.index(j)]["tokens"] else None
+
+        short = sorted((j for j in batch if len(s.inputs.src[j]) <= 12), key=lambda j: len(s.inputs.src[j]))
         i, alone = next(((j, a) for j in short if (a := alone_differs(j)) is not None), (None, None))
         assert i is not None, "the construction needs a batch-dependent input"
-        run.results[0]["greedy"]["reference"][batch.index(i)] = stages.top(alone[0])  # the port, batched otherwise
-        stages.generation(run)
+        ports[batch.index(i)] = top(alone[0])  # the port, batched otherwise
+        generation.report(run)
     finally:
-        if run.original is not None:
-            run.original.close()
+        run.close()
     [m] = run.report.sections["generation"]["greedy"]["mismatches"]
     assert m["input"] == i and m["class"] == "batch-dependent original"
     assert m["evidence"]["original_alone"] == m["port"] != m["original"]

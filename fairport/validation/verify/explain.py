@@ -36,18 +36,6 @@ def on_device(t, device):
     return None if t is None else t.to(device)
 
 
-def outputs_of(run: VerifyRun, side: str, key: str) -> list:
-    """One side's top hypotheses in setting `key`, in input order: "original"/"reference" (the port) or an engine
-    ("transformers", "ctranslate2")."""
-    if side in ("original", "reference"):
-        return run.per_input(f"{key}.{side}")
-    out: list = [None] * len(run.inputs.src)
-    for res in run.batches_in_order():
-        for i, h in zip(res["inputs"], res[side][key]):
-            out[i] = h
-    return out
-
-
 def explain_all(run: VerifyRun, what: str, inputs: list[int], explain_one, divergent: str | None,
                 found: list[int]) -> list[tuple[int, dict]]:
     """`explain_one(i)` for each mismatched input (a progress bar shows this phase), until divergence is
@@ -58,7 +46,7 @@ def explain_all(run: VerifyRun, what: str, inputs: list[int], explain_one, diver
 
     out = []
     for i in tqdm(inputs, desc=f"explaining {what} mismatches", unit="input", file=sys.stderr, leave=False,
-                  disable=not (run.opts.progress and run.ranks.main) or not inputs):
+                  disable=not (run.setup.opts.progress and run.setup.ranks.main) or not inputs):
         why = divergent or (f"{found[0]} divergences were already found on this side"
                             if found[0] >= MAX_DIVERGENCES else None)
         if why:
@@ -80,25 +68,25 @@ def tally(run: VerifyRun, title: str, mismatches: list[dict], n: int) -> tuple[d
     failed = counts[DIVERGENCE] + counts[UNEXPLAINED]
     detail = f"{len(mismatches)} of {n} differ: " + ", ".join(f"{v} {c}" for c, v in counts.items() if v) \
         if mismatches else f"0 of {n} differ"
-    if not (run.opts.strict and title.startswith("generation")):
+    o = run.setup.opts
+    if not (o.strict and title.startswith("generation")):
         run.report.add(f"{title}: every mismatch explained", failed == 0, failed, 0, detail)
-        bound = run.opts.max_tie_rate
+        bound = o.max_tie_rate
         run.report.add(f"{title}: near-ties and batch effects within --max-tie-rate", explained <= bound, explained,
                        bound, f"exact match {rate:.1%}")
     else:
-        run.report.add(f"{title}: top hypothesis exact match", rate >= run.opts.exact_match, rate,
-                       run.opts.exact_match, detail)
+        run.report.add(f"{title}: top hypothesis exact match", rate >= o.exact_match, rate, o.exact_match, detail)
     return counts, rate, explained
 
 
 def traced(run: VerifyRun, b: int, key: str, options: dict) -> tuple[dict, list, list]:
     """Both searches traced on batch b in setting `key`, run once and shared by every mismatch of that batch."""
     if (b, key) not in run.traces:
-        src = run.src_batch(b)
-        o = run.fairseq()(Generate(src, options, prefix=run.prefix(src.size(0)), force_bos=run.framing.bart,
-                                   trace=True))
+        s = run.setup
+        src = s.src_batch(b)
+        o = run.fairseq()(Generate(src, options, prefix=s.prefix(src.size(0)), force_bos=s.framing.bart, trace=True))
         trace: list = []
-        p = generate(run.port, src.to(run.device), prefix_tokens=on_device(run.prefix(src.size(0)), run.device),
+        p = generate(s.port, src.to(s.device), prefix_tokens=on_device(s.prefix(src.size(0)), s.device),
                      trace=trace, **options)
         run.traces[(b, key)] = (o, trace, p)
     return run.traces[(b, key)]
@@ -106,25 +94,27 @@ def traced(run: VerifyRun, b: int, key: str, options: dict) -> tuple[dict, list,
 
 def original_alone(run: VerifyRun, i: int, options: dict) -> list[int]:
     """The original's top hypothesis for input i generated in a batch of its own."""
-    out = run.fairseq()(Generate(torch.tensor([run.inputs.src[i]]), options, prefix=run.prefix(1),
-                                 force_bos=run.framing.bart))
+    s = run.setup
+    out = run.fairseq()(Generate(torch.tensor([s.inputs.src[i]]), options, prefix=s.prefix(1),
+                                 force_bos=s.framing.bart))
     return out["hypotheses"][0][0]["tokens"].tolist()
 
 
 def explain(run: VerifyRun, key: str, options: dict, i: int) -> dict:
     """Why input i's top hypotheses differ (setting `key`): the original alone, then both searches traced on
     the same batch."""
-    b = next(b for b, idx in enumerate(run.batches) if i in idx)
-    row = run.batches[b].index(i)
-    mine_top = run.per_input(f"{key}.reference")[i]["tokens"]
+    s = run.setup
+    b = s.batch_of(i)
+    row = s.batches[b].index(i)
+    mine_top = run.outputs("reference", key)[i]["tokens"]
     alone_tokens = original_alone(run, i, options)
     o, trace, p = traced(run, b, key, options)
-    why = explain_tie(o["trace"], trace, row, hyps_of(o["hypotheses"][row]), hyps_of(p[row]), run.delta, run.text)
-    why["evidence"]["original_alone"] = run.text(alone_tokens)
+    why = explain_tie(o["trace"], trace, row, hyps_of(o["hypotheses"][row]), hyps_of(p[row]), run.delta, s.text)
+    why["evidence"]["original_alone"] = s.text(alone_tokens)
     if alone_tokens == mine_top:
         why = {"class": BATCH, "evidence": why["evidence"],
                "explanation": f"run alone, the original gives the port's output: its output for this input depends "
-                              f"on what it is batched with (here a batch of {len(run.batches[b])}). Searches in that "
+                              f"on what it is batched with (here a batch of {len(s.batches[b])}). Searches in that "
                               f"batch: {why['explanation']}"}
     return why
 
@@ -137,10 +127,10 @@ def engine_generation(run: VerifyRun, name: str, side, eps: float, divergent: st
     """An engine's outputs (transformers', CTranslate2's) against the original's in each setting: exact match,
     every mismatch explained from the outputs' own scores (an engine's search cannot be traced), checks named
     after the engine. `forced_first`: the engine scores a forced first token 0 (see explain_engine)."""
-    section: dict = {}
+    s, section = run.setup, {}
     found = [0]
-    for key, options in run.settings.items():
-        theirs, mine = outputs_of(run, "original", key), outputs_of(run, name, key)
+    for key, options in s.settings.items():
+        theirs, mine = run.outputs("original", key), run.outputs(name, key)
         diff = [i for i, (a, b) in enumerate(zip(theirs, mine)) if a["tokens"] != b["tokens"]]
         mismatches = []
         def one(i, options=options, key=key, theirs=theirs, mine=mine):
@@ -148,10 +138,10 @@ def engine_generation(run: VerifyRun, name: str, side, eps: float, divergent: st
                                   key == "greedy", forced_first)
 
         for i, why in explain_all(run, f"{name}'s {key}", diff, one, divergent, found):
-            mismatches.append({"input": i, "original": run.text(theirs[i]["tokens"]),
-                               name: run.text(mine[i]["tokens"]), **why})
+            mismatches.append({"input": i, "original": s.text(theirs[i]["tokens"]),
+                               name: s.text(mine[i]["tokens"]), **why})
         counts, rate, _ = tally(run, f"{name} generation ({key})", mismatches, len(theirs))
-        seconds = sum(res[name]["seconds"][key] for res in run.batches_in_order())
+        seconds = sum(r.seconds[key] for r in run.results_of(name))
         section[key] = {"options": options, "exact_match": rate, "counts": counts, "mismatches": mismatches,
                         "seconds": seconds, "sentences_per_s": len(theirs) / max(seconds, 1e-9)}
     return section
@@ -165,14 +155,15 @@ def explain_engine(run: VerifyRun, name: str, side, options: dict, i: int, a: li
     engine's own scores rank A higher, its search chose otherwise: if its own scores rank C higher once the
     log-probabilities its search does not count are left out (a forced first token, `forced_first`; an EOS at the
     length limit), that named rule explains it (SEARCH_RULE), else it is a divergence."""
+    s = run.setup
     alone = original_alone(run, i, options)
-    evidence: dict = {"original_alone": run.text(alone)}
+    evidence: dict = {"original_alone": s.text(alone)}
     if alone == c:
         return {"class": BATCH, "evidence": evidence, "explanation": f"run alone, the original gives {name}'s "
                 "output: its output for this input depends on what it is batched with."}
-    cfg = run.folder.config
-    start = run.settings["beam"].get("eos", cfg.eos)
-    src = torch.tensor([run.inputs.src[i]])
+    cfg = s.folder.config
+    start = s.settings["beam"].get("eos", cfg.eos)
+    src = torch.tensor([s.inputs.src[i]])
     both = src.repeat(2, 1)  # the input once for each output scored
     so = run.fairseq()(Score(both, [a, c], start))["log_probs"]
     sc = side.score(both, [a, c], cfg.pad, start)
@@ -188,8 +179,8 @@ def explain_engine(run: VerifyRun, name: str, side, options: dict, i: int, a: li
     evidence |= {"step": t, "margin": {"original": m_o, name: m_c}, "flip": m_o + m_c, "tolerance": tolerance,
                  "delta_log_probs": eps}
     if m_c < 0:  # the engine's own scores rank the original's output higher: its search chose otherwise
-        b = next(b for b, idx in enumerate(run.batches) if i in idx)
-        limit = min(int(options.get("max_len_a", 0) * run.src_batch(b).size(1) + options.get("max_len_b", 200)),
+        width = s.src_batch(s.batch_of(i)).size(1)
+        limit = min(int(options.get("max_len_a", 0) * width + options.get("max_len_b", 200)),
                     cfg.max_target_positions - 1) + 1  # tokens with the EOS fairseq forces at max_len
         rules = [r for r, holds in ((FORCED_FIRST, forced_first and a[:1] == c[:1]),
                                     (EOS_AT_LIMIT, limit in (len(a), len(c)))) if holds]
@@ -229,10 +220,11 @@ def pruned_near_tie(run: VerifyRun, options: dict, i: int, c: list[int], eps: fl
     """Where the original's beam search (traced on input i's batch) dropped the prefix of the engine's output
     `c`: the step, and how far below the last hypothesis kept there it scored. A near-tie (the dict) when that
     margin is within what `eps` per token allows the two models' scores to move (2 x eps x tokens), else None."""
-    b = next(b for b, idx in enumerate(run.batches) if i in idx)
-    key = next(k for k, o in run.settings.items() if o == options)
+    s = run.setup
+    b = s.batch_of(i)
+    key = next(k for k, o in s.settings.items() if o == options)
     o, _, _ = traced(run, b, key, options)
-    row = run.batches[b].index(i)
+    row = s.batches[b].index(i)
     steps = steps_of(o["trace"], row)
     finished = [tuple(h["tokens"]) for h in hyps_of(o["hypotheses"][row])]
     for t in range(min(len(steps), len(c))):
