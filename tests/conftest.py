@@ -115,4 +115,4 @@ def fairseq_generations(trained_dir):
 
     src = source_batch(trained_dir)
     results = run([trained_dir / "model.pt"], trained_dir, *[Generate(src, o, seed=SEED) for o in CASES.values()])
-    return src, {case: r["hypotheses"] for case, r in zip(CASES, results)}
+    return src, {case: r.hypotheses for case, r in zip(CASES, results)}

@@ -138,3 +138,42 @@ def tiny_release_and_port(root: Path) -> Path:
     proc = run_cli("convert", tiny_checkpoint(root / "release"), root / "port")
     assert proc.returncode == 0, proc.stderr
     return root
+
+
+class FakeOriginal:
+    """The original's protocol answered by fairport's reference model loaded from `folder`: the same typed
+    requests and results as fairseq's worker (validation/original/protocol.py), without fairseq. verify's checks
+    run against it in fairseq-free tests: a folder whose weights were changed after the fake loaded them is a
+    port that differs from its original."""
+
+    def __init__(self, folder: Path):
+        from fairport.reference import load
+
+        self.model = load(folder, dtype=torch.float32)
+        self.requests: list[str] = []
+
+    def __call__(self, request):
+        import time
+
+        from fairport.reference.generate import generate
+        from fairport.util import peak_rss_mb
+        from fairport.validation.original import protocol as p
+        from fairport.validation.verify.checks.layers import layer_outputs
+
+        self.requests.append(type(request).__name__)
+        if isinstance(request, p.Logits):  # Layers too
+            with torch.no_grad(), layer_outputs(self.model) as layers:
+                logits = self.model(request.src, request.prev)
+            return p.Forward(logits, dict(layers) if isinstance(request, p.Layers) else None)
+        if isinstance(request, p.Generate):
+            assert not request.force_bos, "FakeOriginal: BART's hub framing is not modelled"
+            trace = [] if request.trace else None
+            t0 = time.perf_counter()
+            hyps = generate(self.model, request.src, prefix_tokens=request.prefix, trace=trace, **request.options)
+            return p.Generated(hyps, time.perf_counter() - t0, trace)
+        if isinstance(request, p.Memory):
+            return peak_rss_mb()
+        raise NotImplementedError(f"FakeOriginal answers no {type(request).__name__} request")
+
+    def close(self) -> None:
+        pass

@@ -57,7 +57,7 @@ def test_compiled_step_on_other_architectures(name, fixtures_dir, converted):
     prefix = torch.full((src.size(0), 1), cfg.bos)
     opts = {"beam": 4, "max_len_b": 9, "lenpen": 1.3}
     [out] = run([fixtures_dir / name / "model.pt"], fixtures_dir / name, Generate(src, opts, prefix=prefix))
-    assert_same(model.generate(src, prefix_tokens=prefix, **opts), out["hypotheses"])
+    assert_same(model.generate(src, prefix_tokens=prefix, **opts), out.hypotheses)
 
 
 @needs_fairseq

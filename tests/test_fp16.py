@@ -55,7 +55,7 @@ def test_fp16_checkpoint_loads_with_defaults_and_equals_fairseq(name, half, fixt
         prefix = torch.full((batch["src_tokens"].size(0), 1), forced)
     theirs_logits, out = run([src / "model.pt"], src, Logits(batch["src_tokens"], batch["prev_output_tokens"]),
                              Generate(batch["src_tokens"], {"beam": 3, "max_len_b": 8}), overrides=overrides)
-    assert (logits - theirs_logits["logits"]).abs()[keep].max().item() <= 1e-4
+    assert (logits - theirs_logits.logits).abs()[keep].max().item() <= 1e-4
     assert model.folder.dtype == str(half).replace("torch.", "")  # stored as the checkpoint had it
     if model.folder.transformers and HAVE_TRANSFORMERS:
         from fairport.validation.verify.transformers_side import TransformersSide
@@ -63,10 +63,10 @@ def test_fp16_checkpoint_loads_with_defaults_and_equals_fairseq(name, half, fixt
         hf = TransformersSide(model.folder, "cpu")  # from_pretrained(folder), transformers' defaults
         assert next(hf.model.parameters()).dtype == torch.float32
         theirs_hf = hf.logits(batch["src_tokens"], batch["prev_output_tokens"])
-        assert (theirs_hf - theirs_logits["logits"]).abs()[keep].max().item() <= 1e-4
+        assert (theirs_hf - theirs_logits.logits).abs()[keep].max().item() <= 1e-4
     eos = model.generation_defaults().get("eos")  # the task's generator EOS (mBART translation: [ro_RO])
     mine = model.generate(batch["src_tokens"], beam=3, max_len_b=8, eos=eos, prefix_tokens=prefix)
-    theirs = out["hypotheses"]
+    theirs = out.hypotheses
     assert [h[0]["tokens"].tolist() for h in mine] == [h[0]["tokens"].tolist() for h in theirs]
     if name == "bart_base_mnli":  # random GPT-2 ids do not all decode to text in fairseq: ids compared above
         return

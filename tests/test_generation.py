@@ -79,7 +79,7 @@ def test_ensemble_of_two_matches_fairseq(trained_converted, trained_dir):
     assert isinstance(ens, Ensemble) and len(ens.members) == 2
     [out] = run([trained_dir / "model.pt", trained_dir / "model2.pt"], trained_dir,
                 Generate(src, {"beam": 4, "lenpen": 1.2}))
-    assert_same(ens.generate(src, beam=4, lenpen=1.2), out["hypotheses"])
+    assert_same(ens.generate(src, beam=4, lenpen=1.2), out.hypotheses)
 
 
 @needs_fairseq
@@ -87,14 +87,14 @@ def test_installed_fairseq_ngram_fallback_never_blocks(trained_dir):
     """The deviation fairport corrects: fairseq 0.12's Python fallback returns exactly what no blocking
     returns, while the corrected blocking (0.10.2 / CUDA kernel behaviour) changes the output."""
     src = source_batch(trained_dir)
-    none, bug = (r["hypotheses"] for r in run(
+    none, bug = (r.hypotheses for r in run(
         [trained_dir / "model.pt"], trained_dir,
         Generate(src, {"beam": 4, "max_len_b": 30}, fixed_ngram_blocking=False),
         Generate(src, {"beam": 4, "max_len_b": 30, "no_repeat_ngram_size": 2}, fixed_ngram_blocking=False)))
     assert [[h["tokens"].tolist() for h in s] for s in none] == [[h["tokens"].tolist() for h in s] for s in bug]
     [out] = run([trained_dir / "model.pt"], trained_dir,
                 Generate(src, {"beam": 4, "max_len_b": 30, "no_repeat_ngram_size": 2}, fixed_ngram_blocking=True))
-    fixed = out["hypotheses"]
+    fixed = out.hypotheses
     assert [[h["tokens"].tolist() for h in s] for s in fixed] != [[h["tokens"].tolist() for h in s] for s in none]
     for sent in fixed:  # bigram blocking: no bigram twice (the start token </s> counts, as in fairseq)
         toks = [2] + sent[0]["tokens"].tolist()
@@ -114,7 +114,7 @@ def test_prefix_forcing_and_random_fixtures(name, fixtures_dir, converted):
     [out] = run([fixtures_dir / name / "model.pt"], fixtures_dir / name, Generate(src, opts, prefix=prefix))
     mine = model.generate(src, prefix_tokens=prefix, **opts)
     assert all(h["tokens"][0].item() == cfg.bos for s in mine for h in s)
-    assert_same(mine, out["hypotheses"])
+    assert_same(mine, out.hypotheses)
 
 
 @needs_fairseq

@@ -19,7 +19,7 @@ def fairseq_outputs(fixtures_dir, name, batch, heads=()):
     src = batch["src_tokens"]
     logits, *preds = run([fixtures_dir / name / "model.pt"], fixtures_dir / name,
                          Logits(src, batch["prev_output_tokens"]), *[Predict(src, h) for h in heads])
-    return {"logits": logits["logits"], **{f"predict.{h}": p for h, p in zip(heads, preds)}}
+    return {"logits": logits.logits, **{f"predict.{h}": p for h, p in zip(heads, preds)}}
 
 
 @needs_fairseq

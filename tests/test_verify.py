@@ -233,7 +233,7 @@ def test_an_exact_tie_is_a_near_tie_with_margin_zero_and_passes(fixtures_dir, tm
     batch = next(idx for idx in batches if i in idx)
     with Original([src / "model.pt"], src) as fairseq:
         theirs = fairseq(Generate(pad_batch([inputs.src[j] for j in batch], c.pad, left=True), {"beam": 1}))
-    theirs = theirs["hypotheses"][batch.index(i)][0]["tokens"].tolist()
+    theirs = theirs.hypotheses[batch.index(i)][0]["tokens"].tolist()
     t = next(k for k, tok in enumerate(theirs) if tok in (a, b))
     chosen, other = theirs[t], ({a, b} - {theirs[t]}).pop()
     port = load(tmp_path / "port", pack=False)

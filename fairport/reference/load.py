@@ -199,10 +199,11 @@ class _Linears:
             setattr(owner, name, new)
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         pack: bool = True, compile: bool = False):
-    """`fairport.reference.load('out/bart-cnn')` -> the reference model with fairseq's hub verbs (`PortedModel`),
-    or for a folder converted from an ensemble a `PortedEnsemble` that generates as fairseq's EnsembleModel.
+def load(path: str | Path | ModelFolder, device: str | torch.device | None = None,
+         dtype: torch.dtype | str | None = None, pack: bool = True, compile: bool = False):
+    """`fairport.reference.load('out/bart-cnn')` (a path, or a ModelFolder already open) -> the reference model
+    with fairseq's hub verbs (`PortedModel`), or for a folder converted from an ensemble a `PortedEnsemble` that
+    generates as fairseq's EnsembleModel.
 
     `dtype`: the compute dtype, a torch dtype or one of PRECISIONS' names. None (the default) is float32 whatever
     the folder stores, as fairseq computes: its hub builds a float32 model and loads fp16 checkpoints into it,
@@ -229,7 +230,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         finish = fast.Int8Linear
     else:
         finish = fast.pack_linear if pack else None
-    folder = ModelFolder.open(path)
+    folder = path if isinstance(path, ModelFolder) else ModelFolder.open(path)
     models = []
     for member in folder.members():
         model = build(member.config, read_weights(member), device, dtype, cls=PortedModel, fuse=True, finish=finish)

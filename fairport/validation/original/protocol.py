@@ -6,8 +6,11 @@ against; fairport's converter never sees it. Requests and results travel as tens
 `weights_only=True`. This module imports no fairseq.
 
     with Original([checkpoint], data_dir) as fairseq:
-        logits = fairseq(Logits(src, prev))["logits"]
-        hyps = fairseq(Generate(src, {"beam": 5}))["hypotheses"]
+        logits = fairseq(Logits(src, prev)).logits
+        hyps = fairseq(Generate(src, {"beam": 5})).hypotheses
+
+Each request type has its result type (RESULTS; the others answer a plain value); the worker dispatches on the
+request's type and returns that type (validation/original/worker.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -29,8 +32,34 @@ from fairport.reference.folder import ModelFolder
 
 
 @dataclass
+class Forward:
+    """Teacher-forced logits (B, T, V), and with Layers every stage's output (B, T, C) by name."""
+
+    logits: torch.Tensor
+    layers: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Generated:
+    """Per sentence, its hypotheses best first ({"tokens", "score", "positional_scores"}), the generation's wall
+    time, and when asked the search's trace: per step, what fairseq's search saw and chose (see
+    fairport/validation/verify/mismatch.py)."""
+
+    hypotheses: list[list[dict]]
+    seconds: float
+    trace: list[dict] | None = None
+
+
+@dataclass
+class Scored:
+    """Teacher-forced log-probabilities of each target's tokens (one list per target)."""
+
+    log_probs: list[list[float]]
+
+
+@dataclass
 class Logits:
-    """Teacher-forced logits (B, T, V) of one batch: {"logits": tensor}."""
+    """Teacher-forced logits (B, T, V) of one batch (Forward)."""
 
     src: torch.Tensor  # (B, S) left-padded
     prev: torch.Tensor  # (B, T) decoder inputs, right-padded
@@ -39,13 +68,13 @@ class Logits:
 @dataclass
 class Layers(Logits):
     """Logits plus every stage's output (B, T, C), by the reference's module names (encoder.embed,
-    encoder.layers.{i}, encoder.layer_norm, decoder.embed, ..., decoder.logits): {"logits", "layers"}."""
+    encoder.layers.{i}, encoder.layer_norm, decoder.embed, ..., decoder.logits) (Forward)."""
 
 
 @dataclass
 class Score:
-    """Teacher-forced log-probabilities of each target's tokens under the original (an ensemble's first member):
-    {"log_probs": one list per target}."""
+    """Teacher-forced log-probabilities of each target's tokens under the original (an ensemble's first member)
+    (Scored)."""
 
     src: torch.Tensor  # (B, S) left-padded
     targets: list[list[int]]  # one per row, each ending in the generator's EOS
@@ -63,9 +92,7 @@ class Predict:
 @dataclass
 class Generate:
     """fairseq's SequenceGenerator on one batch through the task's inference step (a many-to-many task forces
-    its target language token), with the task's generator EOS. Results: {"hypotheses": per sentence, best
-    first, {"tokens", "score", "positional_scores"}; "seconds": the generation's wall time; "trace" when asked:
-    per step, what fairseq's search saw and chose (see fairport/validation/verify/mismatch.py)}."""
+    its target language token), with the task's generator EOS (Generated)."""
 
     src: torch.Tensor
     options: dict  # GenerationOptions' names (beam, lenpen, ...)
@@ -94,6 +121,12 @@ class Memory:
 
 
 REQUESTS = {cls.__name__: cls for cls in (Logits, Layers, Score, Predict, Generate, Hub, Memory)}
+RESULTS = {Logits: Forward, Layers: Forward, Score: Scored, Generate: Generated}  # the others: a plain value
+
+
+def plain(value):
+    """A result as the tensors-only files carry it (a dataclass as a dict of its fields)."""
+    return {f.name: getattr(value, f.name) for f in fields(value)} if is_dataclass(value) else value
 
 
 class Original:
@@ -143,9 +176,10 @@ class Original:
             tail = self._tail()
             cause = tail.splitlines()[-1] if tail else f"the worker exited with code {self.proc.returncode}"
             raise FairportError(f"the fairseq original failed on a {type(request).__name__} request: {cause}")
-        result = torch.load(self.tmp / f"result-{n}.pt", weights_only=True)
+        value = torch.load(self.tmp / f"result-{n}.pt", weights_only=True)["value"]
         (self.tmp / f"result-{n}.pt").unlink()
-        return result["value"]
+        typed = RESULTS.get(type(request))
+        return typed(**value) if typed else value
 
     def _tail(self, lines: int = 15) -> str:
         self.stderr.flush()

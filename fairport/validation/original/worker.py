@@ -24,6 +24,20 @@ import torch
 from fairport.converters.text import TEXT_FILES
 from fairport.reference.generate import GenerationOptions
 from fairport.util import peak_rss_mb
+from fairport.validation.original.protocol import (
+    REQUESTS,
+    Forward,
+    Generate,
+    Generated,
+    Hub,
+    Layers,
+    Logits,
+    Memory,
+    Predict,
+    Score,
+    Scored,
+    plain,
+)
 
 
 def reset_beam_size(models) -> None:
@@ -130,17 +144,17 @@ def trace_search(generator) -> list[dict]:
 
 # ---- handlers: one per request kind (protocol.py) --------------------------------------------------------
 
-def logits(state: State, r: dict) -> dict:
+def logits(state: State, r: Logits) -> Forward:
     model = state.loaded[0][0]  # an ensemble's first member
-    src, prev = state.to_device(r["src"]), state.to_device(r["prev"])
+    src, prev = state.to_device(r.src), state.to_device(r.prev)
     with torch.no_grad():
-        return {"logits": model(src, src.ne(model.encoder.padding_idx).sum(1), prev)[0]}
+        return Forward(model(src, src.ne(model.encoder.padding_idx).sum(1), prev)[0])
 
 
-def layers(state: State, r: dict) -> dict:
+def layers(state: State, r: Layers) -> Forward:
     """fairseq's intermediate outputs, by the reference's module names (verify's forward hooks use the same)."""
     model = state.loaded[0][0]
-    src, prev = state.to_device(r["src"]), state.to_device(r["prev"])
+    src, prev = state.to_device(r.src), state.to_device(r.prev)
     with torch.no_grad():
         enc = model.encoder(src, src_lengths=src.ne(model.encoder.padding_idx).sum(1), return_all_hiddens=True)
         states = enc["encoder_states"]
@@ -156,65 +170,65 @@ def layers(state: State, r: dict) -> dict:
             out["decoder.layer_norm"] = model.decoder.layer_norm(inner[-1])
     out = {k: v.transpose(0, 1) for k, v in out.items()}  # fairseq is time-major: (T, B, C) -> (B, T, C)
     out["decoder.logits"] = logits_
-    return {"logits": logits_, "layers": out}
+    return Forward(logits_, out)
 
 
-def score(state: State, r: dict) -> dict:
+def score(state: State, r: Score) -> Scored:
     model = state.loaded[0][0]
     pad = model.encoder.padding_idx
-    targets = r["targets"]
+    targets = r.targets
     width = max(len(t) for t in targets)
     prev = torch.full((len(targets), width), pad, dtype=torch.long)
     tgt = torch.full((len(targets), width), pad, dtype=torch.long)
     for i, t in enumerate(targets):
-        prev[i, : len(t)] = torch.tensor([r["start"]] + t[:-1])
+        prev[i, : len(t)] = torch.tensor([r.start] + t[:-1])
         tgt[i, : len(t)] = torch.tensor(t)
-    src, prev = state.to_device(r["src"]), state.to_device(prev)
+    src, prev = state.to_device(r.src), state.to_device(prev)
     with torch.no_grad():
         lp = torch.log_softmax(model(src, src.ne(pad).sum(1), prev)[0].float(), dim=-1).cpu()
     picked = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    return {"log_probs": [picked[i, : len(t)].tolist() for i, t in enumerate(targets)]}
+    return Scored([picked[i, : len(t)].tolist() for i, t in enumerate(targets)])
 
 
-def predict(state: State, r: dict) -> torch.Tensor:
+def predict(state: State, r: Predict) -> torch.Tensor:
     from fairseq.models.bart.hub_interface import BARTHubInterface
 
     models, cfg, task = state.loaded
     hub = BARTHubInterface(cfg, task, models[0]).eval()
     with torch.no_grad():
-        return hub.predict(r["head"], state.to_device(r["src"]), return_logits=True)
+        return hub.predict(r.head, state.to_device(r.src), return_logits=True)
 
 
-def generate(state: State, r: dict) -> dict:
+def generate(state: State, r: Generate) -> Generated:
     models, _, task = state.loaded
-    generator = sequence_generator(models, task, r["options"])
-    _fix_ngram_blocking(r["fixed_ngram_blocking"])
-    steps = trace_search(generator) if r["trace"] else None
-    src = state.to_device(r["src"])
+    generator = sequence_generator(models, task, r.options)
+    _fix_ngram_blocking(r.fixed_ngram_blocking)
+    steps = trace_search(generator) if r.trace else None
+    src = state.to_device(r.src)
     sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(task.target_dictionary.pad()).sum(1)}}
-    prefix = state.to_device(r["prefix"])
-    if r["force_bos"]:  # BART's hub: its own dictionary's <s> first
+    prefix = state.to_device(r.prefix)
+    if r.force_bos:  # BART's hub: its own dictionary's <s> first
         prefix = torch.full((src.size(0), 1), task.target_dictionary.bos(), device=src.device)
-    if r["seed"] is not None:
-        torch.manual_seed(r["seed"])
+    if r.seed is not None:
+        torch.manual_seed(r.seed)
     t0 = time.perf_counter()
     with torch.no_grad():  # the task's inference step: a many-to-many task forces its target language token
         hypos = task.inference_step(generator, models, sample, prefix_tokens=prefix)
     seconds = time.perf_counter() - t0
     hyps = [[{"tokens": h["tokens"].cpu(), "score": h["score"].reshape(()).float().cpu(),
               "positional_scores": h["positional_scores"].cpu()} for h in sentence] for sentence in hypos]
-    return {"hypotheses": hyps, "seconds": seconds, "trace": steps}
+    return Generated(hyps, seconds, steps)
 
 
-def hub(state: State, r: dict) -> list:
+def hub(state: State, r: Hub) -> list:
     """fairseq's own hub interface, text in and text out, with the folder's `--tokenizer`/`--bpe` and files:
     BART's hub where fairport frames text as BART's hub does, fairseq's generic GeneratorHubInterface
     (what TransformerModel.from_pretrained returns; it frames inputs with the task) otherwise."""
     job = state.job
     folder = Path(job["data"])
-    spec = r["text"]
+    spec = r.text
     overrides = {**job["overrides"], "bpe": spec.get("bpe"), "tokenizer": spec.get("tokenizer"),
-                 **{TEXT_FILES[k].option: v for k, v in r["files"].items()}}
+                 **{TEXT_FILES[k].option: v for k, v in r.files.items()}}
     if spec.get("bart"):
         from fairseq.models.bart import BARTModel
 
@@ -227,7 +241,7 @@ def hub(state: State, r: dict) -> list:
         _fix_task_args(x["task"])
         h = hub_utils.GeneratorHubInterface(x["args"], x["task"], x["models"])
     h.eval()
-    method, sentences, options = r["method"], r["sentences"], r["options"] or {}
+    method, sentences, options = r.method, r.sentences, r.options or {}
     with torch.no_grad():
         if method == "roundtrip":
             return [h.decode(h.encode(s)) for s in sentences]
@@ -272,12 +286,12 @@ def _interactive_generate(hub_interface, encoded: list[torch.Tensor], options: d
     return [hypos for _, hypos in sorted(results, key=lambda x: x[0])]
 
 
-def memory(state: State, r: dict) -> float:
+def memory(state: State, r: Memory) -> float:
     return peak_rss_mb()
 
 
-HANDLERS = {"Logits": logits, "Layers": layers, "Score": score, "Predict": predict, "Generate": generate, "Hub": hub,
-            "Memory": memory}
+HANDLERS = {Logits: logits, Layers: layers, Score: score, Predict: predict, Generate: generate, Hub: hub,
+            Memory: memory}
 
 
 def _cpu(value):
@@ -299,9 +313,10 @@ def main(folder: str) -> None:
     for line in sys.stdin:
         n = line.strip()
         try:
-            request = torch.load(tmp / f"request-{n}.pt", weights_only=True)
+            data = torch.load(tmp / f"request-{n}.pt", weights_only=True)
             (tmp / f"request-{n}.pt").unlink()
-            value = HANDLERS[request.pop("kind")](state, request)
+            request = REQUESTS[data.pop("kind")](**data)
+            value = plain(HANDLERS[type(request)](state, request))
             torch.save({"value": _cpu(value)}, tmp / f"result-{n}.pt")
             print(f"{n} ok", flush=True)
         except Exception:  # reported to the caller through stderr's tail; the worker stays up

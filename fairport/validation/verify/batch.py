@@ -98,15 +98,15 @@ def measure_original(run, b: int) -> Batch:
     top_of, seconds = {}, {}
     for key, options in s.settings.items():
         o = run.fairseq()(Generate(src, options, prefix=prefix, force_bos=s.framing.bart))
-        top_of[key], seconds[key] = [top(h) for h in o["hypotheses"]], o["seconds"]
+        top_of[key], seconds[key] = [top(h) for h in o.hypotheses], o.seconds
     targets = [s.inputs.refs[i] for i in idx] if s.inputs.refs else [h["tokens"] for h in top_of["greedy"]]
     start = s.settings["beam"].get("eos", cfg.eos)  # fairseq moves the target's last token (its EOS) to the front
     prev = pad_batch([[start] + t[:-1] for t in targets], cfg.pad, left=False)
     tgt = pad_batch(targets, cfg.pad, left=False)
     theirs = run.fairseq()(Layers(src, prev) if b == 0 else Logits(src, prev))
-    ref, keep = theirs["logits"].float(), prev.ne(cfg.pad)
+    ref, keep = theirs.logits.float(), prev.ne(cfg.pad)
     original = OriginalBatch(Outputs(top_of, seconds), float(ref.abs()[keep].max()), nll(ref, tgt, cfg.pad))
-    return Batch(b, list(idx), src, prefix, targets, prev, tgt, keep, ref, theirs.get("layers"), original)
+    return Batch(b, list(idx), src, prefix, targets, prev, tgt, keep, ref, theirs.layers, original)
 
 
 def revive(cls, data):

@@ -97,7 +97,7 @@ def original_alone(run: VerifyRun, i: int, options: dict) -> list[int]:
     s = run.setup
     out = run.fairseq()(Generate(torch.tensor([s.inputs.src[i]]), options, prefix=s.prefix(1),
                                  force_bos=s.framing.bart))
-    return out["hypotheses"][0][0]["tokens"].tolist()
+    return out.hypotheses[0][0]["tokens"].tolist()
 
 
 def explain(run: VerifyRun, key: str, options: dict, i: int) -> dict:
@@ -109,7 +109,7 @@ def explain(run: VerifyRun, key: str, options: dict, i: int) -> dict:
     mine_top = run.outputs("reference", key)[i]["tokens"]
     alone_tokens = original_alone(run, i, options)
     o, trace, p = traced(run, b, key, options)
-    why = explain_tie(o["trace"], trace, row, hyps_of(o["hypotheses"][row]), hyps_of(p[row]), run.delta, s.text)
+    why = explain_tie(o.trace, trace, row, hyps_of(o.hypotheses[row]), hyps_of(p[row]), run.delta, s.text)
     why["evidence"]["original_alone"] = s.text(alone_tokens)
     if alone_tokens == mine_top:
         why = {"class": BATCH, "evidence": why["evidence"],
@@ -165,7 +165,7 @@ def explain_engine(run: VerifyRun, name: str, side, options: dict, i: int, a: li
     start = s.settings["beam"].get("eos", cfg.eos)
     src = torch.tensor([s.inputs.src[i]])
     both = src.repeat(2, 1)  # the input once for each output scored
-    so = run.fairseq()(Score(both, [a, c], start))["log_probs"]
+    so = run.fairseq()(Score(both, [a, c], start)).log_probs
     sc = side.score(both, [a, c], cfg.pad, start)
     t = next((k for k, (x, y) in enumerate(zip(a, c)) if x != y), min(len(a), len(c)) - 1)
     lenpen = options.get("lenpen", 1.0)
@@ -225,8 +225,8 @@ def pruned_near_tie(run: VerifyRun, options: dict, i: int, c: list[int], eps: fl
     key = next(k for k, o in s.settings.items() if o == options)
     o, _, _ = traced(run, b, key, options)
     row = s.batches[b].index(i)
-    steps = steps_of(o["trace"], row)
-    finished = [tuple(h["tokens"]) for h in hyps_of(o["hypotheses"][row])]
+    steps = steps_of(o.trace, row)
+    finished = [tuple(h["tokens"]) for h in hyps_of(o.hypotheses[row])]
     for t in range(min(len(steps), len(c))):
         kept = selected(steps, finished, t)
         prefix = tuple(c[: t + 1])

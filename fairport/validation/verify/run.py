@@ -82,14 +82,16 @@ class VerifyRun:
         return self.per_input([r.top[key] for r in self.results_of("generation" if side == "reference" else side)])
 
 
-def verify(src: str | Path, dst: str | Path, opts: VerifyOptions, ranks: Ranks | None = None) -> Report | None:
-    """The report on rank 0 (None on the other ranks). Raises FairportError for bad inputs and failed ranks."""
+def verify(src: str | Path, dst: str | Path, opts: VerifyOptions, ranks: Ranks | None = None,
+           original=None) -> Report | None:
+    """The report on rank 0 (None on the other ranks). Raises FairportError for bad inputs and failed ranks.
+    `original`: what answers the original's requests instead of fairseq's worker (tests' FakeOriginal)."""
     ranks = ranks or Ranks.from_env()
     opts.check()
     check_report_dir(report_dir(dst, opts.out))
     device = ranks.start(opts.device)
     report = Report()
-    run = VerifyRun(open_setup(Path(src), ModelFolder.open(dst), opts, ranks, device, report), report)
+    run = VerifyRun(open_setup(Path(src), ModelFolder.open(dst), opts, ranks, device, report), report, original)
     try:
         run_batches(run)
         if ranks.main:

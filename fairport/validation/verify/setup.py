@@ -132,7 +132,7 @@ def open_setup(src: Path, folder: ModelFolder, opts: VerifyOptions, ranks: Ranks
     if opts.compile and opts.progress and ranks.main:
         print("the port's compiled decoder step (compiled once per machine, then loaded from a cache) ...",
               file=sys.stderr)
-    port = load(folder.path, device=device, dtype=torch.float32, compile=opts.compile)
+    port = load(folder, device=device, dtype=torch.float32, compile=opts.compile)
     if opts.compile:
         report.note("the port generates with the compiled decoder step (reference/compiled.py)")
     if len(checkpoints) > 1:
@@ -150,7 +150,7 @@ def open_setup(src: Path, folder: ModelFolder, opts: VerifyOptions, ranks: Ranks
     setup = Setup(
         src=src, folder=folder, opts=opts, ranks=ranks, device=device, checkpoints=checkpoints, port=port,
         first_member=port.members[0] if hasattr(port, "members") else port,
-        precision_models={d: load(folder.path, device=device, dtype=d) for d in opts.dtypes if d != "float32"},
+        precision_models={d: load(folder, device=device, dtype=d) for d in opts.dtypes if d != "float32"},
         hf=transformers_side(folder, opts, device, report),
         ct2=ctranslate2_side(folder, opts, ranks, device, checkpoints[0], report),
         tokenizer=tokenizer, framing=framing, source_lang=src_lang, target_lang=tgt_lang, overrides=overrides,
