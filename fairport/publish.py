@@ -18,11 +18,11 @@ from pathlib import Path
 
 from fairport import __version__
 from fairport.errors import FairportError
+from fairport.options import report_dir as verify_report_dir
 from fairport.reference.folder import CARD, ModelFolder, card_is_fairports, sha256, signed_card
 from fairport.reference.tokenizer import Framing
 from fairport.util import first_line
 from fairport.validation.verify.report import engine_table, engines, num
-from fairport.validation.verify.report import report_dir as verify_report_dir
 
 PIPELINES = {"translation": "translation", "denoising": "summarization", "multilingual_denoising": "translation",
              "translation_from_pretrained_bart": "translation", "sentence_prediction": "text-classification",

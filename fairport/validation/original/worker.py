@@ -4,7 +4,7 @@ fairseq itself and answers typed requests (protocol.py) through one handler each
 process that imports fairseq with `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`, which fairseq 0.12 needs under torch >= 2.6.
 
 Two fixes to the installed fairseq 0.12 are applied here, both reported by `fairport verify`:
-- n-gram blocking (`_fix_ngram_blocking`): 0.12's Python fallback never blocks; the fixed one blocks as
+- n-gram blocking (`fix_ngram_blocking`): 0.12's Python fallback never blocks; the fixed one blocks as
   fairseq 0.10.2 and its CUDA kernel do (what its published results used, and what fairport implements);
 - `translation_from_pretrained_bart` (`_fix_task_args`): 0.12's task reads `self.args`, which 0.12 no longer
   sets; the task's own cfg stands in (the fix of fairseq PR #4487).
@@ -86,7 +86,7 @@ def _fix_task_args(task) -> None:
         task.args = task.cfg
 
 
-def _fix_ngram_blocking(enabled: bool = True) -> None:
+def fix_ngram_blocking(enabled: bool = True) -> None:
     """fairseq 0.12's Python n-gram blocker compares the padded tail of the whole token buffer, so it never
     blocks. Passing it only the tokens generated so far gives the blocking of fairseq 0.10.2 and of its
     CUDA kernel, which fairseq's published results used. `enabled=False` restores 0.12's own behaviour."""
@@ -202,7 +202,7 @@ def predict(state: State, r: Predict) -> torch.Tensor:
 def generate(state: State, r: Generate) -> Generated:
     models, _, task = state.loaded
     generator = sequence_generator(models, task, r.options)
-    _fix_ngram_blocking(r.fixed_ngram_blocking)
+    fix_ngram_blocking(r.fixed_ngram_blocking)
     steps = trace_search(generator) if r.trace else None
     src = state.to_device(r.src)
     sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(task.target_dictionary.pad()).sum(1)}}

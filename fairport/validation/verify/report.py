@@ -18,11 +18,6 @@ RUN_FOLDERS = ("shards", "ctranslate2")
 TEMPORARY = ".report-new"  # where `write` puts the new report until it is complete
 
 
-def report_dir(dst: str | Path, out: str | Path | None) -> Path:
-    """Where verify writes its report (and keeps its shards): OUT, else DST/verify."""
-    return Path(out) if out else Path(dst) / "verify"
-
-
 def _ours(folder: Path) -> set[str]:
     """The entries of `folder` that a verify run wrote: a fairport report (report.json of this schema family,
     report.md as `write` starts it) and, beside such a report or resumable shards, its plots and run folders."""

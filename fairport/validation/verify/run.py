@@ -21,13 +21,14 @@ from pathlib import Path
 
 from fairport.distributed import LAUNCHED, Ranks, restart_count
 from fairport.errors import FairportError
+from fairport.options import report_dir
 from fairport.reference.folder import ModelFolder
 from fairport.util import first_line, peak_rss_mb
 from fairport.validation.original.protocol import Generate, Memory, Original
 from fairport.validation.verify.batch import OriginalBatch, Record, measure_original, revive
 from fairport.validation.verify.checks import CHECKS, MEASURED
 from fairport.validation.verify.explain import on_device
-from fairport.validation.verify.report import Report, check_report_dir, report_dir
+from fairport.validation.verify.report import Report, check_report_dir
 from fairport.validation.verify.setup import Setup, VerifyOptions, open_setup
 from fairport.validation.verify.shards import Shards
 

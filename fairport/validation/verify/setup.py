@@ -13,6 +13,7 @@ from fairport.converters.checkpoint import load_checkpoint
 from fairport.converters.sources import ensemble_members, find_sources
 from fairport.distributed import Ranks
 from fairport.errors import FairportError
+from fairport.options import report_dir
 from fairport.reference import load
 from fairport.reference.batching import pad_batch
 from fairport.reference.folder import ModelFolder
@@ -21,7 +22,7 @@ from fairport.reference.tokenizer import Framing
 from fairport.validation.original.protocol import direction_overrides
 from fairport.validation.verify import ctranslate2 as ct2
 from fairport.validation.verify import inputs as verify_inputs
-from fairport.validation.verify.report import Report, report_dir
+from fairport.validation.verify.report import Report
 from fairport.validation.verify.transformers_side import TransformersSide
 
 # logits tolerance per dtype, relative to the largest |logit| of the fp32 original (fp32: absolute);
