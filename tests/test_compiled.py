@@ -133,3 +133,53 @@ print(json.dumps({{"cached": m.compiled_step.from_cache, "tokens": [h[0]["tokens
     key = compiled.cache_key(eager, compiled.CPU_OPTIONS)
     rewrite_weights(folder, lambda w: w["model.decoder.layers.0.fc1.weight"].mul_(1.01))
     assert compiled.cache_key(load(folder, pack=False), compiled.CPU_OPTIONS) != key  # compiled again
+
+
+BASE = dict(src_vocab_size=30, tgt_vocab_size=30, encoder_embed_dim=16, encoder_ffn_dim=32, encoder_layers=1,
+            encoder_heads=2, decoder_embed_dim=16, decoder_input_embed_dim=16, decoder_output_dim=16,
+            decoder_ffn_dim=32, decoder_layers=2, decoder_heads=2, max_source_positions=64, max_target_positions=64)
+# between them, every ModelConfig flag the decoder step reads (sinusoidal positions: the fairseq tests above)
+STEP_FLAGS = {
+    "learned-positions-layernorm-embedding-projected-post-norm": dict(
+        decoder_learned_pos=True, layernorm_embedding=True, decoder_input_embed_dim=12, decoder_output_dim=20,
+        scale_embedding=False, activation_fn="gelu"),
+    "no-positions-pre-norm-final-norm-tied-output": dict(
+        positional_embeddings=False, decoder_normalize_before=True, decoder_final_norm=True,
+        share_decoder_input_output_embed=True),
+}
+
+
+@pytest.mark.parametrize("flags", STEP_FLAGS.values(), ids=STEP_FLAGS.keys())
+def test_the_compiled_step_computes_the_eager_step(flags):
+    """fairseq-free: on a tiny random model with these flags, the compiled state and the eager state
+    (generate.StepState both) give the same log-probabilities step after step, through a beam reorder and a
+    sentence leaving the batch."""
+    from fairport.reference.config import ModelConfig
+    from fairport.reference.generate import DecoderState
+    from fairport.reference.model import EncoderDecoder
+
+    torch.manual_seed(0)
+    model = EncoderDecoder(ModelConfig(**{**BASE, **flags})).eval()
+    cfg = model.config
+    src = torch.randint(4, cfg.src_vocab_size, (3, 7))
+    src[:, -1] = cfg.eos
+    src[0, :2] = cfg.pad  # left-padded
+    beam, steps = 2, 6
+    compiled.compile_step(model, options={"freezing": True})  # the product search left out: the same computation
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        states = [DecoderState(model, src), model.compiled_step.state(src, src.size(0) * beam, steps)]
+        tokens = torch.full((src.size(0) * beam, 1), cfg.eos)
+        for t in range(steps):
+            if t == 2:  # each sentence's two beams swap
+                order = torch.tensor([1, 0, 3, 2, 5, 4])
+                for s in states:
+                    s.reorder(order)
+            if t == 4:  # the second sentence finished: its rows leave
+                for s in states:
+                    s.keep_sentences(torch.tensor([0, 2]))
+                    s.reorder(torch.tensor([0, 1, 4, 5]))
+                tokens = tokens[torch.tensor([0, 1, 4, 5])]
+            eager, mine = (s.step(tokens, t, 1.0) for s in states)
+            assert (eager - mine).abs().max() < 1e-5, (t, (eager - mine).abs().max())
+            tokens = torch.randint(4, cfg.tgt_vocab_size, (tokens.size(0), 1), generator=g)

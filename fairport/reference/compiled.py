@@ -8,8 +8,10 @@ code, with no Python per operation and no guard checks (torch.compile's per-call
 here, the whole step of a tiny model). Generation uses it for every model that has one (`model.compiled_step`):
 `load(..., compile=True)` and the CLI's `--compile` attach it, `model.compiled_step = None` takes it off.
 
-The step runs the reference decoder's own modules (embeddings, norms, projections, feed-forward) in the same
-order. Two things differ from the eager step. Attention for one query is written as products and sums that the
+The step runs the reference decoder's own code: its embedding of a step (`Decoder.embed`), each layer's residual
+blocks, norms, projections and feed-forward (`residual_block`, the layer's modules) and its head (`Decoder.head`,
+then the output projection); its state implements the eager state's interface (`generate.StepState`). Two things
+differ from the eager step. Attention for one query is written as products and sums that the
 compiler fuses into loops (torch's fused attention kernel is an opaque call costing more than the whole product
 at small sizes). And every layer's self-attention cache lives in one buffer (capacity, layers, 2, rows, heads,
 head width) sized once for the generation's max length: the step reads the earlier steps' slots, attends over
@@ -49,7 +51,7 @@ from torch import nn
 from torch.export import Dim
 
 from fairport.errors import FairportError
-from fairport.reference.model import Decoder, EncoderDecoder, SinusoidalPositions, gather_rows, residual_block, scaled
+from fairport.reference.model import Decoder, EncoderDecoder, SinusoidalPositions, gather_rows, residual_block
 
 # inductor's options on the CPU: weights become constants (`freezing`: inductor packs them for its GEMMs), and
 # the max-autotune search times inductor's C++ GEMM micro-kernels against the library (oneDNN) product for each
@@ -112,13 +114,10 @@ class DecoderStep(nn.Module):
         temperature 0-d -> log-probabilities (B, V) in fp32, and this step's keys and values (L, 2, B, H, D)
         for the cache's slot t."""
         dec = self.decoder
-        x = scaled(dec.embed_tokens(tokens), dec.embed_scale)
-        if dec.project_in_dim is not None:
-            x = dec.project_in_dim(x)
-        if dec.embed_positions is not None:  # fairseq: step t's position is pad + 1 + t
-            x = x + position_row(dec.embed_positions, position + dec.pad + 1)
-        if dec.layernorm_embedding is not None:
-            x = dec.layernorm_embedding(x)
+        positions = None  # fairseq: step t's position is pad + 1 + t
+        if dec.embed_positions is not None:
+            positions = position_row(dec.embed_positions, position + dec.pad + 1)
+        x = dec.embed(tokens, positions)
         new_rows: list[torch.Tensor] = []
         for i, layer in enumerate(dec.layers):
             x = residual_block(x, layer.self_attn_layer_norm, layer.pre_norm, self_attention, layer.self_attn,
@@ -126,11 +125,7 @@ class DecoderStep(nn.Module):
             x = residual_block(x, layer.encoder_attn_layer_norm, layer.pre_norm, cross_attention, layer.encoder_attn,
                                cross[i, 0], cross[i, 1], enc_mask)
             x = residual_block(x, layer.final_layer_norm, layer.pre_norm, layer.ffn)
-        if dec.layer_norm is not None:
-            x = dec.layer_norm(x)
-        if dec.project_out_dim is not None:
-            x = dec.project_out_dim(x)
-        logits = dec.output_projection(x)[:, -1, :]
+        logits = dec.output_projection(dec.head(x))[:, -1, :]
         return torch.log_softmax(logits.div(temperature).float(), dim=-1), torch.stack(new_rows)
 
 
@@ -140,7 +135,7 @@ class CompiledStep:
     operation and no guard checks (torch.compile's per-call checks cost ~100 us a step here). The weights are
     copied into the compiled program (frozen constants): change the model's weights and compile again."""
 
-    def __init__(self, model: EncoderDecoder):
+    def __init__(self, model: EncoderDecoder, options: dict | None = None):
         self.model = model
         p = next(model.parameters())
         # example inputs, also the sizes inductor's GEMM search times its candidates at: 8 sentences x 5 beams (a
@@ -156,7 +151,8 @@ class CompiledStep:
         sentences, source_length = Dim("sentences", min=1), Dim("source_length", min=1)
         dynamic = ({0: rows}, None, {0: steps, 3: rows}, {2: sentences, 4: source_length},
                    {0: sentences, 3: source_length}, None)
-        options = CPU_OPTIONS if p.device.type == "cpu" else {}
+        if options is None:
+            options = CPU_OPTIONS if p.device.type == "cpu" else {}
         key = cache_key(model, options)
         self.cached = None if key is None else cache_dir() / f"{key}.pt2"
         self.from_cache = False
@@ -253,11 +249,11 @@ def _compile(program, options: dict, keep: Path | None):
     return torch._inductor.aoti_load_package(str(keep))
 
 
-def compile_step(model: nn.Module) -> nn.Module:
+def compile_step(model: nn.Module, options: dict | None = None) -> nn.Module:
     """Attach a compiled decoder step to the model (to each member of an ensemble); generation uses it. The
     model must hold plain layers (load(..., compile=True) or pack=False): oneDNN-packed and int8 layers call
     kernels the compiler cannot trace. Takes ~30 s on a tiny model, 1-2 min on large ones (inductor generates
-    and builds C++). Returns the model."""
+    and builds C++). `options`: inductor's (default CPU_OPTIONS on the CPU). Returns the model."""
     from fairport.reference import fast
 
     members = list(getattr(model, "members", None) or [model])
@@ -265,13 +261,13 @@ def compile_step(model: nn.Module) -> nn.Module:
         if fast.packed(m) or fast.quantized(m):
             raise FairportError("the compiled step needs plain layers: load the folder with compile=True (or "
                                 "pack=False), not int8")
-        m.compiled_step = CompiledStep(m)
+        m.compiled_step = CompiledStep(m, options)
     return model
 
 
 class CompiledDecoderState:
-    """One model's generation state for the compiled step `run`, with generate.DecoderState's interface (step,
-    reorder, keep_sentences). Every layer's self-attention keys and values live in one buffer
+    """One model's generation state for the compiled step `run` (generate.StepState: step, reorder,
+    keep_sentences). Every layer's self-attention keys and values live in one buffer
     (capacity, layers, 2, rows, H, D) for `capacity` steps (the generation's max length + 1, which the generator
     keeps within the model's target positions); a beam reorder is one gather for all layers."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import torch
 
@@ -55,8 +56,22 @@ class GenerationOptions:
         return {f.name for f in fields(cls)}
 
 
+class StepState(Protocol):
+    """What the search loop needs of one model's decoder during generation. DecoderState (eager, below) and
+    compiled.CompiledDecoderState (the compiled step) implement it; both run Decoder.embed and Decoder.head."""
+
+    def step(self, tokens: torch.Tensor, step: int, temperature: float) -> torch.Tensor:
+        """Newest tokens (rows, 1) at 0-based `step` -> log-probabilities (rows, V) in fp32."""
+
+    def keep_sentences(self, sentence_idx: torch.Tensor) -> None:
+        """Finished sentences leave the batch: keep only these sentences' encoder rows."""
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Keep the decoder rows (sentences x beams) in `order`."""
+
+
 class DecoderState:
-    """One model's state during generation: encoder output, per-layer caches."""
+    """One model's state during generation: encoder output, per-layer caches (StepState, eager)."""
 
     def __init__(self, model: EncoderDecoder, src_tokens: torch.Tensor):
         self.model = model
@@ -84,13 +99,13 @@ class DecoderState:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-def decoder_state(model: EncoderDecoder, src_tokens: torch.Tensor, rows: int, steps: int):
+def decoder_state(model: EncoderDecoder, src_tokens: torch.Tensor, rows: int, steps: int) -> StepState:
     """The eager DecoderState, or the compiled step's state (compiled.py) when the model has one."""
     compiled = getattr(model, "compiled_step", None)
     return DecoderState(model, src_tokens) if compiled is None else compiled.state(src_tokens, rows, steps)
 
 
-def ensemble_lprobs(states: list[DecoderState], tokens: torch.Tensor, step: int, temperature: float):
+def ensemble_lprobs(states: list[StepState], tokens: torch.Tensor, step: int, temperature: float):
     """fairseq EnsembleModel: one model's log-probs, or the log of the mean of the models' probabilities."""
     lps = [s.step(tokens, step, temperature) for s in states]
     if len(lps) == 1:

@@ -361,21 +361,37 @@ class Decoder(nn.Module):
         if cfg.share_decoder_input_output_embed:
             self.output_projection.weight = embed_tokens.weight
 
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Tokens (B, T) and their positional embeddings (None: a model without them) -> the first layer's input.
+        The incremental step, eager or compiled (compiled.py), embeds through this too."""
+        x = scaled(self.embed_tokens(tokens), self.embed_scale)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if positions is not None:
+            x = x + positions
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output -> features (B, T, C_out): the final norm and the output-dim projection."""
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x
+
     def features(self, prev_output_tokens: torch.Tensor, enc: EncoderOut, caches: list[LayerCache] | None = None,
                  step: int | None = None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, C_out) features before the output projection.
         Incremental decoding: pass only the newest token (B, 1), its 0-based `step`, and `caches`."""
-        x = scaled(self.embed_tokens(prev_output_tokens), self.embed_scale)
-        if self.project_in_dim is not None:
-            x = self.project_in_dim(x)
+        positions = None
         if self.embed_positions is not None:
             if step is None:
-                x = x + self.embed_positions(make_positions(prev_output_tokens, self.pad))
+                positions = self.embed_positions(make_positions(prev_output_tokens, self.pad))
             else:  # fairseq: the step's position is pad + 1 + step for every row (targets carry no padding)
-                x = x + self.embed_positions.at(self.pad + 1 + step)
-        if self.layernorm_embedding is not None:
-            x = self.layernorm_embedding(x)
-
+                positions = self.embed_positions.at(self.pad + 1 + step)
+        x = self.embed(prev_output_tokens, positions)
         T = x.size(1)
         self_mask = None
         if step is None:  # a whole target at once: causal, and padded target keys masked as fairseq does
@@ -386,11 +402,7 @@ class Decoder(nn.Module):
                     pads, float("-inf"))[:, None, None, :]
         for i, layer in enumerate(self.layers):
             x = layer(x, enc.x, enc.attn_mask, self_mask, caches[i] if caches is not None else None)
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
-        if self.project_out_dim is not None:
-            x = self.project_out_dim(x)
-        return x
+        return self.head(x)
 
     def forward(self, prev_output_tokens, enc, caches=None, step=None) -> torch.Tensor:  # (B, T, V)
         return self.output_projection(self.features(prev_output_tokens, enc, caches, step))
