@@ -5,6 +5,7 @@ one line naming it and its batch, and `--resume` finishes from the batches alrea
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -134,3 +135,52 @@ def test_a_run_torchrun_restarts_resumes_from_its_kept_batches(trained_dir, port
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torchrun restart 1:" in proc.stdout and "finished batches kept" in proc.stdout
     assert comparable(json.loads((out / "report.json").read_text())) == comparable(one_process_report)
+
+
+def two_agents(*args) -> list:
+    """Two torchrun agents on this machine, as on two machines (`--nnodes 2`, one process each), meeting at a
+    c10d rendezvous on localhost: `fairport ARGS` on each; both finished processes."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    common = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"two-{port}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **ONE_THREAD}
+    procs = [subprocess.Popen([*common, "--node-rank", str(n), "-m", "fairport", *map(str, args)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for n in (0, 1)]
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=helpers.PROCESS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            pytest.fail("two torchrun agents ran past the test's process timeout")
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+@needs_fairseq
+def test_two_torchrun_agents_give_the_one_process_report_and_file(trained_dir, port, one_process_report, tmp_path):
+    """Several machines, exercised on one: two agents (--nnodes 2, c10d rendezvous on localhost) verify and
+    generate as one process does."""
+    procs = two_agents("verify", trained_dir, port, "--fairseq-data", trained_dir / "bin", "--limit", LIMIT,
+                       "--out", tmp_path / "r")
+    assert all(p.returncode == 0 for p in procs), [p.stdout[-2000:] + p.stderr[-2000:] for p in procs]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert comparable(report) == comparable(one_process_report) and report["speed"]["processes"] == 2
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join((trained_dir / "test.en").read_text().splitlines()[:30]) + "\n")
+    one = run_cli("generate", port, "--input", src, "--output", tmp_path / "one.txt", "--batch-size", "4", "--quiet",
+                  env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr
+    procs = two_agents("generate", port, "--input", src, "--output", tmp_path / "two.txt", "--batch-size", "4",
+                       "--quiet")
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    assert (tmp_path / "two.txt").read_text() == (tmp_path / "one.txt").read_text()
