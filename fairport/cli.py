@@ -164,6 +164,12 @@ def cmd_upload(a: UploadArgs) -> int:
 def cmd_bench(a: BenchArgs) -> int:
     from fairport.validation.bench import bench, print_results
 
+    refuse_idle_flags([
+        (a.corpus_text is not None and not a.corpus, "--corpus-text is the text --corpus N translates: add --corpus "
+                                                     "N, or drop --corpus-text"),
+        (a.corpus_text is not None and not Path(a.corpus_text).is_file(), f"--corpus-text {a.corpus_text}: no such "
+                                                                          f"file"),
+    ])
     if a.target not in PRESETS and not Path(a.target).is_dir():
         raise FairportError(f"bench: {a.target} is neither a converted folder nor a preset ({', '.join(PRESETS)})")
     if "ctranslate2" in a.sides:
@@ -173,7 +179,8 @@ def cmd_bench(a: BenchArgs) -> int:
             raise FairportError("--sides ctranslate2 needs CTranslate2: pip install 'fairport[ctranslate2]'")
     result = bench(a.target, a.sides, a.batch, a.beam, a.dtype, a.steps, a.repeats, a.device, Path(a.workdir),
                    a.src_len, say=lambda m: print(f"[bench] {m}", flush=True), warmup_s=a.warmup, procs=a.procs,
-                   threads=a.threads)
+                   threads=a.threads, corpus=a.corpus, corpus_text=a.corpus_text and Path(a.corpus_text),
+                   max_tokens=a.max_tokens)
     out = Path(a.out) if a.out else Path(a.workdir) / f"bench-{Path(a.target).name}.json"
     print_results(result, out)
     return 0

@@ -272,6 +272,13 @@ class BenchArgs:
                                "number of cores)", type=ints)
     procs: list = opt("also measure the reference's throughput on a corpus with this many processes (comma list, "
                       "e.g. 1,2: torch.distributed, the machine's cores shared out)", [], type=ints)
+    corpus: int = opt("also translate a corpus of this many sentences with each engine's own batching (reference, "
+                      "reference-compiled, fairseq, ctranslate2 among --sides; 0: off): sentences/s, tokens/s, "
+                      "peak RSS, outputs against fairseq's", 0, type=count)
+    corpus_text: str | None = opt("the corpus as text (one sentence a line, through the folder's tokenizer); "
+                                  "default: random ids with a test set's spread of lengths")
+    max_tokens: int = opt("the corpus's batches: at most this many padded source tokens (fairseq-generate "
+                          "--max-tokens, CTranslate2 max_batch_size with batch_type tokens)", 4096, type=positive_int)
     device: str = opt("cpu or cuda (without a GPU: \"not measured\")", "cpu", type=device_name)
     workdir: str = opt("where presets are built and converted", "fairport-bench")
     out: str | None = opt("results JSON (a PNG plot is written beside it)")

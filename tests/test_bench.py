@@ -74,10 +74,21 @@ def test_bench_times_ctranslate2_on_its_own_conversion(tmp_path):
     out = tmp_path / "b.json"
     proc = bench("tiny", "--workdir", tmp_path / "w", "--steps", "4", "--repeats", "1", "--batch", "1,2",
                  "--beam", "1,2", "--dtype", "float32,int8", "--warmup", "0", "--threads", "1,2",
-                 "--sides", "reference,fairseq,ctranslate2", "--out", out)
+                 "--sides", "reference,fairseq,ctranslate2", "--out", out, "--corpus", "48", "--max-tokens", "256")
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert set(res["ctranslate2_conversion"]) == {"float32", "int8"}
+    # the corpus: every engine on the same 48 sources with its own token-budget batching, against fairseq's
+    corpus = res["corpus"]
+    assert corpus["sentences"] == 48 and corpus["max_tokens"] == 256
+    assert set(corpus["sides"]) == {"reference/float32", "reference/int8", "fairseq/float32", "ctranslate2/float32",
+                                    "ctranslate2/int8"}
+    for key, r in corpus["sides"].items():
+        assert r["sentences_per_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0, key
+        assert set(r["seconds_by_threads"]) == {"1", "2"} and 0 <= r["exact_match_vs_fairseq"] <= 1, key
+    assert corpus["sides"]["reference/float32"]["exact_match_vs_fairseq"] == 1.0  # fp32: fairseq's tokens
+    assert corpus["sides"]["reference/float32"]["speedup_vs_fairseq"] > 0 and "times_ctranslate2" in \
+        corpus["sides"]["reference/int8"]
     for row in res["runs"]:
         ct2 = row["sides"]["ctranslate2"]
         assert ct2["ms_per_step"] > 0 and set(ct2["ms_per_step_by_threads"]) == {"1", "2"}

@@ -20,6 +20,7 @@ import torch
 from fairport.errors import FairportError
 from fairport.validation.bench.build import convert_ctranslate2, preset
 from fairport.validation.bench.config import configurations, side_configs, side_dtypes
+from fairport.validation.bench.corpus import CORPUS_SIDES, compare_to_fairseq, corpus_ids, corpus_text
 from fairport.validation.bench.results import compare, print_results
 from fairport.validation.bench.roofline import cpu_model, floors, roofline, step_weight_bytes
 from fairport.validation.bench.sides import run_side
@@ -30,7 +31,8 @@ __all__ = ["bench", "print_results"]
 
 def bench(target: str, sides: list[str], batches: list[int], beams: list[int], dtypes: list[str], steps: int,
           repeats: int, device: str, workdir: Path, src_len: int | None = None, say=print,
-          warmup_s: float = 1.0, procs: list[int] = (), threads: list[int] | None = None) -> dict:
+          warmup_s: float = 1.0, procs: list[int] = (), threads: list[int] | None = None, corpus: int = 0,
+          corpus_text: Path | None = None, max_tokens: int = 4096) -> dict:
     from fairport.reference.folder import ModelFolder
     from fairport.validation.original.fixtures import BENCH_PRESETS
 
@@ -54,6 +56,7 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
     if "transformers" in sides and not opened.transformers:
         say("transformers: no compatible architecture for this folder; side skipped")
         sides = [s for s in sides if s != "transformers"]
+    sources = corpus_sources(folder, cfg, corpus, corpus_text, src_len, max_tokens) if corpus else None
     configs = configurations(dtypes, batches, beams, steps, gen)
     result["roofline"] = roofline(cfg.decoder_embed_dim, cfg.decoder_ffn_dim,
                                   sorted({b * k for b in batches for k in beams}), dtypes, device)
@@ -81,6 +84,10 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
                 runs[side]["peak_rss_mb"][dtype] = out.pop("peak_rss_mb")
                 runs[side]["load_seconds"].update(out.pop("load_seconds"))
                 runs[side].update(out)
+        if corpus:
+            result["corpus"] = time_corpus(job, sources, corpus_text, sides, dtypes,
+                                           {**gen, "beam": beams[-1], "max_len_a": 0, "max_len_b": steps},
+                                           max_tokens, tmp, say)
     result["runs"] = compare(runs, configs)
     if procs:
         say(f"throughput of the reference on {THROUGHPUT_SENTENCES} sentences with {', '.join(map(str, procs))} "
@@ -89,6 +96,32 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
                                 for n in procs]
     floors(result, cfg, dtypes)
     return result
+
+
+def corpus_sources(folder: Path, cfg, n: int, text: Path | None, src_len: int, max_tokens: int) -> list:
+    """The corpus (before any timing: a --max-tokens below its longest source is refused first)."""
+    sources = corpus_text(folder, text, n) if text else corpus_ids(cfg, n, src_len)
+    longest = max(map(len, sources))
+    if longest > max_tokens:
+        raise FairportError(f"the corpus's longest source has {longest} tokens, more than --max-tokens {max_tokens}: "
+                            f"raise --max-tokens")
+    return sources
+
+
+def time_corpus(job: dict, sources: list, text: Path | None, sides: list[str], dtypes: list[str], options: dict,
+                max_tokens: int, tmp: Path, say) -> dict:
+    """Every corpus side (corpus.py) in each of its precisions, in a process of its own, on the same sources."""
+    torch.save(sources, tmp / "corpus.pt")
+    runs: dict = {}
+    for side in [s for s in sides if s in CORPUS_SIDES]:
+        for dtype in side_dtypes(side, dtypes):
+            say(f"corpus: {side} ({dtype}) translates {len(sources)} sentences, batches of <= {max_tokens} tokens ...")
+            out = run_side(side, {**job, "sources": str(tmp / "corpus.pt"), "corpus": {
+                "dtype": dtype, "options": options, "max_tokens": max_tokens}}, [], tmp, timeout=7200)
+            runs[f"{side}/{dtype}"] = out
+    compare_to_fairseq(runs)
+    return {"sentences": len(sources), "source": f"text: {text}" if text else "random ids, log-normal lengths",
+            "source_tokens": sum(map(len, sources)), "options": options, "max_tokens": max_tokens, "sides": runs}
 
 
 def random_sources(cfg, batches: list[int], src_len: int) -> dict:

@@ -114,4 +114,13 @@ def print_results(result: dict, out: Path) -> None:
               f"{t['sentences_per_s']:.2f} sentences/s ({t['sentences']} sentences, batch {t['batch']}, beam "
               f"{t['beam']}, {t['dtype']}; per rank: " + ", ".join(f"{r['sentences']} in {r['seconds']:.1f}s"
                                                                   for r in t["per_rank"]) + ")")
+    if "corpus" in result:
+        c = result["corpus"]
+        print(f"corpus: {c['sentences']} sentences ({c['source']}), beam {c['options']['beam']}, batches of <= "
+              f"{c['max_tokens']} source tokens")
+        for key, r in c["sides"].items():
+            same = r.get("exact_match_vs_fairseq")
+            print(f"  {key:<28}{r['sentences_per_s']:>9.2f} sent/s{r['tokens_per_s']:>10.1f} tok/s  "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB  load {sum(r['load_seconds'].values()):.2f}s  "
+                  f"{r['threads']} thread(s)  same as fairseq: {'-' if same is None else f'{same:.1%}'}")
     print(f"results: {out} (+ {out.with_suffix('.png').name})")

@@ -22,6 +22,7 @@ import torch
 from fairport.errors import FairportError
 from fairport.reference.load import PRECISIONS
 from fairport.validation.bench.config import Config
+from fairport.validation.bench.corpus import batched, run_corpus
 from fairport.validation.bench.timing import summary, timed
 
 
@@ -54,6 +55,11 @@ class Side:
     def tokens_of(self, out, cfg: Config) -> list[list[int]]:
         return [h[0]["tokens"].tolist() for h in out]
 
+    def corpus(self, sources: list[list[int]], dtype: str, options: dict, max_tokens: int,
+               threads: int) -> list[list[int]]:
+        """Every source's top hypothesis, the side batching as its users do (corpus.py)."""
+        raise FairportError(f"{type(self).__name__}: no corpus mode")
+
 
 class Reference(Side):
     def __init__(self, job: dict, pack: bool = True, compile: bool = False):
@@ -68,6 +74,15 @@ class Reference(Side):
         model = self.loaded(key, lambda: load(self.job["folder"], device=self.job["device"], dtype=cfg.dtype,
                                               pack=self.pack, compile=self.compile), only=self.compile)
         return functools.partial(model.generate, src, **cfg.options)
+
+    def corpus(self, sources, dtype, options, max_tokens, threads):  # `fairport generate --max-tokens`
+        from fairport.reference import load
+
+        key = (dtype, threads) if self.compile else dtype
+        model = self.loaded(key, lambda: load(self.job["folder"], device=self.job["device"], dtype=dtype,
+                                              pack=self.pack, compile=self.compile), only=self.compile)
+        return batched(sources, max_tokens, self.job["pad"], lambda src: [
+            h[0]["tokens"].tolist() for h in model.generate(src.to(self.job["device"]), **options)])
 
 
 class Transformers(Side):
@@ -113,6 +128,20 @@ class Fairseq(Side):
         generator = sequence_generator(self.fairseq, self.task, cfg.options)
         return functools.partial(torch.no_grad()(generator.generate), self.fairseq, sample)
 
+    def corpus(self, sources, dtype, options, max_tokens, threads):  # fairseq-generate --max-tokens
+        from fairport.validation.original.worker import reset_beam_size, sequence_generator
+
+        reset_beam_size(self.fairseq)
+        generator = sequence_generator(self.fairseq, self.task, options)
+
+        def run(src):
+            src = src.to(self.job["device"])
+            sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(self.job["pad"]).sum(1)}}
+            with torch.no_grad():
+                return [h[0]["tokens"].tolist() for h in generator.generate(self.fairseq, sample)]
+
+        return batched(sources, max_tokens, self.job["pad"], run)
+
 
 class CTranslate2(Side):
     """CTranslate2 on its own conversion of the checkpoint (ct2-fairseq-converter; fp32, and int8 with
@@ -147,6 +176,23 @@ class CTranslate2(Side):
     def tokens_of(self, out, cfg):  # its last step picks a token where the others must end: compare what precedes
         index = {t: i for i, t in enumerate(self.vocab[cfg.dtype][1])}
         return [[index[t] for t in r.hypotheses[0][: cfg.steps - 1]] + [self.job["eos"]] for r in out]
+
+    def corpus(self, sources, dtype, options, max_tokens, threads):  # translate_batch, token-budget batches
+        import ctranslate2
+
+        job = self.job
+        translator = self.loaded((dtype, threads), lambda: ctranslate2.Translator(
+            job["ctranslate2"][dtype], device=job["device"], compute_type="int8" if dtype == "int8" else "float32",
+            inter_threads=1, intra_threads=threads), only=True)
+        source, index = self.vocab[dtype][0], {t: i for i, t in enumerate(self.vocab[dtype][1])}
+        tokens = [[source[i] for i in s if i not in (job["pad"], job["eos"])] for s in sources]
+        out = translator.translate_batch(tokens, max_batch_size=max_tokens, batch_type="tokens",
+                                         beam_size=options["beam"], length_penalty=options.get("lenpen", 1.0),
+                                         max_decoding_length=options["max_len_b"],
+                                         no_repeat_ngram_size=options.get("no_repeat_ngram_size", 0),
+                                         return_end_token=True)
+        hyps = [[index[t] for t in r.hypotheses[0]] for r in out]  # at the limit fairseq forces </s>: added
+        return [h if h and h[-1] == job["eos"] else h + [job["eos"]] for h in hyps]
 
 
 SIDES = {"reference": Reference, "reference-unpacked": functools.partial(Reference, pack=False),
@@ -197,7 +243,8 @@ def worker_main(job_path: str) -> None:
 
     job = json.loads(Path(job_path).read_text())
     side = SIDES[job["side"]](job)
-    results = time_side(side, job)  # each side sets its thread counts (job["threads"]) as it times
-    results["load_seconds"] = side.load_seconds
+    # each side sets its thread counts (job["threads"]) as it times
+    results = run_corpus(side, job) if job.get("corpus") else time_side(side, job)
+    results["load_seconds"] = dict(side.load_seconds)
     results["peak_rss_mb"] = peak_rss_mb()  # this process's own peak (VmHWM), not ru_maxrss (see peak_rss_mb)
     Path(job["out"]).write_text(json.dumps(results))
