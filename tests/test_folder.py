@@ -137,7 +137,7 @@ assert not any(k.startswith('fairseq') and sys.modules[k] is not None for k in s
 def test_streaming_safetensors_writer_round_trips(tmp_path):
     from safetensors.torch import load_file
 
-    from fairport.converters.write import write_safetensors
+    from fairport.reference.tensorfile import write_safetensors
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(6, 4, generator=g)

@@ -5,11 +5,8 @@ DST that replaces DST only when everything succeeded."""
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import shutil
-import struct
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +22,7 @@ from fairport.errors import FairportError
 from fairport.reference.folder import card_is_fairports, sha256
 from fairport.reference.generate import GenerationOptions
 from fairport.reference.names import to_hf_name
+from fairport.reference.tensorfile import write_safetensors
 from fairport.reference.tokenizer import Framing
 
 if TYPE_CHECKING:
@@ -34,9 +32,6 @@ if TYPE_CHECKING:
 # what fairport writes into a model folder besides the files provenance.json lists
 WRITTEN_BESIDE = ("provenance.json", "README.md", "verify", "ensemble")
 KEEP_FP32 = ("embed_positions.weight",)  # stored names ending so keep fp32 in FSMT folders (sinusoids)
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def check_replaceable(dst: Path) -> None:
@@ -87,37 +82,6 @@ def generation_config(conv: Converted, overrides: dict | None = None) -> dict:
     fields, rules = hf.generation_fields(gen, conv.config, None if varies else framing.forced_prefix(), varies)
     return {**fields, "fairseq": gen, "fairseq_source": "checkpoint" if conv.generation else "fairseq defaults",
             "fairseq_rules_not_expressed": rules}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
-                      metadata: dict[str, str]) -> str:
-    """Write a safetensors file one tensor at a time, popping each from `tensors` once written: memory holds
-    one converted tensor at a time (the format: 8-byte header length, JSON header, then the raw bytes).
-    Returns the file's sha256, computed while writing."""
-    if sys.byteorder != "little":
-        raise FairportError("writing safetensors needs a little-endian machine")
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        n = t.numel() * dtypes[name].itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtypes[name]], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for chunk in (struct.pack("<Q", len(blob)), blob):
-            f.write(chunk)
-            digest.update(chunk)
-        for name in list(tensors):
-            t = tensors.pop(name).to(dtypes[name]).contiguous()
-            if t.numel():
-                data = t.reshape(-1).view(torch.uint8).numpy().data
-                f.write(data)
-                digest.update(data)
-            del t
-    return digest.hexdigest()
 
 
 def write_weights(out: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],

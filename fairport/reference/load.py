@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import struct
-import sys
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,81 +12,14 @@ from torch import nn
 from fairport.errors import FairportError
 from fairport.reference import compiled, fast
 from fairport.reference.config import ModelConfig
-from fairport.reference.folder import ModelFolder, damaged, sha256
+from fairport.reference.folder import ModelFolder
 from fairport.reference.hub import PortedEnsemble, PortedModel
 from fairport.reference.model import EncoderDecoder, SelfAttention, SinusoidalPositions, sinusoidal_table
 from fairport.reference.names import reference_name
+from fairport.reference.tensorfile import read_safetensors
 
 # what --dtype / --dtypes accept: a torch dtype, or "int8" (fp32 model, int8 linear layers)
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
-
-
-# safetensors' dtype names
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path, expected_sha256: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """A safetensors file's tensors one at a time, each read (not memory-mapped) into a buffer of its own: the
-    file's pages never count in this process's memory, which holds only what it keeps. The file is read in order
-    and hashed as it is read: a file cut short, or whose sha256 is not `expected_sha256` (what provenance.json
-    recorded), raises a one-line FairportError naming it, after its last tensor and before anything uses them."""
-    if sys.byteorder != "little":
-        raise FairportError("reading safetensors needs a little-endian machine")
-    total = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        head = f.read(8)
-        (size,) = struct.unpack("<Q", head) if len(head) == 8 else (total,)
-        if size > total - 8:
-            raise damaged(path, f"is cut short ({total} bytes, shorter than its own header says)")
-        raw = f.read(size)
-        digest.update(head + raw)
-        try:
-            header = json.loads(raw)
-            tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                             key=lambda kv: kv[1]["data_offsets"][0])
-            end = max((v["data_offsets"][1] for _, v in tensors), default=0)
-            [SAFETENSORS_DTYPES[v["dtype"]] for _, v in tensors]
-        except (ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError):
-            raise damaged(path, "has a corrupt header (not a safetensors file)") from None
-        if 8 + size + end > total:
-            raise damaged(path, f"is cut short ({total} of {8 + size + end} bytes)")
-        # the hash runs in a thread of its own (hashlib releases the GIL), one tensor behind the reading: it
-        # overlaps with the caller's work on the next tensor and holds at most one tensor back
-        with ThreadPoolExecutor(1) as hasher:
-            pending = None
-            pos = 0  # bytes of the data section read so far, in file order
-            for name, info in tensors:
-                start, stop = info["data_offsets"]
-                if start < pos:  # tensors sharing bytes: hash the file apart (no such file is written)
-                    pending, digest = None, None
-                elif start > pos and digest is not None:  # bytes between tensors count too, in order
-                    if pending is not None:
-                        pending.result()
-                    digest.update(f.read(start - pos))
-                t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-                buf = t.reshape(-1).view(torch.uint8).numpy()
-                f.seek(8 + size + start)
-                if f.readinto(buf) != stop - start:
-                    raise damaged(path, f"is cut short (in {name})")
-                pos = max(pos, stop)
-                if digest is not None:
-                    if pending is not None:
-                        pending.result()
-                    pending = hasher.submit(digest.update, buf)
-                yield name, t
-            if pending is not None:
-                pending.result()
-        if expected_sha256 is not None:
-            if digest is None:
-                actual = sha256(path)
-            else:
-                digest.update(f.read())  # anything after the last tensor counts too
-                actual = digest.hexdigest()
-            if actual != expected_sha256:
-                raise damaged(path, "does not match the sha256 provenance.json recorded when it was written")
 
 
 def read_weights(folder: ModelFolder) -> Iterator[tuple[str, torch.Tensor]]:
