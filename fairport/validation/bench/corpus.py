@@ -33,12 +33,15 @@ def corpus_ids(cfg, n: int, mean_len: int, seed: int = 0) -> list[list[int]]:
 
 
 def corpus_text(folder: Path, path: Path, n: int) -> list[list[int]]:
-    """The first `n` lines of a text file through the folder's own tokenizer (as fairport generate encodes)."""
-    from fairport.reference import load
+    """The first `n` lines of a text file through the folder's own tokenizer (as fairport generate encodes; the
+    tokenizer alone, not the model)."""
+    from fairport.reference.folder import ModelFolder
+    from fairport.reference.tokenizer import Tokenizer
 
-    model = load(folder, dtype=torch.float32)
+    opened = ModelFolder.open(folder)
+    tokenizer = Tokenizer.from_folder(opened)
     lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()][:n]
-    return [model.tokenizer.encode(ln, model.config.max_source_positions).tolist() for ln in lines]
+    return [tokenizer.encode(ln, opened.config.max_source_positions).tolist() for ln in lines]
 
 
 def run_corpus(side, job: dict) -> dict:

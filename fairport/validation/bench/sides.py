@@ -66,21 +66,19 @@ class Reference(Side):
         super().__init__(job)
         self.pack, self.compile = pack, compile
 
-    def prepare(self, cfg, src, threads):  # with compile, the load time includes compiling the step
+    def model(self, dtype: str, threads: int):  # with compile, the load time includes compiling the step
         from fairport.reference import load
 
         # inductor's code runs on the threads there were when it was compiled: a compiled model per count
-        key = (cfg.dtype, threads) if self.compile else cfg.dtype
-        model = self.loaded(key, lambda: load(self.job["folder"], device=self.job["device"], dtype=cfg.dtype,
-                                              pack=self.pack, compile=self.compile), only=self.compile)
-        return functools.partial(model.generate, src, **cfg.options)
+        key = (dtype, threads) if self.compile else dtype
+        return self.loaded(key, lambda: load(self.job["folder"], device=self.job["device"], dtype=dtype,
+                                             pack=self.pack, compile=self.compile), only=self.compile)
+
+    def prepare(self, cfg, src, threads):
+        return functools.partial(self.model(cfg.dtype, threads).generate, src, **cfg.options)
 
     def corpus(self, sources, dtype, options, max_tokens, threads):  # `fairport generate --max-tokens`
-        from fairport.reference import load
-
-        key = (dtype, threads) if self.compile else dtype
-        model = self.loaded(key, lambda: load(self.job["folder"], device=self.job["device"], dtype=dtype,
-                                              pack=self.pack, compile=self.compile), only=self.compile)
+        model = self.model(dtype, threads)
         return batched(sources, max_tokens, self.job["pad"], lambda src: [
             h[0]["tokens"].tolist() for h in model.generate(src.to(self.job["device"]), **options)])
 
@@ -120,27 +118,24 @@ class Fairseq(Side):
             m.eval().float().to(job["device"])
         self.load_seconds["float32"] = time.perf_counter() - t0
 
-    def prepare(self, cfg, src, threads):
+    def generator(self, options: dict):
+        """fairseq's search for `options`, as the original's worker builds it: a call taking one batch's sample."""
         from fairport.validation.original.worker import reset_beam_size, sequence_generator
 
         reset_beam_size(self.fairseq)
-        sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(self.job["pad"]).sum(1)}}
-        generator = sequence_generator(self.fairseq, self.task, cfg.options)
-        return functools.partial(torch.no_grad()(generator.generate), self.fairseq, sample)
+        return functools.partial(torch.no_grad()(sequence_generator(self.fairseq, self.task, options).generate),
+                                 self.fairseq)
+
+    def sample(self, src: torch.Tensor) -> dict:
+        return {"net_input": {"src_tokens": src, "src_lengths": src.ne(self.job["pad"]).sum(1)}}
+
+    def prepare(self, cfg, src, threads):
+        return functools.partial(self.generator(cfg.options), self.sample(src))
 
     def corpus(self, sources, dtype, options, max_tokens, threads):  # fairseq-generate --max-tokens
-        from fairport.validation.original.worker import reset_beam_size, sequence_generator
-
-        reset_beam_size(self.fairseq)
-        generator = sequence_generator(self.fairseq, self.task, options)
-
-        def run(src):
-            src = src.to(self.job["device"])
-            sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(self.job["pad"]).sum(1)}}
-            with torch.no_grad():
-                return [h[0]["tokens"].tolist() for h in generator.generate(self.fairseq, sample)]
-
-        return batched(sources, max_tokens, self.job["pad"], run)
+        run = self.generator(options)
+        return batched(sources, max_tokens, self.job["pad"],
+                       lambda src: self.tokens_of(run(self.sample(src.to(self.job["device"]))), None))
 
 
 class CTranslate2(Side):
@@ -157,18 +152,24 @@ class CTranslate2(Side):
     def set_threads(self, threads: int) -> None:  # a Translator has its own threads (intra_threads)
         pass
 
-    def prepare(self, cfg, src, threads):
+    def translator(self, dtype: str, threads: int):
+        """One Translator in the process at a time: its memory is one model's, as deployed."""
         import ctranslate2
 
         job = self.job
-        translator = self.loaded((cfg.dtype, threads), lambda: ctranslate2.Translator(
-            job["ctranslate2"][cfg.dtype], device=job["device"],
-            compute_type="int8" if cfg.dtype == "int8" else "float32", inter_threads=1, intra_threads=threads),
-            only=True)
+        return self.loaded((dtype, threads), lambda: ctranslate2.Translator(
+            job["ctranslate2"][dtype], device=job["device"], compute_type="int8" if dtype == "int8" else "float32",
+            inter_threads=1, intra_threads=threads), only=True)
+
+    def source_tokens(self, dtype: str, rows) -> list[list[str]]:
+        """fairseq ids -> CTranslate2's source tokens (without padding and the </s> it adds itself)."""
+        source, skip = self.vocab[dtype][0], (self.job["pad"], self.job["eos"])
+        return [[source[i] for i in row if i not in skip] for row in rows]
+
+    def prepare(self, cfg, src, threads):
         o = cfg.options
-        source = self.vocab[cfg.dtype][0]
-        tokens = [[source[i] for i in row.tolist() if i not in (job["pad"], job["eos"])] for row in src]
-        return functools.partial(translator.translate_batch, tokens, beam_size=o["beam"],
+        tokens = self.source_tokens(cfg.dtype, src.tolist())
+        return functools.partial(self.translator(cfg.dtype, threads).translate_batch, tokens, beam_size=o["beam"],
                                  length_penalty=o.get("lenpen", 1.0),
                                  no_repeat_ngram_size=o.get("no_repeat_ngram_size", 0),
                                  min_decoding_length=cfg.steps, max_decoding_length=cfg.steps)
@@ -178,21 +179,14 @@ class CTranslate2(Side):
         return [[index[t] for t in r.hypotheses[0][: cfg.steps - 1]] + [self.job["eos"]] for r in out]
 
     def corpus(self, sources, dtype, options, max_tokens, threads):  # translate_batch, token-budget batches
-        import ctranslate2
-
-        job = self.job
-        translator = self.loaded((dtype, threads), lambda: ctranslate2.Translator(
-            job["ctranslate2"][dtype], device=job["device"], compute_type="int8" if dtype == "int8" else "float32",
-            inter_threads=1, intra_threads=threads), only=True)
-        source, index = self.vocab[dtype][0], {t: i for i, t in enumerate(self.vocab[dtype][1])}
-        tokens = [[source[i] for i in s if i not in (job["pad"], job["eos"])] for s in sources]
-        out = translator.translate_batch(tokens, max_batch_size=max_tokens, batch_type="tokens",
-                                         beam_size=options["beam"], length_penalty=options.get("lenpen", 1.0),
-                                         max_decoding_length=options["max_len_b"],
-                                         no_repeat_ngram_size=options.get("no_repeat_ngram_size", 0),
-                                         return_end_token=True)
+        eos, index = self.job["eos"], {t: i for i, t in enumerate(self.vocab[dtype][1])}
+        out = self.translator(dtype, threads).translate_batch(
+            self.source_tokens(dtype, sources), max_batch_size=max_tokens, batch_type="tokens",
+            beam_size=options["beam"], length_penalty=options.get("lenpen", 1.0),
+            max_decoding_length=options["max_len_b"], no_repeat_ngram_size=options.get("no_repeat_ngram_size", 0),
+            return_end_token=True)
         hyps = [[index[t] for t in r.hypotheses[0]] for r in out]  # at the limit fairseq forces </s>: added
-        return [h if h and h[-1] == job["eos"] else h + [job["eos"]] for h in hyps]
+        return [h if h and h[-1] == eos else h + [eos] for h in hyps]
 
 
 SIDES = {"reference": Reference, "reference-unpacked": functools.partial(Reference, pack=False),
