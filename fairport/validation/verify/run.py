@@ -68,7 +68,8 @@ class VerifyRun:
         return [r.checks[check] for r in self.records() if r.checks.get(check) is not None]
 
     def per_input(self, per_batch: list[list]) -> list:
-        """Per-batch lists (in batch order, one entry per input of the batch) as one list in input order."""
+        """Per-batch lists (one for every record, in batch order; one entry per input of its batch) as one list in
+        input order."""
         out: list = [None] * len(self.setup.inputs.src)
         for rec, values in zip(self.records(), per_batch):
             for i, v in zip(rec.inputs, values):
@@ -80,7 +81,8 @@ class VerifyRun:
         an engine ("transformers", "ctranslate2")."""
         if side == "original":
             return self.per_input([r.original.outputs.top[key] for r in self.records()])
-        return self.per_input([r.top[key] for r in self.results_of("generation" if side == "reference" else side)])
+        check = "generation" if side == "reference" else side
+        return self.per_input([r.checks[check].top[key] for r in self.records()])
 
 
 def verify(src: str | Path, dst: str | Path, opts: VerifyOptions, ranks: Ranks | None = None,

@@ -56,7 +56,7 @@ def report(run) -> None:
             parts = [r.rows[name] for r in run.results_of(NAME)]
             stats = {"max": max(p.logits.max for p in parts),
                      "mean": sum(p.logits.sum for p in parts) / max(sum(p.logits.values for p in parts), 1)}
-            mine = run.per_input([r.rows[name].beam for r in run.results_of(NAME)])
+            mine = run.per_input([r.checks[NAME].rows[name].beam for r in run.records()])
         same = sum(a["tokens"] == b["tokens"] for a, b in zip(mine, theirs)) / max(len(theirs), 1)
         score_d = [abs(a["score"] - b["score"]) for a, b in zip(mine, theirs)]
         tol = s.opts.logits_tol if DTYPE_TOL[name] is None else DTYPE_TOL[name] * max_ref
