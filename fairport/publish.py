@@ -196,8 +196,10 @@ def _transformers_usage(f: ModelFolder, name: str, report: dict | None) -> list[
         verdict = "PASS" if rows["transformers"]["passed"] else "FAIL"
         tok = side.get("tokenizer")
         tok_line = "" if not hf_tok else (
-            f" AutoTokenizer: {tok['sentences'] - len(tok['mismatches'])} of {tok['sentences']} sentences give "
-            f"fairseq's ids" + (f" (the others by a named rule: {tok['rule']})" if tok.get("rule") else "") + "."
+            f" AutoTokenizer: {tok['sentences'] - tok.get('differ', len(tok['mismatches']))} of {tok['sentences']} "
+            f"sentences give fairseq's ids" + (f"; {tok.get('explained', 0)} differ by a named rule ({tok['rule']})"
+                                               if tok.get("rule") else "")
+            + (f"; {len(tok['unexplained'])} differ, unexplained" if tok.get("unexplained") else "") + "."
             if tok else " AutoTokenizer was not checked (the parity data were token ids, not text).")
         how = (f"verify ran these lines on the parity data: **{verdict}**, exact match with fairseq "
                + ", ".join(f"{k} {side[k]['exact_match']:.1%}" for k in ("greedy", "beam") if k in side)

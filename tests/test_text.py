@@ -23,6 +23,13 @@ def sentences(lang):
     return (SHARED / "text" / f"{lang}.txt").read_text(encoding="utf-8").splitlines()
 
 
+def autotokenizer_ids(folder, texts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return [tok(t)["input_ids"] for t in texts]
+
+
 @needs_fairseq
 @needs_shared
 def test_gpt2_bpe_ids_and_round_trip_equal_fairseq_on_all_sentences(converted):
@@ -153,6 +160,7 @@ def test_sentencepiece_models_equal_fairseq_hub(name, fixtures_dir, converted):
             hub_request(folder, "interactive", src, opts), hub_request(folder, "roundtrip", src)]
     out = dict(zip(("ids", "gen", "text", "rt"), run([fixtures_dir / name / "model.pt"], fixtures_dir / name, *reqs)))
     assert [model.encode(s).tolist() for s in src] == out["ids"]
+    assert autotokenizer_ids(folder, src) == out["ids"]  # the transformers tokenizer files convert wrote
     gen = [h[0]["tokens"].tolist() for h in model.hub_generate(src, **opts)]
     assert gen == out["gen"]
     assert model.translate(src, **opts) == out["text"]
@@ -185,6 +193,8 @@ def test_many_to_many_model_equals_fairseq(name, direction, fixtures_dir, conver
     langs = model.tokenizer.multi["tokens"]
     assert [model.encode(s, src_lang, tgt_lang).tolist() for s in src] == out["ids"]
     assert all(ids[0] == langs[src_lang] for ids in out["ids"])
+    if (src_lang, tgt_lang) == model.tokenizer.framing.default_direction():  # the direction its template frames
+        assert autotokenizer_ids(folder, src) == out["ids"]
     gen = [h[0]["tokens"].tolist() for h in model.hub_generate(src, source_lang=src_lang, target_lang=tgt_lang,
                                                                **opts)]
     assert gen == out["gen"] and all(g[0] == langs[tgt_lang] for g in gen)

@@ -5,7 +5,8 @@ folder's `vocab.json` maps each BPE token straight to its fairseq index, `merges
 fastBPE (WMT19): `vocab-src.json`/`vocab-tgt.json` (fairseq symbols with `@@` continuation rewritten as
 transformers' FSMT expects: `le@@` -> `le`, `er` -> `er</w>`) and `merges.txt` (bpecodes without counts).
 sentencepiece (mBART, and models trained with `--bpe sentencepiece`): the model file, copied as
-`sentencepiece.bpe.model`; fairseq looks its pieces up in the dictionary like any other BPE symbols.
+`sentencepiece.bpe.model`; fairseq looks its pieces up in the dictionary like any other BPE symbols (transformers'
+tokenizer.json for it: spm_tokenizer.py).
 The fairseq dictionaries themselves are kept as `dict.src.txt`/`dict.tgt.txt`, task additions included.
 """
 

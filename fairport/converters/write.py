@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fairport import __version__
-from fairport.converters import hf, tasks, weights
+from fairport.converters import hf, spm_tokenizer, tasks, weights
 from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2, write_sentencepiece
 from fairport.errors import FairportError
 from fairport.reference.folder import card_is_fairports, sha256
@@ -124,6 +124,33 @@ def stored_tensors(conv: Converted, family: str | None) -> tuple[dict[str, torch
     return out | extra, notes
 
 
+def sentencepiece_tokenizer(conv: Converted, meta: dict, out: Path) -> list[str]:
+    """transformers' tokenizer files for a sentencepiece folder (converters/spm_tokenizer.py), framing sources
+    as the task frames them in the folder's direction (a many-to-many model's default one); a note says what
+    they cannot express."""
+    if conv.text.get("tokenizer"):
+        conv.notes.append(f"transformers tokenizer: not written (tokenizer.json cannot express the "
+                          f"{conv.text['tokenizer']} step before sentencepiece); encode with fairport")
+        return []
+    cfg = conv.config
+    framing = Framing(cfg.bos, cfg.eos, bool(conv.text.get("bart")), meta["source_suffix"],
+                      conv.symbols.get("generation_eos"), meta["multilingual"], meta["source_lang"],
+                      meta["target_lang"])
+    src, tgt = framing.default_direction()
+    framed = framing.source([-1], None, src, tgt)
+    cut = framed.index(-1)
+    written, notes = spm_tokenizer.write(out, conv.text_files["sentencepiece_model"], conv.dicts.src, framed[:cut],
+                                         framed[cut + 1:], cfg.max_source_positions)
+    if framing.multi:
+        notes.append(f"transformers tokenizer: frames sources for {src}->{tgt} (its template); for another "
+                     f"direction frame the ids as fairport does (Framing.source)")
+    if conv.dicts.tgt.symbols != conv.dicts.src.symbols:
+        notes.append("transformers tokenizer: encodes and decodes with the source dictionary; the target "
+                     "dictionary differs, so decode generated ids with fairport")
+    conv.notes += notes
+    return written
+
+
 @dataclass
 class MemberWritten:
     transformers: str | None
@@ -171,6 +198,8 @@ def write_member(conv: Converted, sources: Sources, out: Path, dtype: torch.dtyp
         "source_lang": conv.options.get("source_lang"), "target_lang": conv.options.get("target_lang"),
         "transformers": family, "transformers_unmet": unmet, "stored_dtype": str(torch_dtype).replace("torch.", ""),
     }
+    if bpe == "sentencepiece":
+        files.update(dict.fromkeys(sentencepiece_tokenizer(conv, meta, out)))
     config = hf.hf_config(family, cfg, {"langs": langs}) if family else {"model_type": "fairport"}
     # the dtype transformers computes in when loaded with its defaults (`dtype="auto"` reads this): float32, as
     # fairseq computes whatever its checkpoint stores (an fp16 release under fp16 compute is ~1e-2 off, and FSMT's

@@ -38,9 +38,8 @@ def encode(setup, text: str) -> list[int]:
 
 def transformers_tokenizer(run, sentences: list[str], theirs: list[list[int]]) -> None:
     """`AutoTokenizer.from_pretrained(DST)` (the card's line) against fairseq's encoder on the same sentences. A
-    sentence it encodes otherwise is explained when fairport's encoder, given the text after the tokenizer's own
-    normalisation step, gives its ids (FSMTTokenizer: Moses punctuation normalisation, which fairseq does not
-    apply); anything else fails."""
+    sentence it encodes otherwise is explained only by a named rule checked on its evidence (`rule_for`);
+    anything else fails."""
     s = run.setup
     section = run.report.sections.setdefault("transformers", {})
     if not s.folder.file("tokenizer_config.json").exists():
@@ -50,20 +49,43 @@ def transformers_tokenizer(run, sentences: list[str], theirs: list[list[int]]) -
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(s.folder.path)
-    normalise = getattr(tok, "moses_pipeline", None)
-    explained, unexplained = [], []
+    rule_for = explainer(s, tok)
+    explained, unexplained, rules = [], [], {}
     for i, (text, want) in enumerate(zip(sentences, theirs)):
         ids = tok(text)["input_ids"]
         if ids == want:
             continue
-        if normalise is not None and encode(s, normalise(text, lang=tok.src_lang)) == ids:
-            explained.append(i)
-        else:
+        rule = rule_for(text, ids)
+        if rule is None:
             unexplained.append(i)
+        else:
+            explained.append(i)
+            rules[rule] = rules.get(rule, 0) + 1
     section["tokenizer"] = {"class": type(tok).__name__, "sentences": len(sentences),
-                            "mismatches": (explained + unexplained)[:50], "explained": len(explained),
-                            "rule": FSMT_RULE if explained else None, "unexplained": unexplained[:50]}
-    detail = f"{len(explained) + len(unexplained)} of {len(sentences)} sentences differ" + (
-        f" ({len(explained)} by the rule: {FSMT_RULE})" if explained else "")
+                            "mismatches": sorted(explained + unexplained)[:50], "explained": len(explained),
+                            "differ": len(explained) + len(unexplained), "rule": "; ".join(rules) or None, "rules": rules, "unexplained": unexplained[:50]}
+    detail = f"{len(explained) + len(unexplained)} of {len(sentences)} sentences differ" + "".join(
+        f" ({n} by the rule: {rule})" for rule, n in rules.items())
     run.report.add("transformers tokenizer: AutoTokenizer ids equal fairseq's, or a named rule", not unexplained,
                    len(unexplained), 0, detail)
+
+
+def explainer(setup, tok):
+    """rule_for(text, ids) -> the named rule that explains why the tokenizer's `ids` for `text` are not fairseq's,
+    or None. FSMTTokenizer: fairport's encoder, given the text after the tokenizer's own Moses normalisation,
+    gives its ids. sentencepiece folders: spm_tokenizer.explain on fairseq's pieces and the tokenizer's."""
+    normalise = getattr(tok, "moses_pipeline", None)
+    if normalise is not None:
+        return lambda text, ids: FSMT_RULE if encode(setup, normalise(text, lang=tok.src_lang)) == ids else None
+    sp = setup.tokenizer.bpe
+    if setup.tokenizer.spec.get("bpe") != "sentencepiece" or setup.tokenizer.pre is not None:
+        return lambda text, ids: None
+    from fairport.converters import spm_tokenizer
+
+    model = spm_tokenizer.SpmModel.read(setup.folder.file("sentencepiece.bpe.model"))
+
+    def rule_for(text: str, ids: list[int]) -> str | None:
+        tokens = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+        return spm_tokenizer.explain(model, setup.tokenizer.src_dict, text, sp.apply(text).split(), tokens)
+
+    return rule_for
