@@ -322,6 +322,33 @@ def test_verify_checks_ctranslate2s_conversion_too(trained_dir, trained_port, tm
 
 @needs_fairseq
 @needs_ctranslate2
+def test_ctranslate2_search_rule_under_cnn_dm_options(trained_dir, tmp_path):
+    """CNN/DM-style search options (lenpen 2, min_len above the model's natural length, no-repeat-ngram 3):
+    CTranslate2 masks banned tokens before the softmax, fairseq after it, so their beams rank hypotheses
+    otherwise. Each CTranslate2 mismatch is explained only when fairseq's search on the port, run alone with that
+    rule changed, returns CTranslate2's output or ranks it tied with its first (none is left a divergence). min_len 12 forces every output
+    well past where this model would stop, so the renormalised EOS mass is large and the rule shows on any
+    trained fixture."""
+    from fairport.validation.verify.mismatch import BANS_RENORMALISED, SEARCH_RULE
+
+    port = tmp_path / "port"
+    convert(trained_dir, port, generation_overrides={"beam": 4, "lenpen": 2.0, "min_len": 12, "max_len_b": 40,
+                                                     "no_repeat_ngram_size": 3})
+    proc = run_verify(trained_dir, port, "--fairseq-data", trained_dir / "bin", "--limit", "24", "--dtypes",
+                      "float32", "--sides", "reference,ctranslate2", "--out", tmp_path / "r")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    beam = json.loads((tmp_path / "r" / "report.json").read_text())["ctranslate2"]["beam"]
+    assert beam["counts"]["search rule"] > 0 and not beam["counts"]["divergence"], beam["counts"]
+    for m in beam["mismatches"]:
+        if m["class"] == SEARCH_RULE:
+            ev = m["evidence"]
+            assert m["rules"] == [BANS_RENORMALISED]
+            # the emulated search returns CTranslate2's output, or ranks it tied with its first
+            assert ev["under_its_rule"] == m["ctranslate2"] or 0 <= ev["tie_under_its_rule"] <= ev["tolerance"]
+
+
+@needs_fairseq
+@needs_ctranslate2
 def test_ctranslate2_on_an_mbart_translation_task(fixtures_dir, converted, tmp_path):
     """A task whose generator starts from and ends with a language token ([ro_RO]) and whose source ends with
     one ([en_XX]): CTranslate2's conversion, its config set for that framing as its users must set it, is

@@ -204,23 +204,28 @@ def force_prefix(step, lprobs, scores, tokens, prefix_tokens, beam, pad, eos):
 
 
 def generate(model, src_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None,
-             bos_token: int | None = None, trace: list | None = None, **options) -> list[list[dict]]:
+             bos_token: int | None = None, trace: list | None = None, ctranslate2_rules: bool = False,
+             **options) -> list[list[dict]]:
     """Generate for each source row (left-padded ids) with fairseq's options (GenerationOptions' names).
     `model`: an EncoderDecoder, or an ensemble (anything with `.members`), decoded as fairseq's EnsembleModel.
     Returns, per sentence, hypotheses best first: {"tokens" (ending in EOS, no start token), "score",
     "positional_scores"} as fairseq returns them. Runs under torch.inference_mode (no autograd bookkeeping:
     measured ~14% less per-step overhead than no_grad on a small model); the tensors returned are ordinary.
     `trace`: a list that receives, at each step, what the search saw and chose, in the form the original's
-    worker records fairseq's search (fairport/validation/verify/mismatch.py compares the two)."""
+    worker records fairseq's search (fairport/validation/verify/mismatch.py compares the two).
+    `ctranslate2_rules`: not fairseq's search but CTranslate2's two differences from it, for verify's explanations:
+    every ban (EOS before min_len, repeated n-grams, all but EOS at the length limit) is applied before the softmax,
+    renormalising the step's other log-probabilities, and a hypothesis cut at the length limit counts its length
+    without the EOS (CTranslate2 ends it there without one)."""
     opts = GenerationOptions(**options)
     models = list(getattr(model, "members", None) or [model])
     with torch.inference_mode():
-        finalized = _generate(models, src_tokens, prefix_tokens, bos_token, opts, trace)
+        finalized = _generate(models, src_tokens, prefix_tokens, bos_token, opts, trace, ctranslate2_rules)
     return [[{k: v.clone() for k, v in h.items()} for h in hyps] for hyps in finalized]
 
 
 def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token, opts: GenerationOptions,
-              trace: list | None = None) -> list[list[dict]]:
+              trace: list | None = None, ctranslate2_rules: bool = False) -> list[list[dict]]:
     cfg = models[0].config
     pad, unk = cfg.pad, cfg.unk
     eos = cfg.eos if opts.eos is None else opts.eos
@@ -279,6 +284,8 @@ def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token
             lprobs, tokens, scores = force_prefix(step, lprobs, scores, tokens, prefix_tokens, beam, pad, eos)
         if opts.no_repeat_ngram_size > 0:
             block_repeated_ngrams(tokens[:, : step + 1], lprobs, opts.no_repeat_ngram_size, step)
+        if ctranslate2_rules:
+            lprobs = torch.log_softmax(lprobs, dim=-1)
 
         if opts.sampling:
             cand_scores, cand_indices, cand_beams = sampling_step(
@@ -301,7 +308,8 @@ def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token
         if eos_bbsz_idx.numel() > 0:
             eos_scores = torch.masked_select(cand_scores[:, :beam], mask=eos_mask[:, :beam])
             finalized_sents = _finalize(step, eos_bbsz_idx, eos_scores, tokens, scores, finalized, finished,
-                                        beam, src_lengths, max_len, opts, eos)
+                                        beam, src_lengths, max_len, opts, eos,
+                                        ctranslate2_rules and step >= max_len)
             remaining -= len(finalized_sents)
         if remaining == 0:
             break
@@ -351,15 +359,16 @@ def _generate(models: list[EncoderDecoder], src_tokens, prefix_tokens, bos_token
 
 
 def _finalize(step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, beam, src_lengths, max_len,
-              opts: GenerationOptions, eos) -> list[int]:
-    """fairseq SequenceGenerator.finalize_hypos. Returns the batch positions of sentences now finished."""
+              opts: GenerationOptions, eos, eos_uncounted: bool = False) -> list[int]:
+    """fairseq SequenceGenerator.finalize_hypos. Returns the batch positions of sentences now finished.
+    `eos_uncounted`: the length that normalises the score leaves out the EOS (CTranslate2 at the length limit)."""
     tokens_clone = tokens.index_select(0, bbsz_idx)[:, 1: step + 2]  # drop the start token
     tokens_clone[:, step] = eos
     pos_scores = scores.index_select(0, bbsz_idx)[:, : step + 1]
     pos_scores[:, step] = eos_scores
     pos_scores[:, 1:] = pos_scores[:, 1:] - pos_scores[:, :-1]
     if opts.normalize_scores:
-        eos_scores /= (step + 1) ** opts.lenpen
+        eos_scores /= (step + 1 - eos_uncounted) ** opts.lenpen
 
     cum_unfin: list[int] = []
     prev = 0

@@ -13,6 +13,7 @@ from fairport.reference.generate import generate
 from fairport.validation.original.protocol import Generate, Score
 from fairport.validation.verify.mismatch import (
     BATCH,
+    BANS_RENORMALISED,
     CLASSES,
     DIVERGENCE,
     EOS_AT_LIMIT,
@@ -193,6 +194,8 @@ def explain_engine(run: VerifyRun, name: str, side, options: dict, i: int, a: li
                     f"{where}, {name}'s own scores rank the original's output {num(-m_c)} higher as fairseq scores "
                     f"it, and its own output {num(own[1] - own[0])} higher as its search scores it: "
                     + "; ".join(rules) + ".")}
+        if (why := under_engine_rule(run, name, side, options, i, c, greedy, evidence, tolerance)) is not None:
+            return why
         return {"class": DIVERGENCE, "evidence": evidence, "explanation": (
             f"{where}, {name}'s own scores rank the original's output {num(-m_c)} above its own (the original's: "
             f"{num(m_o)}): its search returned a hypothesis it scores lower, so its search (length normalisation, "
@@ -211,9 +214,40 @@ def explain_engine(run: VerifyRun, name: str, side, options: dict, i: int, a: li
                 f"that hypothesis at step {pruned['step']}, where it scored {num(pruned['margin'])} below the last "
                 f"one kept, within the {num(pruned['tolerance'])} that {pruned['step'] + 1} tokens of log-prob |Δ| "
                 f"{num(eps)} allow: a pruning tie the two searches broke differently.")}
+    if (why := under_engine_rule(run, name, side, options, i, c, greedy, evidence, tolerance)) is not None:
+        return why
     return {"class": DIVERGENCE, "evidence": evidence,
             "explanation": f"{story}: not within the {num(tolerance)} the measured log-prob |Δ| allows, nor a tie "
                            f"in the original's beam: {name}'s numbers or search differ here."}
+
+
+def under_engine_rule(run: VerifyRun, name: str, side, options: dict, i: int, c: list[int], greedy: bool,
+                      evidence: dict, tolerance: float) -> dict | None:
+    """An engine whose search masks banned tokens before the softmax (CTranslate2: EOS before min_len, repeated
+    n-grams, the length limit; `side.renormalises_bans`) ranks and prunes partial hypotheses by other scores than
+    fairseq. The evidence: the port's search (fairseq's loop), run on input i alone with that one rule changed,
+    returns the engine's output `c` (or ranks it within `tolerance` of its first: a tie under that rule). A
+    SEARCH_RULE explanation when it does, else None. Greedy search is never
+    affected (renormalising does not move the argmax)."""
+    if greedy or not getattr(side, "renormalises_bans", False):
+        return None
+    s = run.setup
+    src = torch.tensor([s.inputs.src[i]], device=s.device)
+    hyps = generate(s.port, src, prefix_tokens=on_device(s.prefix(1), s.device), ctranslate2_rules=True, **options)[0]
+    ranked = [(h["tokens"].tolist(), float(h["score"])) for h in hyps]
+    evidence["under_its_rule"] = s.text(ranked[0][0])
+    story = f"fairseq's search on the port, run alone with {name}'s rule ({BANS_RENORMALISED}), returns"
+    if ranked[0][0] == c:
+        return {"class": SEARCH_RULE, "rules": [BANS_RENORMALISED], "evidence": evidence, "explanation": (
+            f"{story} {name}'s output: the searches differ by that rule, not by their numbers.")}
+    score = next((v for h, v in ranked if h == c), None)
+    if score is None or ranked[0][1] - score > tolerance:
+        return None
+    evidence["tie_under_its_rule"] = ranked[0][1] - score
+    return {"class": SEARCH_RULE, "rules": [BANS_RENORMALISED], "evidence": evidence, "explanation": (
+        f"{story} {name}'s output second, {num(ranked[0][1] - score)} below its first, within the {num(tolerance)} "
+        f"the measured log-prob |Δ| allows: under that rule the two are tied, and the engines break the tie "
+        f"differently.")}
 
 
 def pruned_near_tie(run: VerifyRun, options: dict, i: int, c: list[int], eps: float) -> dict | None:

@@ -29,6 +29,11 @@ FORCED_FIRST = ("the forced first token is scored 0 (transformers' forced_bos_to
                 "log-probability, so finished hypotheses of different lengths rank otherwise under lenpen")
 EOS_AT_LIMIT = ("at the length limit the final EOS is scored 0 (transformers' forced_eos_token_id; CTranslate2 stops "
                 "without it) where fairseq forces EOS and scores its log-probability")
+BANS_RENORMALISED = ("banned tokens (EOS before min_len, repeated n-grams, all but EOS at the length limit) are masked "
+                     "before the softmax, so each step's other log-probabilities rise by -log(1 - banned mass) "
+                     "(CTranslate2), where fairseq sets them to -inf after it; and a hypothesis cut at the length "
+                     "limit is normalised by its length without the EOS: partial and finished hypotheses rank "
+                     "otherwise")
 
 
 def steps_of(trace: list[dict], row: int) -> list[dict]:
