@@ -326,9 +326,9 @@ def test_ctranslate2_search_rule_under_cnn_dm_options(trained_dir, tmp_path):
     """CNN/DM-style search options (lenpen 2, min_len above the model's natural length, no-repeat-ngram 3):
     CTranslate2 masks banned tokens before the softmax, fairseq after it, so their beams rank hypotheses
     otherwise. Each CTranslate2 mismatch is explained only when fairseq's search on the port, run alone with that
-    rule changed, returns CTranslate2's output or ranks it tied with its first (none is left a divergence). min_len 12 forces every output
-    well past where this model would stop, so the renormalised EOS mass is large and the rule shows on any
-    trained fixture."""
+    rule changed, returns CTranslate2's output or ranks it tied with its first (none is left a divergence).
+    min_len 12 forces every output well past where this model would stop, so the renormalised EOS mass is large
+    and the rule shows on any trained fixture."""
     from fairport.validation.verify.mismatch import BANS_RENORMALISED, SEARCH_RULE
 
     port = tmp_path / "port"

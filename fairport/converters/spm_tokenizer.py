@@ -20,6 +20,7 @@ conversion nor loading needs the protobuf package.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,8 @@ def specials(spm: SpmModel, dictionary: Dictionary) -> list[int]:
 def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list[int]):
     """The `tokenizers.Tokenizer`: ids are `dictionary`'s; a single sequence is framed `prefix x suffix`."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE as BPEModel, Unigram
+    from tokenizers.models import BPE as BPEModel
+    from tokenizers.models import Unigram
 
     symbols = dictionary.symbols
     index = {s: i for i, s in enumerate(symbols)}  # a symbol listed twice: the later index, as fairseq looks up
@@ -145,7 +147,7 @@ def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list
     else:  # every piece, merges need the intermediate ones; those outside the dictionary get ids after it
         ranked = {p: score for p, (score, kind) in kinds.items() if kind == NORMAL}
         vocab = dict(index)
-        for p, score, kind in spm.pieces:
+        for p, _, kind in spm.pieces:
             if kind in PIECES and p not in vocab:
                 vocab[p] = len(vocab)
         merges = sorted(((-score, vocab[p], p[:k], p[k:]) for p, score in ranked.items()
@@ -162,7 +164,7 @@ def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list
     tok.normalizer = normalizers.Sequence(steps)
     user = sorted((p for p, (_, kind) in kinds.items() if kind == USER_DEFINED and p in index), key=len, reverse=True)
     if user:  # sentencepiece emits a user-defined piece whole, wherever it occurs
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(map(_escape, user))), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(map(re.escape, user))), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1 if spm.add_dummy_prefix else 0, 0)])
     tok.add_special_tokens([AddedToken(symbols[i], special=True, normalized=False) for i in special])
@@ -171,12 +173,6 @@ def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list
         single=[symbols[i] for i in prefix] + ["$A"] + [symbols[i] for i in suffix],
         pair=[symbols[i] for i in prefix] + ["$A", "$B"] + [symbols[i] for i in suffix], special_tokens=framed)
     return tok
-
-
-def _escape(piece: str) -> str:
-    import re
-
-    return re.escape(piece)
 
 
 def write(out: Path, model: Path, dictionary: Dictionary, prefix: list[int], suffix: list[int],

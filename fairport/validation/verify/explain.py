@@ -12,8 +12,8 @@ import torch
 from fairport.reference.generate import generate
 from fairport.validation.original.protocol import Generate, Score
 from fairport.validation.verify.mismatch import (
-    BATCH,
     BANS_RENORMALISED,
+    BATCH,
     CLASSES,
     DIVERGENCE,
     EOS_AT_LIMIT,

@@ -61,9 +61,10 @@ def transformers_tokenizer(run, sentences: list[str], theirs: list[list[int]]) -
         else:
             explained.append(i)
             rules[rule] = rules.get(rule, 0) + 1
-    section["tokenizer"] = {"class": type(tok).__name__, "sentences": len(sentences),
-                            "mismatches": sorted(explained + unexplained)[:50], "explained": len(explained),
-                            "differ": len(explained) + len(unexplained), "rule": "; ".join(rules) or None, "rules": rules, "unexplained": unexplained[:50]}
+    section["tokenizer"] = {
+        "class": type(tok).__name__, "sentences": len(sentences), "mismatches": sorted(explained + unexplained)[:50],
+        "explained": len(explained), "differ": len(explained) + len(unexplained), "rule": "; ".join(rules) or None,
+        "rules": rules, "unexplained": unexplained[:50]}
     detail = f"{len(explained) + len(unexplained)} of {len(sentences)} sentences differ" + "".join(
         f" ({n} by the rule: {rule})" for rule, n in rules.items())
     run.report.add("transformers tokenizer: AutoTokenizer ids equal fairseq's, or a named rule", not unexplained,
