@@ -213,6 +213,10 @@ def _transformers_usage(f: ModelFolder, name: str, report: dict | None) -> list[
          f'model = AutoModelForSeq2SeqLM.from_pretrained("{name}")',
          f"out = model.generate(input_ids, attention_mask=attention_mask{forced})  # the folder's generation config",
          "```", "", how, ""]
+    if hf_tok and framing.multi and f.file("tokenizer.json").exists():
+        src, tgt = framing.default_direction()
+        L += [f"`AutoTokenizer` frames sources for {src} -> {tgt}; for another direction, encode with "
+              f"`add_special_tokens=False` and add the language tokens as fairport's `Framing.source` does.", ""]
     rules = f.transformers_rules
     if rules:
         L += ["fairseq rules transformers' generation config cannot express:", ""] + [f"- {r}" for r in rules] + [""]

@@ -98,3 +98,12 @@ def test_bench_times_ctranslate2_on_its_own_conversion(tmp_path):
         if row["dtype"] == "float32":  # fp32 on these tiny random weights: the same tokens as fairseq
             assert ct2["exact_match_rate"] >= 0.5, row["key"]
     assert "ctranslate2" in proc.stdout
+
+
+def test_preset_names_are_the_clis():
+    """The CLI names the presets without importing torch (options.PRESETS); bench builds them from presets.py."""
+    from fairport.options import PRESETS as NAMES
+    from fairport.validation.bench.presets import PRESETS
+
+    assert tuple(PRESETS) == NAMES
+    assert all({"arch", "task", "dict_lines", "src_len", "flags", "gen"} <= set(spec) for spec in PRESETS.values())

@@ -11,11 +11,12 @@ here, the whole step of a tiny model). Generation uses it for every model that h
 The step runs the reference decoder's own code: its embedding of a step (`Decoder.embed`), each layer's residual
 blocks, norms, projections and feed-forward (`residual_block`, the layer's modules) and its head (`Decoder.head`,
 then the output projection); its state implements the eager state's interface (`generate.StepState`). Two things
-differ from the eager step. Attention for one query is written as products and sums that the
-compiler fuses into loops (torch's fused attention kernel is an opaque call costing more than the whole product
-at small sizes). And every layer's self-attention cache lives in one buffer (capacity, layers, 2, rows, heads,
-head width) sized once for the generation's max length: the step reads the earlier steps' slots, attends over
-them and its own keys and values, and returns those; the caller writes them into the buffer. Nothing is
+differ from the eager step. Attention (the same `Attention.attend`) runs its written-out kernel, products
+and sums that the compiler fuses into loops (torch's fused attention kernel is an opaque call costing more than
+the whole product at small sizes). And every layer's self-attention cache lives in one buffer (capacity, layers,
+2, rows, heads, head width) sized once for the generation's max length: the step reads the earlier steps'
+slots, attends over them and its own keys and values, and returns those; the caller writes them into the
+buffer. Nothing is
 changed in place inside the compiled code (an input written in place there was copied whole at every layer).
 Rows, source length and step count are dynamic sizes of the compiled program: sentences leaving the batch need
 nothing new, and a beam reorder is one gather for all layers. Its logits differ from the eager step's by ~1e-6
@@ -69,33 +70,23 @@ def position_row(positions: nn.Module, index: torch.Tensor) -> torch.Tensor:
 
 
 def self_attention(x: torch.Tensor, attn, kv: torch.Tensor, new_rows: list[torch.Tensor]) -> torch.Tensor:
-    """The newest token's self-attention over the earlier steps' keys and values kv[:-1] (t + 1, 2, B, H, D: the
-    cache's slots up to this step's, which is not written yet) and its own; its own keys and values (2, B, H, D)
-    go to `new_rows` (the caller writes them into the cache: no input is changed in place, so the compiled code
-    copies nothing). x (B, 1, C)."""
+    """The newest token's self-attention (the decoder's own `Attention.attend`, written-out kernel) over the earlier
+    steps' keys and values kv[:-1] (t, 2, B, H, D, time-major as the cache stores them; the last slot, this step's,
+    is not written yet) and its own; its own keys and values (2, B, H, D) go to `new_rows` (the caller writes them
+    into the cache: no input is changed in place, so the compiled code copies nothing). x (B, 1, C)."""
     q, new = attn.project_qkv(x)  # new: (B, 1, 2, H, D)
-    B, _, C = q.shape
-    H, D = attn.heads, attn.head_dim
-    past = kv[:-1]  # (t, 2, B, H, D), time-major as stored: no view of it changes its layout
-    q = (q * attn.scaling).view(B, H, D)
-    k_new, v_new = new[:, 0, 0], new[:, 0, 1]  # (B, H, D)
-    scores = torch.cat([(past[:, 0] * q).sum(-1), (k_new * q).sum(-1).unsqueeze(0)])  # (t + 1, B, H)
-    p = torch.softmax(scores, dim=0).unsqueeze(-1)
-    out = (p[:-1] * past[:, 1]).sum(0) + p[-1] * v_new  # (B, H, D)
-    new_rows.append(new[:, 0].permute(1, 0, 2, 3))  # (2, B, H, D)
-    return attn.out_proj(out.reshape(B, 1, C))
+    own = new[:, 0].permute(1, 0, 2, 3)  # (2, B, H, D)
+    kv_all = torch.cat([kv[:-1], own.unsqueeze(0)])  # (t + 1, 2, B, H, D)
+    new_rows.append(own)
+    k, v = kv_all[:, 0].permute(1, 2, 0, 3), kv_all[:, 1].permute(1, 2, 0, 3)  # (B, H, t + 1, D) views
+    return attn.attend(q, k, v, None, fused=False)
 
 
 def cross_attention(x: torch.Tensor, attn, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The newest token's attention over the source: k, v (Bs, H, S, D) computed once per sentence, each row
-    serving its sentence's G = B / Bs beams; mask additive (Bs, 1, 1, S). x (B, 1, C)."""
-    q = attn.q_proj(x)
-    B, _, C = q.shape
-    Bs, H, _, D = k.shape
-    q = (q * attn.scaling).view(Bs, B // Bs, H, D).transpose(1, 2)  # (Bs, H, G, D)
-    scores = (q.unsqueeze(-2) * k.unsqueeze(2)).sum(-1) + mask  # (Bs, H, G, S)
-    out = (torch.softmax(scores, dim=-1).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (Bs, H, G, D)
-    return attn.out_proj(out.transpose(1, 2).reshape(B, 1, C))
+    """The newest token's attention over the source (the decoder's own `Attention.attend`, written-out kernel):
+    k, v (Bs, H, S, D) computed once per sentence, each row serving its sentence's B / Bs beams; mask additive
+    (Bs, 1, 1, S). x (B, 1, C)."""
+    return attn.attend(attn.q_proj(x), k, v, mask, fused=False)
 
 
 class DecoderStep(nn.Module):
@@ -189,11 +180,22 @@ def _processor() -> str:
     return platform.processor() or platform.machine()
 
 
+def step_code() -> str:
+    """The sha256 of the source the step is traced from (this module and the model's): a changed step compiles
+    again even within one fairport version."""
+    from fairport.reference import model as model_module
+
+    digest = hashlib.sha256()
+    for path in (Path(model_module.__file__), Path(__file__)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(model: EncoderDecoder, options: dict) -> str | None:
     """What a compiled step depends on, hashed: the weights (the folder's recorded hashes, so a folder that
-    changed compiles again), the versions, the processor, device, dtype and thread count (inductor fixes its
-    loops' threads when it compiles), the compiler options. None (no caching) for a model not loaded from a
-    folder with recorded hashes."""
+    changed compiles again), the versions and the step's source code, the processor, device, dtype and thread
+    count (inductor fixes its loops' threads when it compiles), the compiler options. None (no caching) for a
+    model not loaded from a folder with recorded hashes."""
     from fairport import __version__
 
     folder = getattr(model, "folder", None)
@@ -201,7 +203,8 @@ def cache_key(model: EncoderDecoder, options: dict) -> str | None:
     if not files:
         return None
     p = next(model.parameters())
-    parts = {"weights": files, "torch": torch.__version__, "fairport": __version__, "cpu": _processor(),
+    parts = {"weights": files, "torch": torch.__version__, "fairport": __version__, "code": step_code(),
+             "cpu": _processor(),
              "device": str(p.device), "dtype": str(p.dtype), "threads": torch.get_num_threads(),
              "options": options, "config": model.config.to_dict()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

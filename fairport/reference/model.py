@@ -47,20 +47,30 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               fused: bool = True) -> torch.Tensor:
         """softmax(q k^T + mask) v, projected out. q (B, T, C) unscaled; k, v (Bk, H, S, D); mask additive,
         broadcastable to (Bk, H, T, S). k/v may have fewer rows than q: then each k/v row serves G = B / Bk
-        consecutive query rows (the beams of one sentence share its cross-attention keys and values)."""
+        consecutive query rows (the beams of one sentence share its cross-attention keys and values).
+        `fused`: torch's fused attention kernel; else the same products and sums written out, which a compiler
+        fuses into loops around them (the compiled step: at small sizes the fused kernel is an opaque call
+        costing more than the whole product). k and v may be strided views either way."""
         B, T, C = q.shape
         Bk, H, D = k.size(0), self.heads, self.head_dim
         G = B // Bk
-        if not self.scale_in_kernel:
+        if not self.scale_in_kernel or not fused:
             q = q * self.scaling
         # (B, T, C) -> (Bk, H, G*T, D): row b = bk*G + g of q is query g*T + t of key row bk (G = 1: the usual
         # (B, H, T, D)); a view when T == 1, as in incremental decoding
         q = q.view(Bk, G, T, H, D).permute(0, 3, 1, 2, 4).reshape(Bk, H, G * T, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             scale=self.scaling if self.scale_in_kernel else 1.0)
+        if fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 scale=self.scaling if self.scale_in_kernel else 1.0)
+        else:
+            scores = (q.unsqueeze(-2) * k.unsqueeze(2)).sum(-1)  # (Bk, H, G*T, S)
+            if mask is not None:
+                scores = scores + mask
+            out = (torch.softmax(scores, dim=-1).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)
         if mask is not None and mask.dim() == 4 and mask.size(-2) > 1:
             out = out.nan_to_num(0.0)  # a query whose keys are all padding attends to nothing (fairseq/torch)
         out = out.view(Bk, H, G, T, D).permute(0, 2, 3, 1, 4).reshape(B, T, C)

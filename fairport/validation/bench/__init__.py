@@ -1,7 +1,7 @@
 """`fairport bench DST_or_PRESET`: time the reference, fairseq, transformers and CTranslate2 on the same inputs
 in the same run, checking that the reference's outputs equal fairseq's while it is timed.
 
-Presets build fairseq models at the published shapes with random weights (fixtures.BENCH_PRESETS) and convert
+Presets build fairseq models at the published shapes with random weights (presets.py) and convert
 them with fairport, the conversion measured (build.py). Random weights rarely emit EOS, so every hypothesis runs
 exactly `--steps` decoder steps (min_len = max_len_b = steps): equal work on each side, and ms/step is exact
 (config.py). Each side runs in its own process, one precision at a time (its own peak RSS), with a warm-up and
@@ -34,7 +34,7 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
           warmup_s: float = 1.0, procs: list[int] = (), threads: list[int] | None = None, corpus: int = 0,
           corpus_text: Path | None = None, max_tokens: int = 4096) -> dict:
     from fairport.reference.folder import ModelFolder
-    from fairport.validation.original.fixtures import BENCH_PRESETS
+    from fairport.validation.bench.presets import PRESETS
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         return {"device": device, "status": "not measured: no CUDA device on this machine"}
@@ -42,9 +42,9 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
     result: dict = {"target": target, "device": device, "steps": steps, "cpu": cpu_model(), "cores": os.cpu_count(),
                     "environment": {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")}}
     gen: dict = {}
-    if target in BENCH_PRESETS:
+    if target in PRESETS:
         checkpoint, folder, result["conversion"] = preset(target, workdir, say)
-        gen, src_len = BENCH_PRESETS[target]["gen"], src_len or BENCH_PRESETS[target]["src_len"]
+        gen, src_len = PRESETS[target]["gen"], src_len or PRESETS[target]["src_len"]
     else:
         folder, src_len = Path(target), src_len or 32
         checkpoint = ModelFolder.open(folder).checkpoint

@@ -52,8 +52,8 @@ def preset(target: str, workdir: Path, say) -> tuple[Path, Path, dict]:
     src_dir = workdir / target
     if not (src_dir / "model.pt").exists():
         say(f"fairseq builds {target} at its published size (random weights) ...")
-        proc = subprocess.run([sys.executable, "-m", "fairport.validation.original.fixtures", str(workdir), target,
-                               "--bench"], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "fairport.validation.bench.presets", str(workdir), target],
+                              capture_output=True, text=True,
                               env=dict(os.environ, PYTHONWARNINGS="ignore"))
         if proc.returncode != 0:
             raise FairportError("building the preset failed:\n" + proc.stderr[-1500:])

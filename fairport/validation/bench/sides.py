@@ -102,40 +102,32 @@ class Transformers(Side):
 
 
 class Fairseq(Side):
-    """fairseq's SequenceGenerator as the original's worker builds it (validation/original/worker.py)."""
+    """fairseq as verify runs it: the original's worker state (its loading, overrides, task fixes and fixed n-gram
+    blocking) and its Generate handler (the task's inference step over SequenceGenerator), called in this process
+    (bench's side process is already fairseq's own)."""
 
     def __init__(self, job: dict):
-        from fairseq import checkpoint_utils
-
-        from fairport.validation.original.worker import fix_ngram_blocking
+        from fairport.validation.original.worker import State
 
         super().__init__(job)
-        fix_ngram_blocking()
+        self.state = State({"checkpoints": [job["checkpoint"]], "data": job["data"], "device": job["device"],
+                            "overrides": {}})
         t0 = time.perf_counter()
-        self.fairseq, _, self.task = checkpoint_utils.load_model_ensemble_and_task(
-            [job["checkpoint"]], arg_overrides={"data": job["data"]})
-        for m in self.fairseq:
-            m.eval().float().to(job["device"])
+        self.state.loaded  # noqa: B018 (loads the models)
         self.load_seconds["float32"] = time.perf_counter() - t0
 
-    def generator(self, options: dict):
-        """fairseq's search for `options`, as the original's worker builds it: a call taking one batch's sample."""
-        from fairport.validation.original.worker import reset_beam_size, sequence_generator
+    def generate(self, src: torch.Tensor, options: dict):
+        from fairport.validation.original.protocol import Generate
+        from fairport.validation.original.worker import generate
 
-        reset_beam_size(self.fairseq)
-        return functools.partial(torch.no_grad()(sequence_generator(self.fairseq, self.task, options).generate),
-                                 self.fairseq)
-
-    def sample(self, src: torch.Tensor) -> dict:
-        return {"net_input": {"src_tokens": src, "src_lengths": src.ne(self.job["pad"]).sum(1)}}
+        return generate(self.state, Generate(src, options)).hypotheses
 
     def prepare(self, cfg, src, threads):
-        return functools.partial(self.generator(cfg.options), self.sample(src))
+        return functools.partial(self.generate, src, cfg.options)
 
     def corpus(self, sources, dtype, options, max_tokens, threads):  # fairseq-generate --max-tokens
-        run = self.generator(options)
         return batched(sources, max_tokens, self.job["pad"],
-                       lambda src: self.tokens_of(run(self.sample(src.to(self.job["device"]))), None))
+                       lambda src: self.tokens_of(self.generate(src.to(self.job["device"]), options), None))
 
 
 class CTranslate2(Side):

@@ -92,7 +92,7 @@ FIXTURES: dict[str, dict] = {
 FIXTURES["mbart_en_ro_args"] = {**FIXTURES["mbart_en_ro_spm"], "format": "args"}
 
 
-def _write_dict(path: Path, symbols: list[str]) -> None:
+def write_dict(path: Path, symbols: list[str]) -> None:
     path.write_text("".join(f"{s} {max(1000 - i, 1)}\n" for i, s in enumerate(symbols)), encoding="utf-8")
 
 
@@ -130,29 +130,29 @@ def make_data(folder: Path, spec: dict, shared: Path | None) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     if spec["dicts"] == "gpt2":
-        _write_dict(folder / "dict.txt", _gpt2_symbols(spec.get("dict_lines", 120), shared))
+        write_dict(folder / "dict.txt", _gpt2_symbols(spec.get("dict_lines", 120), shared))
         return []
     if spec["dicts"] == "spm":
         pieces = train_sentencepiece(folder / spec["spm_file"], shared)
         if spec.get("fixed_dictionary"):  # many-to-many: one dictionary and a language list, no pair flags
-            _write_dict(folder / spec["fixed_dictionary"], pieces)
+            write_dict(folder / spec["fixed_dictionary"], pieces)
             (folder / "langs.txt").write_text("".join(f"{lang}\n" for lang in spec["lang_dict"]))
             return []
         if spec.get("per_lang"):  # many-to-many with a dict.{lang}.txt per language
             for lang in spec["per_lang"]:
-                _write_dict(folder / f"dict.{lang}.txt", pieces)
+                write_dict(folder / f"dict.{lang}.txt", pieces)
             return []
         src, tgt = spec["langs"]
         for lang in (src, tgt):
-            _write_dict(folder / f"dict.{lang}.txt", pieces)
+            write_dict(folder / f"dict.{lang}.txt", pieces)
         return ["-s", src, "-t", tgt]
     src = [f"s{i}" for i in range(rng.randint(60, 80))] + ["shared@@", "tok@@"]
     if spec["dicts"] == "joined":
-        _write_dict(folder / "dict.src.txt", src)
-        _write_dict(folder / "dict.tgt.txt", src)
+        write_dict(folder / "dict.src.txt", src)
+        write_dict(folder / "dict.tgt.txt", src)
     else:
-        _write_dict(folder / "dict.src.txt", src)
-        _write_dict(folder / "dict.tgt.txt", [f"t{i}" for i in range(53)] + ["t@@"])
+        write_dict(folder / "dict.src.txt", src)
+        write_dict(folder / "dict.tgt.txt", [f"t{i}" for i in range(53)] + ["t@@"])
     return ["-s", "src", "-t", "tgt"]
 
 
@@ -334,56 +334,6 @@ REAL_SIZES: dict[str, dict] = {
 }
 
 
-# Benchmark presets: fairseq's published shapes, random weights, saved as real checkpoints.
-BENCH_PRESETS: dict[str, dict] = {
-    "bart-large-cnn": dict(arch="bart_large", task="translation", dict_lines=50260, src_len=512, fp16=True,
-                           flags=["-s", "source", "-t", "target"],
-                           gen=dict(beam=4, lenpen=2.0, min_len=55, max_len_b=140, no_repeat_ngram_size=3)),
-    "bart-base": dict(arch="bart_base", task="translation", dict_lines=50260, src_len=256,
-                      flags=["-s", "source", "-t", "target"], gen=dict(beam=4, lenpen=1.0)),
-    "wmt19-en-de": dict(arch="transformer_wmt_en_de_big", task="translation", dict_lines=42020, src_len=32,
-                        flags=["--encoder-ffn-embed-dim", "8192", "--share-all-embeddings", "-s", "en", "-t", "de"],
-                        gen=dict(beam=5, lenpen=1.0)),
-    "tiny": dict(arch="transformer_iwslt_de_en", task="translation", dict_lines=1000, src_len=24,
-                 flags=["-s", "en", "-t", "de", "--share-all-embeddings", "--encoder-embed-dim", "64",
-                        "--encoder-ffn-embed-dim", "128", "--encoder-layers", "2", "--decoder-layers", "2",
-                        "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128",
-                        "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
-                 gen=dict(beam=4, lenpen=1.0)),
-}
-
-
-def bench_checkpoint(name: str, out_dir: Path) -> Path:
-    """fairseq builds preset `name` at its real size with random weights and saves it as model.pt with
-    `args` (as the releases did), beside its dictionaries."""
-    import torch
-    from fairseq import options, tasks
-
-    spec = BENCH_PRESETS[name]
-    folder = out_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = [f"w{i}" for i in range(spec["dict_lines"])]
-    langs = [spec["flags"][spec["flags"].index("-s") + 1], spec["flags"][spec["flags"].index("-t") + 1]]
-    for lang in langs:
-        _write_dict(folder / f"dict.{lang}.txt", symbols)
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [str(folder), "--task", spec["task"], "--arch", spec["arch"],
-                                                *spec["flags"]])
-    torch.manual_seed(0)
-    task = tasks.setup_task(args)
-    model = task.build_model(args)
-    weights = model.state_dict()
-    if spec.get("fp16"):  # saved as fairseq's fp16 training saves its checkpoints
-        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
-    state = {"args": args, "model": weights,
-             "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
-                                    "lr_scheduler_state": {"best": None}, "num_updates": 0}],
-             "extra_state": {"train_iterator": {"epoch": 1}}, "last_optimizer_state": None}
-    torch.save(state, folder / "model.pt")
-    (folder / "preset.json").write_text(json.dumps(spec))
-    return folder
-
-
 def real_size(name: str, out_dir: Path) -> Path:
     """fairseq builds the model at its real size on the meta device; writes the folder's dictionaries,
     `args.json` (the Namespace) and `shapes.json` (state-dict name -> shape, dtype)."""
@@ -395,11 +345,11 @@ def real_size(name: str, out_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     symbols = [f"w{i}" for i in range(spec["dict_lines"])]
     if spec.get("langs"):  # many-to-many: one fixed dictionary and a language list
-        _write_dict(folder / "model_dict.128k.txt", symbols)
+        write_dict(folder / "model_dict.128k.txt", symbols)
         (folder / "langs.txt").write_text("".join(f"l{i:02d}\n" for i in range(spec["langs"])))
     for f in (["dict.txt"] if spec["task"] == "denoising" else [] if spec.get("langs") else
               ["dict.src.txt", "dict.tgt.txt"]):
-        _write_dict(folder / f, symbols)
+        write_dict(folder / f, symbols)
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [str(folder), "--task", spec["task"], "--arch", spec["arch"],
                                                 *(f.format(folder=folder) for f in spec["flags"])])
@@ -422,12 +372,7 @@ def main(argv=None) -> None:
     p.add_argument("--shared", default=os.environ.get("FAIRPORT_SHARED_DATA"))
     p.add_argument("--real-sizes", action="store_true", help=f"build {list(REAL_SIZES)} shape listings instead")
     p.add_argument("--trained", action="store_true", help="train the small translation fixture instead")
-    p.add_argument("--bench", action="store_true", help=f"build benchmark presets {list(BENCH_PRESETS)} instead")
     a = p.parse_args(argv)
-    if a.bench:
-        for name in a.names:
-            print(bench_checkpoint(name, Path(a.out)))
-        return
     if a.trained:
         print(trained(Path(a.out)))
         return

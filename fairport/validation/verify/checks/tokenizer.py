@@ -50,9 +50,10 @@ def transformers_tokenizer(run, sentences: list[str], theirs: list[list[int]]) -
 
     tok = AutoTokenizer.from_pretrained(s.folder.path)
     rule_for = explainer(s, tok)
+    encode_ids = as_deployed(run, tok)
     explained, unexplained, rules = [], [], {}
     for i, (text, want) in enumerate(zip(sentences, theirs)):
-        ids = tok(text)["input_ids"]
+        ids = encode_ids(text)
         if ids == want:
             continue
         rule = rule_for(text, ids)
@@ -69,6 +70,21 @@ def transformers_tokenizer(run, sentences: list[str], theirs: list[list[int]]) -
         f" ({n} by the rule: {rule})" for rule, n in rules.items())
     run.report.add("transformers tokenizer: AutoTokenizer ids equal fairseq's, or a named rule", not unexplained,
                    len(unexplained), 0, detail)
+
+
+def as_deployed(run, tok):
+    """text -> the ids the tokenizer gives as users run it: `tok(text)` with its template, which frames the
+    folder's default direction; in another direction of a many-to-many model, its ids (add_special_tokens=False)
+    framed as fairport frames them, as the card and provenance tell users to (a note says so)."""
+    s = run.setup
+    framing = s.tokenizer.framing
+    if not framing.multi or (s.source_lang, s.target_lang) == framing.default_direction():
+        return lambda text: tok(text)["input_ids"]
+    src, tgt = framing.default_direction()
+    run.report.note(f"transformers tokenizer: its template frames {src}->{tgt}; for {s.source_lang}->"
+                    f"{s.target_lang} its ids (add_special_tokens=False) were framed as fairport frames them")
+    return lambda text: framing.source(tok(text, add_special_tokens=False)["input_ids"],
+                                       s.folder.config.max_source_positions, s.source_lang, s.target_lang)
 
 
 def explainer(setup, tok):
