@@ -121,3 +121,34 @@ def test_special_tokens_and_framing(tmp_path):
     bad.write_bytes(b"\xff\xff\xff not a model")
     with pytest.raises(FairportError, match="is not a sentencepiece model"):
         spm_tokenizer.SpmModel.read(bad)
+
+
+@needs_shared
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_user_defined_pieces_and_byte_fallback(kind, tmp_path):
+    """Options other trainers use: user-defined pieces (emitted whole wherever they occur) and byte fallback
+    (unknown characters as <0xNN> pieces): the same ids as fairseq's pipeline on text that exercises both."""
+    from transformers import AutoTokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(lines()[:3000:3]) + "\n", encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "m"), vocab_size=400,
+                                             model_type=kind, num_threads=1, minloglevel=2, byte_fallback=True,
+                                             user_defined_symbols=["<sep>", "@@@"])
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
+    d = Dictionary()
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
+    random.Random(1).shuffle(pieces)
+    for p in pieces:
+        d.add_symbol(p)
+    (tmp_path / "sentencepiece.bpe.model").write_bytes((tmp_path / "m.model").read_bytes())
+    spm_tokenizer.write(tmp_path, tmp_path / "m.model", d, [], [d.eos], 1024)
+    ours = Tokenizer(tmp_path, {"tokenizer": None, "bpe": "sentencepiece"}, d, d)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["a <sep> b @@@ c", "<sep>start and end@@@", "emoji 😀 and ☃ snowman", *lines()[1:3000:50]]
+    differ = [t for t in texts if tok(t)["input_ids"] != ours.ids(t) + [d.eos]]
+    model = spm_tokenizer.SpmModel.read(tmp_path / "m.model")
+    assert all(spm_tokenizer.explain(model, d, t, ours.bpe.apply(t).split(), tok.convert_ids_to_tokens(
+        tok(t, add_special_tokens=False)["input_ids"])) == spm_tokenizer.TIE for t in differ), differ
+    assert not set(differ) & set(texts[:3])  # the user-defined and byte-fallback texts are exact
+    assert any("<0x" in p for p in ours.bpe.apply(texts[2]).split())  # byte fallback was exercised

@@ -152,8 +152,9 @@ def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list
                 vocab[p] = len(vocab)
         merges = sorted(((-score, vocab[p], p[:k], p[k:]) for p, score in ranked.items()
                          for k in range(1, len(p)) if p[:k] in ranked and p[k:] in ranked))
+        user_defined = any(kind == USER_DEFINED for _, _, kind in spm.pieces)  # a split-out piece stays whole
         tok = Tokenizer(BPEModel(vocab, [(a, b) for _, _, a, b in merges], unk_token=symbols[unk], fuse_unk=True,
-                                 byte_fallback=spm.byte_fallback))
+                                 byte_fallback=spm.byte_fallback, ignore_merges=user_defined))
     steps = [normalizers.Precompiled(spm.charsmap)] if spm.charsmap else []
     if spm.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
@@ -163,7 +164,7 @@ def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list
         steps.append(normalizers.Replace(" ", "\u2581"))
     tok.normalizer = normalizers.Sequence(steps)
     user = sorted((p for p, (_, kind) in kinds.items() if kind == USER_DEFINED and p in index), key=len, reverse=True)
-    if user:  # sentencepiece emits a user-defined piece whole, wherever it occurs
+    if user:  # sentencepiece emits a user-defined piece whole wherever it occurs in the normalized text
         tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(map(re.escape, user))), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1 if spm.add_dummy_prefix else 0, 0)])
