@@ -147,7 +147,12 @@ def test_user_defined_pieces_and_byte_fallback(kind, tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path)
     texts = ["a <sep> b @@@ c", "<sep>start and end@@@", "emoji 😀 and ☃ snowman", *lines()[1:3000:50]]
     differ = [t for t in texts if tok(t)["input_ids"] != ours.ids(t) + [d.eos]]
-    model = spm_tokenizer.SpmModel.read(tmp_path / "m.model")
+    model = spm_tokenizer.SpmModel.read(tmp_path / "m.model")  # the wire reader: sentencepiece's own pieces
+    assert [(p, round(score, 5)) for p, score, _ in model.pieces] == [
+        (sp.id_to_piece(i), round(sp.get_score(i), 5)) for i in range(sp.get_piece_size())]
+    assert model.model_type == {"unigram": spm_tokenizer.UNIGRAM, "bpe": spm_tokenizer.BPE}[kind]
+    user = {p for p, _, k in model.pieces if k == spm_tokenizer.USER_DEFINED}
+    assert model.byte_fallback and user == {"<sep>", "@@@"}
     assert all(spm_tokenizer.explain(model, d, t, ours.bpe.apply(t).split(), tok.convert_ids_to_tokens(
         tok(t, add_special_tokens=False)["input_ids"])) == spm_tokenizer.TIE for t in differ), differ
     assert not set(differ) & set(texts[:3])  # the user-defined and byte-fallback texts are exact
