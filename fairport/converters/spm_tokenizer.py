@@ -9,9 +9,10 @@ rules, dummy prefix), the model (Unigram with the pieces' scores, or BPE with me
 score, as sentencepiece ranks them), and a post-processor that frames a source as the task does.
 
 One rule it cannot express: a piece of the sentencepiece model that is not in the dictionary. fairseq maps it to
-`<unk>` after segmenting; a tokenizer.json has one id per piece, so such pieces are left out of it, and text whose
-segmentation uses one is split differently. `out_of_dictionary` counts them (convert notes it; verify names the
-rule with the piece as evidence).
+`<unk>` after segmenting; a tokenizer.json has one id per piece, so a Unigram model leaves such pieces out (text
+whose segmentation uses one is split differently) and a BPE model keeps them at ids after the dictionary (its
+merges need them). `out_of_dictionary` counts them (convert notes it; verify names the rule with the piece as
+evidence).
 
 The model file is read with a few lines of protobuf wire decoding (sentencepiece's `ModelProto`), so that neither
 conversion nor loading needs the protobuf package.
@@ -23,6 +24,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from fairport.errors import FairportError
@@ -113,21 +115,26 @@ class SpmModel:
                                 f"(unigram and BPE do)")
         return m
 
+    @cached_property
+    def emitted(self) -> dict[str, float]:
+        """The pieces sentencepiece emits as text (normal, user-defined, byte) and their scores."""
+        return {p: score for p, score, kind in self.pieces if kind in PIECES}
+
 
 def out_of_dictionary(spm: SpmModel, dictionary: Dictionary) -> list[str]:
     """The model's ordinary pieces that the dictionary lacks (fairseq maps each to <unk>)."""
-    return [p for p, _, kind in spm.pieces if kind in PIECES and p not in dictionary]
+    return [p for p in spm.emitted if p not in dictionary]
 
 
 def specials(spm: SpmModel, dictionary: Dictionary) -> list[int]:
     """The dictionary's indices whose symbols are not pieces of the model (<s>, </s>, language tokens, <mask>,
     madeupwordNNNN): transformers' special tokens, matched whole in text and skipped when decoding."""
-    pieces = {p for p, _, kind in spm.pieces if kind in PIECES}
-    return [i for i, s in enumerate(dictionary.symbols) if s not in pieces]
+    return [i for i, s in enumerate(dictionary.symbols) if s not in spm.emitted]
 
 
-def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list[int]):
-    """The `tokenizers.Tokenizer`: ids are `dictionary`'s; a single sequence is framed `prefix x suffix`."""
+def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list[int], special: list[int]):
+    """The `tokenizers.Tokenizer`: ids are `dictionary`'s; a single sequence is framed `prefix x suffix`;
+    `special`: `specials(spm, dictionary)`."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE as BPEModel
     from tokenizers.models import Unigram
@@ -136,19 +143,19 @@ def build(spm: SpmModel, dictionary: Dictionary, prefix: list[int], suffix: list
     index = {s: i for i, s in enumerate(symbols)}  # a symbol listed twice: the later index, as fairseq looks up
     kinds = {p: (score, kind) for p, score, kind in spm.pieces}
     unk = dictionary.unk
-    special = specials(spm, dictionary)
     if spm.model_type == UNIGRAM:
         # a special's score is the lowest piece's: the lattice never sees its text (it is split out before), and
         # the unknown-character score (the lowest score - 10, in sentencepiece as in tokenizers) stays the model's
         floor = min((score for _, score, kind in spm.pieces if kind == NORMAL), default=0.0)
-        vocab = [(s, kinds[s][0]) if i not in special and index[s] == i else (s, floor)
+        special_set = set(special)
+        vocab = [(s, spm.emitted[s]) if i not in special_set and index[s] == i else (s, floor)
                  for i, s in enumerate(symbols)]
         tok = Tokenizer(Unigram(vocab, unk_id=unk, byte_fallback=spm.byte_fallback))
     else:  # every piece, merges need the intermediate ones; those outside the dictionary get ids after it
         ranked = {p: score for p, (score, kind) in kinds.items() if kind == NORMAL}
         vocab = dict(index)
-        for p, _, kind in spm.pieces:
-            if kind in PIECES and p not in vocab:
+        for p in spm.emitted:
+            if p not in vocab:
                 vocab[p] = len(vocab)
         merges = sorted(((-score, vocab[p], p[:k], p[k:]) for p, score in ranked.items()
                          for k in range(1, len(p)) if p[:k] in ranked and p[k:] in ranked))
@@ -180,12 +187,13 @@ def write(out: Path, model: Path, dictionary: Dictionary, prefix: list[int], suf
           max_len: int) -> tuple[list[str], list[str]]:
     """tokenizer.json and tokenizer_config.json in `out`; returns (files written, notes)."""
     spm = SpmModel.read(model)
-    tok = build(spm, dictionary, prefix, suffix)
+    special = specials(spm, dictionary)
+    tok = build(spm, dictionary, prefix, suffix, special)
     tok.save(str(out / "tokenizer.json"))
     s = dictionary.symbols
     names = {"bos_token": s[dictionary.bos], "eos_token": s[dictionary.eos], "unk_token": s[dictionary.unk],
              "pad_token": s[dictionary.pad]}
-    extra = [s[i] for i in specials(spm, dictionary) if s[i] not in names.values()]
+    extra = [s[i] for i in special if s[i] not in names.values()]
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, **names,
         "additional_special_tokens": extra, "clean_up_tokenization_spaces": False}, indent=2))
@@ -208,7 +216,7 @@ def explain(spm: SpmModel, dictionary: Dictionary, text: str, pieces: list[str],
     """Why transformers' `tokens` for `text` (no framing) differ from fairseq's sentencepiece `pieces`, each rule
     checked on its evidence: a piece fairseq used that the dictionary lacks (and the rest equal, for BPE), an
     exact tie of the two segmentations' scores (unigram), a special token's text in the input. None: unexplained."""
-    scores = {p: score for p, score, kind in spm.pieces if kind in PIECES}
+    scores = spm.emitted
     unk = dictionary.symbols[dictionary.unk]
     pieces = [p if p in scores else unk for p in pieces]  # an unknown character's surface: <unk> on both sides
     missing = {p for p in pieces if p in scores and p not in dictionary}

@@ -227,8 +227,8 @@ def under_engine_rule(run: VerifyRun, name: str, side, options: dict, i: int, c:
     n-grams, the length limit; `side.renormalises_bans`) ranks and prunes partial hypotheses by other scores than
     fairseq. The evidence: the port's search (fairseq's loop), run on input i alone with that one rule changed,
     returns the engine's output `c` (or ranks it within `tolerance` of its first: a tie under that rule). A
-    SEARCH_RULE explanation when it does, else None. Greedy search is never
-    affected (renormalising does not move the argmax)."""
+    SEARCH_RULE explanation when it does, else None. Greedy search is never affected (renormalising does not
+    move the argmax)."""
     if greedy or not getattr(side, "renormalises_bans", False):
         return None
     s = run.setup

@@ -94,9 +94,9 @@ def explainer(setup, tok):
     normalise = getattr(tok, "moses_pipeline", None)
     if normalise is not None:
         return lambda text, ids: FSMT_RULE if encode(setup, normalise(text, lang=tok.src_lang)) == ids else None
-    sp = setup.tokenizer.bpe
     if setup.tokenizer.spec.get("bpe") != "sentencepiece" or setup.tokenizer.pre is not None:
         return lambda text, ids: None
+    sp = setup.tokenizer.bpe
     from fairport.converters import spm_tokenizer
 
     model = spm_tokenizer.SpmModel.read(setup.folder.file("sentencepiece.bpe.model"))
