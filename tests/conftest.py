@@ -33,6 +33,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fairseq)
         if "fairseq" in item.keywords and not HAVE_FAIRSEQ:
             item.add_marker(skip)
+    # the tests that wait for compilations started at collection (pytest_collection_finish) run last
+    items.sort(key=lambda item: "compiled_once" in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session):
+    """The compilations test_compiled.py's fairseq-free tests need start now, beside the tests before them."""
+    if not session.config.option.collectonly and any("compiled_once" in getattr(item, "fixturenames", ())
+                                                     for item in session.items):
+        import tempfile
+
+        from test_compiled import start_compiling
+
+        session.config.compiling_ahead = start_compiling(Path(tempfile.mkdtemp(prefix="fairport-compiled-")))
+
+
+def pytest_sessionfinish(session):
+    """Compilations started ahead whose tests did not run (deselected, interrupted) are stopped."""
+    _, proc = getattr(session.config, "compiling_ahead", None) or (None, None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 def built_by_fairseq(tmp_path_factory, name: str, *args: str) -> Path:
@@ -44,6 +65,15 @@ def built_by_fairseq(tmp_path_factory, name: str, *args: str) -> Path:
     if proc.returncode != 0:
         raise RuntimeError("fairseq fixture builder failed:\n" + stderr_tail(proc, 40))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_made(tmp_path_factory) -> Path:
+    """`release` (helpers.tiny_checkpoint, written without fairseq) and `port`, its folder converted by the
+    command line; shared by the session's tests: copy before changing either."""
+    from helpers import tiny_release_and_port
+
+    return tiny_release_and_port(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

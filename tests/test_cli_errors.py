@@ -8,15 +8,14 @@ import subprocess
 import pytest
 
 from fairport.cli import main
-from helpers import assert_one_error_line, run_cli, tiny_release_and_port
+from helpers import assert_one_error_line, run_cli
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A converted model folder (from a checkpoint written in fairseq's format, no fairseq needed)."""
-    root = tiny_release_and_port(tmp_path_factory.mktemp("cli"))
-    (root / "in.txt").write_text("w4 w5 w6\nw7 w8\n")
-    return root
+def folder(tiny_made):
+    """A converted model folder (from a checkpoint written in fairseq's format, no fairseq needed), and an input."""
+    (tiny_made / "in.txt").write_text("w4 w5 w6\nw7 w8\n")
+    return tiny_made
 
 
 CASES = {

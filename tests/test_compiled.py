@@ -5,6 +5,7 @@ one compilation (~30 s here), so the models are session fixtures."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,77 +99,91 @@ def test_verify_checks_the_compiled_step(trained_dir, trained_converted, tmp_pat
     assert any("compiled decoder step" in n for n in rep.sections["notes"])
 
 
-def test_a_compiled_step_is_compiled_once_per_machine(tmp_path):
-    """A second process loads the step the first compiled (kept in the cache, keyed by the folder's hashes, the
-    versions, the processor, dtype and threads) instead of compiling it, and generates the same tokens; a folder
-    whose weights changed compiles again. fairseq-free: a small checkpoint in fairseq's format."""
-    import sys
-
-    from helpers import rewrite_weights, run_cli, tiny_checkpoint
-
-    folder = tmp_path / "port"
-    assert run_cli("convert", tiny_checkpoint(tmp_path / "release"), folder).returncode == 0
-    code = f"""
-import json, torch
-torch.set_num_threads(1)
-from fairport.reference import load
-m = load({str(folder)!r}, compile=True)
-src = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]])
-hyps = m.generate(src, beam=3, max_len_b=6)
-print(json.dumps({{"cached": m.compiled_step.from_cache, "tokens": [h[0]["tokens"].tolist() for h in hyps]}}))
-"""
-    env = {**__import__("os").environ, "FAIRPORT_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
-
-    def run():
-        proc = helpers.run([sys.executable, "-c", code], env=env)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    first, second = run(), run()
-    assert not first["cached"] and second["cached"] and first["tokens"] == second["tokens"]
-    eager = load(folder, pack=False)
-    src = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]])
-    assert [h[0]["tokens"].tolist() for h in eager.generate(src, beam=3, max_len_b=6)] == first["tokens"]
-    assert len(list((tmp_path / "cache" / "compiled").glob("*.pt2"))) == 1
-    key = compiled.cache_key(eager, compiled.CPU_OPTIONS)
-    rewrite_weights(folder, lambda w: w["model.decoder.layers.0.fc1.weight"].mul_(1.01))
-    assert compiled.cache_key(load(folder, pack=False), compiled.CPU_OPTIONS) != key  # compiled again
-
-
-BASE = dict(src_vocab_size=30, tgt_vocab_size=30, encoder_embed_dim=16, encoder_ffn_dim=32, encoder_layers=1,
-            encoder_heads=2, decoder_embed_dim=16, decoder_input_embed_dim=16, decoder_output_dim=16,
-            decoder_ffn_dim=32, decoder_layers=2, decoder_heads=2, max_source_positions=64, max_target_positions=64)
 # between them, every ModelConfig flag the decoder step reads (sinusoidal positions: the fairseq tests above)
 STEP_FLAGS = {
     "learned-positions-layernorm-embedding-projected-post-norm": dict(
         decoder_learned_pos=True, layernorm_embedding=True, decoder_input_embed_dim=12, decoder_output_dim=20,
-        scale_embedding=False, activation_fn="gelu"),
+        scale_embedding=False, activation_fn="gelu", share_all_embeddings=False,
+        share_decoder_input_output_embed=False, decoder_layers=2),
     "no-positions-pre-norm-final-norm-tied-output": dict(
-        positional_embeddings=False, decoder_normalize_before=True, decoder_final_norm=True,
-        share_decoder_input_output_embed=True),
+        positional_embeddings=False, decoder_normalize_before=True, decoder_final_norm=True),
 }
+# the product search (CPU_OPTIONS' max_autotune) left out: the same computation, compiled in ~15 s instead of ~30
+OPTIONS = {"freezing": True}
+# one process compiles every folder named on its command line (each kept in the cache), and generates with it
+COMPILE_AND_GENERATE = f"""
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from fairport.reference import compiled, load
+for folder in sys.argv[2:]:
+    m = compiled.compile_step(load(folder, pack=False), options={OPTIONS!r})
+    hyps = m.generate(torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]]), beam=3, max_len_b=6)
+    print(json.dumps({{"cached": m.compiled_step.from_cache, "tokens": [h[0]["tokens"].tolist() for h in hyps]}}))
+"""
 
 
-@pytest.mark.parametrize("flags", STEP_FLAGS.values(), ids=STEP_FLAGS.keys())
-def test_the_compiled_step_computes_the_eager_step(flags):
-    """fairseq-free: on a tiny random model with these flags, the compiled state and the eager state
-    (generate.StepState both) give the same log-probabilities step after step, through a beam reorder and a
-    sentence leaving the batch."""
-    from fairport.reference.config import ModelConfig
+def start_compiling(root: Path) -> tuple:
+    """For each of STEP_FLAGS, `root/NAME/port`: a small checkpoint in fairseq's format with those flags,
+    converted; and a process started that compiles their steps (kept in `root/cache`) and generates. conftest
+    starts it when the session's tests are collected, so it compiles while the other tests run (one
+    compilation at a time, one compiler thread: mostly one core). Returns (root, process)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import tiny_checkpoint
+
+    for name, flags in STEP_FLAGS.items():
+        proc = run_cli("convert", tiny_checkpoint(root / name / "release", **flags), root / name / "port")
+        assert proc.returncode == 0, proc.stderr
+    env = {**os.environ, "FAIRPORT_CACHE": str(root / "cache"), "PYTHONWARNINGS": "ignore",
+           "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    args = [str(torch.get_num_threads()), *(str(root / name / "port") for name in STEP_FLAGS)]
+    return root, subprocess.Popen([sys.executable, "-c", COMPILE_AND_GENERATE, *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def compiled_once(request, tmp_path_factory) -> tuple:
+    """(root, {name of STEP_FLAGS: what the process that compiled its step printed})."""
+    root, proc = getattr(request.config, "compiling_ahead", None) or start_compiling(tmp_path_factory.mktemp("c"))
+    stdout, stderr = proc.communicate(timeout=helpers.PROCESS_TIMEOUT)
+    assert proc.returncode == 0, stderr
+    return root, dict(zip(STEP_FLAGS, map(json.loads, stdout.strip().splitlines()[-len(STEP_FLAGS):])))
+
+
+@pytest.mark.parametrize("name", STEP_FLAGS)
+def test_the_compiled_step_is_compiled_once_and_computes_the_eager_step(name, compiled_once, monkeypatch):
+    """fairseq-free, on a small checkpoint in fairseq's format with these flags. A first process compiled the
+    step and generated; this process loads the step that one kept in the cache (keyed by the folder's hashes,
+    the versions, the processor, dtype and threads) instead of compiling it; the compiled state and the eager
+    state (generate.StepState both) give the same log-probabilities step after step, through a beam reorder and
+    a sentence leaving the batch, and the eager search the first process's tokens. A folder whose weights
+    changed compiles again."""
     from fairport.reference.generate import DecoderState
-    from fairport.reference.model import EncoderDecoder
+    from helpers import rewrite_weights
 
-    torch.manual_seed(0)
-    model = EncoderDecoder(ModelConfig(**{**BASE, **flags})).eval()
+    root, printed = compiled_once
+    folder, cache, first = root / name / "port", root / "cache", printed[name]
+    assert not first["cached"]
+    assert len(list((cache / "compiled").glob("*.pt2"))) == len(STEP_FLAGS)
+
+    monkeypatch.setenv("FAIRPORT_CACHE", str(cache))
+    model = compiled.compile_step(load(folder, pack=False), options=OPTIONS)
+    assert model.compiled_step.from_cache
+    eager = load(folder, pack=False)
+    src = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]])
+    assert [h[0]["tokens"].tolist() for h in eager.generate(src, beam=3, max_len_b=6)] == first["tokens"]
+
     cfg = model.config
+    torch.manual_seed(0)
     src = torch.randint(4, cfg.src_vocab_size, (3, 7))
     src[:, -1] = cfg.eos
     src[0, :2] = cfg.pad  # left-padded
     beam, steps = 2, 6
-    compiled.compile_step(model, options={"freezing": True})  # the product search left out: the same computation
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        states = [DecoderState(model, src), model.compiled_step.state(src, src.size(0) * beam, steps)]
+        states = [DecoderState(eager, src), model.compiled_step.state(src, src.size(0) * beam, steps)]
         tokens = torch.full((src.size(0) * beam, 1), cfg.eos)
         for t in range(steps):
             if t == 2:  # each sentence's two beams swap
@@ -180,6 +195,10 @@ def test_the_compiled_step_computes_the_eager_step(flags):
                     s.keep_sentences(torch.tensor([0, 2]))
                     s.reorder(torch.tensor([0, 1, 4, 5]))
                 tokens = tokens[torch.tensor([0, 1, 4, 5])]
-            eager, mine = (s.step(tokens, t, 1.0) for s in states)
-            assert (eager - mine).abs().max() < 1e-5, (t, (eager - mine).abs().max())
+            expected, mine = (s.step(tokens, t, 1.0) for s in states)
+            assert (expected - mine).abs().max() < 1e-5, (t, (expected - mine).abs().max())
             tokens = torch.randint(4, cfg.tgt_vocab_size, (tokens.size(0), 1), generator=g)
+
+    key = compiled.cache_key(eager, OPTIONS)
+    rewrite_weights(folder, lambda w: w["decoder.layers.0.fc1.weight"].mul_(1.01))
+    assert compiled.cache_key(load(folder, pack=False), OPTIONS) != key  # compiled again

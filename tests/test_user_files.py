@@ -13,14 +13,14 @@ import pytest
 
 from fairport.errors import FairportError
 from fairport.reference import load
-from helpers import assert_one_error_line, run_cli, tiny_release_and_port, torchrun
+from helpers import assert_one_error_line, run_cli, torchrun
 
 TOKEN = "hf_fairportTESTtoken0123456789"
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    return tiny_release_and_port(tmp_path_factory.mktemp("userfiles"))
+def made(tiny_made):
+    return tiny_made
 
 
 @pytest.fixture()

@@ -10,12 +10,12 @@ import pytest
 
 from fairport.validation.verify.report import write
 from fairport.validation.verify.run import VerifyOptions, verify
-from helpers import FakeOriginal, rewrite_weights, tiny_release_and_port
+from helpers import FakeOriginal, rewrite_weights
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_release_and_port(tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_made):
+    return tiny_made
 
 
 def run_verify(root, port, out, **options):
