@@ -14,6 +14,9 @@ from pathlib import Path
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # compiled decoder steps are kept for this session only (the tests' processes share them; no earlier run's count)
 os.environ["FAIRPORT_CACHE"] = __import__("tempfile").mkdtemp(prefix="fairport-test-cache-")
+# the original's workers, in this process and every process the tests start, are forked from one that imported
+# fairseq once (fairport/validation/original/forkserver.py; started below when fairseq tests are selected)
+os.environ["FAIRPORT_ORIGINAL_FORKSERVER"] = os.path.join(os.environ["FAIRPORT_CACHE"], "original.sock")
 
 import pytest
 
@@ -38,9 +41,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    """The compilations test_compiled.py's fairseq-free tests need start now, beside the tests before them."""
-    if not session.config.option.collectonly and any("compiled_once" in getattr(item, "fixturenames", ())
-                                                     for item in session.items):
+    """The original's fork server starts when fairseq tests were selected; the compilations
+    test_compiled.py's fairseq-free tests need start now, beside the tests before them."""
+    if session.config.option.collectonly:
+        return
+    if HAVE_FAIRSEQ and any("fairseq" in item.keywords for item in session.items):
+        import subprocess
+        import sys
+
+        session.config.original_forkserver = subprocess.Popen(
+            [sys.executable, "-m", "fairport.validation.original.forkserver",
+             os.environ["FAIRPORT_ORIGINAL_FORKSERVER"]],
+            stdin=subprocess.PIPE, stderr=open(os.environ["FAIRPORT_CACHE"] + "/original-forkserver.log", "w"),
+            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if any("compiled_once" in getattr(item, "fixturenames", ()) for item in session.items):
         import tempfile
 
         from test_compiled import start_compiling
@@ -54,6 +68,10 @@ def pytest_sessionfinish(session):
     if proc is not None and proc.poll() is None:
         proc.kill()
         proc.communicate()
+    server = getattr(session.config, "original_forkserver", None)
+    if server is not None:  # it ends when its stdin closes
+        server.stdin.close()
+        server.wait(timeout=30)
 
 
 def built_by_fairseq(tmp_path_factory, name: str, *args: str) -> Path:

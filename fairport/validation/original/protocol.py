@@ -10,7 +10,9 @@ against; fairport's converter never sees it. Requests and results travel as tens
         hyps = fairseq(Generate(src, {"beam": 5})).hypotheses
 
 Each request type has its result type (RESULTS; the others answer a plain value); the worker dispatches on the
-request's type and returns that type (validation/original/worker.py).
+request's type and returns that type (validation/original/worker.py). The worker is a fresh interpreter, or,
+where the environment names a fork server (forkserver.py: the test suite), a process forked from one that has
+imported fairseq already.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from fairport.converters.text import BPE_FILES
 from fairport.errors import FairportError
 from fairport.reference.folder import ModelFolder
+from fairport.validation.original import forkserver
 
 
 @dataclass
@@ -142,9 +145,9 @@ class Original:
         torch.save(job, self.tmp / "job.pt")
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
         self.stderr = open(self.tmp / "stderr.txt", "w")  # noqa: SIM115 (the worker's, open until close())
-        self.proc = subprocess.Popen([sys.executable, "-m", "fairport.validation.original.worker", str(self.tmp)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                     env=env)
+        self.proc = forkserver.start(self.tmp, env, self.stderr) or subprocess.Popen(
+            [sys.executable, "-m", "fairport.validation.original.worker", str(self.tmp)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
 
     def __enter__(self) -> Original:
         return self
