@@ -205,11 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     namespace = build_parser().parse_args(argv)
     args = parse(VERBS[namespace.command], namespace)
-    from fairport.distributed import Ranks, report_error
+    from fairport.distributed import LAUNCHED, PEER_LOST, PeerLost, Ranks, report_error
 
     try:
         launched = _distributed(namespace.command, args, argv)
         return launched if launched is not None else COMMANDS[namespace.command](args)
+    except PeerLost as e:
+        if os.environ.get(LAUNCHED):  # the launcher names the rank that is gone
+            return PEER_LOST
+        if report_error(Ranks.from_env(), str(e)):
+            print(f"fairport: error: {e}", file=sys.stderr)
+        return 1
     except FairportError as e:
         if report_error(Ranks.from_env(), str(e)):
             print(f"fairport: error: {e}", file=sys.stderr)

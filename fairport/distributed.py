@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -24,6 +25,19 @@ from fairport.util import first_line
 # set by `launch` (the --nproc launcher): rank 0 leaves the final error line to it
 LAUNCHED = "FAIRPORT_LAUNCHED"
 ERROR_DIR = "FAIRPORT_ERROR_DIR"
+# the exit status of a rank that stopped, quietly, because another rank is gone: the launcher names that one
+PEER_LOST = 75
+
+
+class PeerLost(FairportError):
+    """A collective failed because another rank is gone (it died, or was stopped)."""
+
+
+def _collective(run, *args, **kwargs):
+    try:
+        return run(*args, **kwargs)
+    except RuntimeError as e:  # gloo/nccl: the connection to a peer closed
+        raise PeerLost(f"another rank is gone ({first_line(e)[:120]})") from None
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,7 @@ class Ranks:
         if self.world == 1:
             return [obj]
         out: list = [None] * self.world
-        dist.all_gather_object(out, obj)
+        _collective(dist.all_gather_object, out, obj)
         return out
 
     def gather(self, obj) -> list | None:
@@ -88,12 +102,12 @@ class Ranks:
         if self.world == 1:
             return [obj]
         out: list | None = [None] * self.world if self.main else None
-        dist.gather_object(obj, out, dst=0)
+        _collective(dist.gather_object, obj, out, dst=0)
         return out
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            _collective(dist.barrier)
 
     def check(self, failure: dict | None) -> None:
         """Every rank says whether its share failed; if one did, every rank raises the same one-line error
@@ -149,8 +163,11 @@ def launch(nproc: int, argv: list[str], describe_death=None) -> int:
                     messages[int(name[5:-4])] = f.read().strip()
             if messages:
                 print(f"fairport: error: {messages[min(messages)]}", file=sys.stderr)
-            else:  # a rank died (the others were stopped after it): name the first to go
-                rank, failure = e.get_first_failure()
+            else:  # a rank died; the others stopped when they lost it, or the launcher stopped them: name it
+                stopped = (PEER_LOST, -signal.SIGTERM)
+                died = {r: f for r, f in e.failures.items() if f.exitcode not in stopped} or e.failures
+                rank = min(died, key=lambda r: (died[r].timestamp, r))
+                failure = died[rank]
                 print(f"fairport: error: rank {rank} died (exit code {failure.exitcode}) before saying why; "
                       f"{(describe_death and describe_death(rank)) or 'no progress was recorded'}", file=sys.stderr)
             return 1

@@ -49,11 +49,11 @@ def pytest_collection_finish(session):
         import subprocess
         import sys
 
+        log = open(Path(os.environ["FAIRPORT_CACHE"]) / "original-forkserver.log", "w")  # noqa: SIM115 - its stderr
         session.config.original_forkserver = subprocess.Popen(
             [sys.executable, "-m", "fairport.validation.original.forkserver",
              os.environ["FAIRPORT_ORIGINAL_FORKSERVER"]],
-            stdin=subprocess.PIPE, stderr=open(os.environ["FAIRPORT_CACHE"] + "/original-forkserver.log", "w"),
-            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            stdin=subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if any("compiled_once" in getattr(item, "fixturenames", ()) for item in session.items):
         import tempfile
 

@@ -19,7 +19,7 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fairport.distributed import LAUNCHED, Ranks, restart_count
+from fairport.distributed import LAUNCHED, PeerLost, Ranks, restart_count
 from fairport.errors import FairportError
 from fairport.options import report_dir
 from fairport.reference.folder import ModelFolder
@@ -203,7 +203,7 @@ def _stopped_by_torchrun(run: VerifyRun, shards: Shards):
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
         yield
-    except RuntimeError as e:  # a collective failed because a peer is gone
+    except (RuntimeError, PeerLost) as e:  # a collective failed because a peer is gone
         raise FairportError(f"{why()} ({first_line(e)[:120]})") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
