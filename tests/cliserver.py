@@ -25,19 +25,12 @@ def child(request: dict, set_by_cli: dict) -> None:
 
     code = 1
     try:
+        from fairport.validation.original.forkserver import take_over
+
         os.setsid()
-        os.chdir(request["cwd"])
-        for fd, (path, flags) in enumerate([(request["stdin"] or os.devnull, os.O_RDONLY),
-                                            (request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                                            (request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)]):
-            opened = os.open(path, flags)
-            os.dup2(opened, fd)
-            os.close(opened)
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams, open until it exits
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-        os.environ.clear()
-        os.environ.update(request["env"])
+        written = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        take_over([os.open(request["stdin"] or os.devnull, os.O_RDONLY), os.open(request["stdout"], written),
+                   os.open(request["stderr"], written)], request["env"], request["cwd"])
         for key, value in set_by_cli.items():  # what fairport/cli.py sets when imported before torch
             os.environ.setdefault(key, value)
         sys.argv = ["-m", *request["args"]]

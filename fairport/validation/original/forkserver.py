@@ -84,19 +84,25 @@ def start(folder: Path, env: dict, stderr) -> ForkedWorker | None:
     return ForkedWorker(pid, conn, os.fdopen(in_w, "w"), os.fdopen(out_r))
 
 
+def take_over(fds: list[int], env: dict, cwd: str) -> None:
+    """In a forked child: `fds` become its stdin, stdout and stderr (closed under their old numbers), `env` its
+    whole environment, `cwd` its working directory: the process a caller would have started."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams, open until it exits
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+
+
 def _child(request: dict, fds: list[int]) -> None:
     """In the forked child: become the worker process the request describes, run it, exit (never returns)."""
     code = 1
     try:
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-            os.close(fd)
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams, open until it exits
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-        os.environ.clear()
-        os.environ.update(request["env"])
-        os.chdir(request["cwd"])
+        take_over(fds, request["env"], request["cwd"])
         import torch
 
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # what a fresh interpreter's torch starts with
