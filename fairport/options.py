@@ -168,8 +168,8 @@ class GenerateArgs:
     device: str = _devices("cpu, cuda, cuda:N (default: cpu; under torchrun with cuda, each rank takes "
                            "cuda:LOCAL_RANK)")
     dtype: str | None = opt("compute dtype (default float32, as fairseq computes, fp16 folders included); int8: "
-                            "float32 with int8 linear layers (CPU; outputs move, `fairport verify --dtypes int8` "
-                            "measures how much)", choices=DTYPES)
+                            "float32 with int8 linear layers and embeddings (CPU; outputs move, `fairport verify "
+                            "--dtypes int8` measures how much)", choices=DTYPES)
     seed: int | None = opt("seed for sampling", type=int)
     no_pack: bool = opt("CPU: torch's default matrix products instead of oneDNN-packed weights (slower decoding)",
                         flag=True)

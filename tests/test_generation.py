@@ -180,8 +180,9 @@ def test_packed_layers_hold_only_their_packed_copy(trained_converted):
 
 
 def test_int8_weights(trained_converted, trained_dir):
-    """quantize(): every linear layer multiplies through int8 weights only (its float32 copy released), the
-    product stays within int8's error of the fp32 one, and a model that cannot hold int8 says so."""
+    """int8: every linear layer multiplies through int8 weights only (its float32 copy released), every token
+    embedding is int8 rows and scales, the product stays within int8's error of the fp32 one, and a model that
+    cannot hold int8 says so."""
     import torch.nn.functional as F
 
     from fairport.errors import FairportError
@@ -194,6 +195,8 @@ def test_int8_weights(trained_converted, trained_dir):
         assert type(m) is not torch.nn.Linear, f"{name} was not quantized"
         if isinstance(m, Int8Linear):
             assert not list(m.parameters()), f"{name} kept a float32 weight"
+    for side in (model.encoder, model.decoder):
+        assert isinstance(side.embed_tokens, fast.Int8Embedding), "a token embedding stayed float32"
     layer, ref = model.decoder.layers[0], fp32.decoder.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, Int8Linear)
     x = torch.randn(7, ref.fc1.in_features, generator=torch.Generator().manual_seed(0))

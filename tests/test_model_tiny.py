@@ -55,9 +55,9 @@ CONFIGS = {
 }
 
 
-def tiny_model(name: str, seed: int = 0) -> EncoderDecoder:
+def tiny_model(name: str, seed: int = 0, **build_options) -> EncoderDecoder:
     """A reference model of config `name` with random weights (layer norms and biases too), built as load()
-    builds one from a folder's tensors."""
+    builds one from a folder's tensors (`build_options`: build()'s, as load() passes them)."""
     cfg = ModelConfig(**{**TINY, **CONFIGS[name][0]})
     with torch.device("meta"):
         shapes = EncoderDecoder(cfg).state_dict()
@@ -66,7 +66,7 @@ def tiny_model(name: str, seed: int = 0) -> EncoderDecoder:
     for k in sd:
         if k.endswith("embed_tokens.weight"):
             sd[k][cfg.pad] = 0  # fairseq zeroes the padding row
-    return build(cfg, sd.items())
+    return build(cfg, sd.items(), **build_options)
 
 
 def batch_for(model, seed=1):
@@ -147,6 +147,32 @@ def test_fast_paths_equal_the_plain_model(name):
         int8 = fast.quantize(fast.fuse_qkv(tiny_model(name)))
         assert fast.quantized(int8) and not any(type(m) is nn.Linear for m in int8.modules())
         assert_close(logits(int8, batch), want, 0.1 * want.abs().max().item(), f"{name} int8")
+
+
+@pytest.mark.skipif(not fast.int8_available(), reason="this torch has no quantized dynamic linear")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", ["fsmt_separate", "fsmt_joined", "decoder_tied_only", "project_in_out"])
+def test_int8_load_equals_quantizing_the_loaded_model(name, threads):
+    """load(dtype="int8") quantizes each layer as it is read, on `threads` threads, the token embeddings too (a
+    tied output projection from the float32 table first): the same model as quantize() of the float32 one,
+    exactly, with no float32 matrix or table left and shared embeddings still shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loaded = tiny_model(name, fuse=True, finish=fast.Int8Linear, int8_embeddings=True)
+    finally:
+        torch.set_num_threads(before)
+    quantized = fast.quantize(fast.fuse_qkv(tiny_model(name)))
+    batch = batch_for(quantized)
+    assert torch.equal(logits(loaded, batch), logits(quantized, batch))
+    for model in (loaded, quantized):
+        assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules())
+        assert all(p.dim() == 1 for p in model.parameters())  # layer norms only: no float32 matrix is kept
+        enc, dec = model.encoder.embed_tokens, model.decoder.embed_tokens
+        assert isinstance(dec, fast.Int8Embedding) and (enc is dec) == model.config.share_all_embeddings
+        assert dec.qweight.dtype == torch.int8 and not dec.qweight[model.config.pad].any()
+    plain = tiny_model(name)
+    assert_close(logits(loaded, batch), logits(plain, batch), 0.1 * logits(plain, batch).abs().max().item(), name)
 
 
 @pytest.mark.parametrize("name", ["fsmt_joined", "mbart"])

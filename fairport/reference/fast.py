@@ -8,8 +8,8 @@ faster equivalents with the same outputs (gpt-fast's quantize.py pattern). `load
   uses, by a CPU-dependent factor (`fairport bench --sides reference,reference-unpacked` measures it), with no
   second copy.
 - `quantize(model)`: every linear layer becomes `Int8Linear` (int8 weights per output channel, activations
-  quantized per call: torch's dynamic quantization kernels). CPU and float32 only; outputs move, and
-  `fairport verify --dtypes int8` measures by how much.
+  quantized per call: torch's dynamic quantization kernels), every token embedding `Int8Embedding` (int8 rows,
+  a scale each). CPU and float32 only; outputs move, and `fairport verify --dtypes int8` measures by how much.
 - `unpack(model)`: packed layers back to plain nn.Linear (their exact weights).
 
 `load()` applies them one layer at a time while it reads the folder, so the float32 weights of a packed or
@@ -102,6 +102,12 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
 
 
+def _row_absmax(w: torch.Tensor) -> torch.Tensor:
+    """Each row's largest |value|, without a temporary the size of `w`."""
+    lo, hi = torch.aminmax(w, dim=1)
+    return torch.maximum(hi, -lo)
+
+
 class Int8Linear(nn.Module):
     """A linear layer whose weight is held only as int8 (symmetric, per output channel: each row scaled by its
     largest |value|, as torch's per-channel observer does) for torch's dynamic int8 product: activations are
@@ -112,7 +118,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps).double()
+        scale = (_row_absmax(w) / 127.5).clamp_min(torch.finfo(torch.float32).eps).double()
         bias = None if linear.bias is None else linear.bias.detach().float()
         with warnings.catch_warnings():  # torch marks quantized tensors deprecated; this path is opt-in
             warnings.simplefilter("ignore")
@@ -128,6 +134,35 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding held only as int8 rows, each with its float32 scale (symmetric: the row's largest |value|
+    maps to 127, as CTranslate2 stores its int8 embeddings): a looked-up row is its int8 values times its scale.
+    A quarter of the float32 table's memory. CPU and float32 only; a tied output projection is quantized from the
+    float32 table before it is released (load(), quantize())."""
+
+    def __init__(self, embedding: nn.Embedding, rows: int = 4096):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.padding_idx = embedding.padding_idx
+        w = embedding.weight.detach()
+        scale = (_row_absmax(w).float() / 127).clamp_min(torch.finfo(torch.float32).eps)
+        q = torch.empty(w.shape, dtype=torch.int8)
+        for i in range(0, len(w), rows):  # a block of rows at a time: no float32 temporary of the whole table
+            q[i:i + rows] = torch.round(w[i:i + rows].float() / scale[i:i + rows, None]).clamp_(-127, 127)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.qweight).float() * F.embedding(tokens, self.scale[:, None])
+
+    def _apply(self, fn, recurse=True):
+        _stays(fn, "int8", torch.float32)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
 def _swap_linears(model: nn.Module, make) -> None:
@@ -177,13 +212,25 @@ def unpack(model: nn.Module) -> nn.Module:
 
 def quantize(model: nn.Module, min_numel: int = 0) -> nn.Module:
     """int8: every linear layer with at least `min_numel` weights (all by default, the output projection
-    included; embeddings stay float32) becomes an Int8Linear, and its float32 weight is released (a tied
-    output projection keeps the embedding it shares). CPU and float32 only."""
+    included) becomes an Int8Linear, then every token embedding an Int8Embedding; their float32 weights are
+    released. CPU and float32 only."""
     p = next(model.parameters())
     check_int8(p.device, p.dtype)
     unpack(model)
     _swap_linears(model, lambda lin: Int8Linear(lin) if lin.weight.numel() >= min_numel else None)
+    quantize_embeddings(model)
     return model
+
+
+def quantize_embeddings(model: nn.Module) -> None:
+    """Each token embedding (`embed_tokens`: nn.Embedding) becomes an Int8Embedding; a shared one stays shared."""
+    made: dict[int, Int8Embedding] = {}
+    for module in list(model.modules()):
+        child = getattr(module, "embed_tokens", None)
+        if type(child) is nn.Embedding:
+            if id(child) not in made:
+                made[id(child)] = Int8Embedding(child)
+            module.embed_tokens = made[id(child)]
 
 
 def check_int8(device: torch.device | str, dtype: torch.dtype) -> None:
@@ -200,4 +247,4 @@ def packed(model: nn.Module) -> bool:
 
 
 def quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())

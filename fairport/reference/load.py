@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from fairport.reference.model import EncoderDecoder, SelfAttention, SinusoidalPo
 from fairport.reference.names import reference_name
 from fairport.reference.tensorfile import read_safetensors
 
-# what --dtype / --dtypes accept: a torch dtype, or "int8" (fp32 model, int8 linear layers)
+# what --dtype / --dtypes accept: a torch dtype, or "int8" (fp32 model, int8 linear layers and embeddings)
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
@@ -61,32 +63,39 @@ def _without_random_init():
 
 
 def build(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device=None, dtype=torch.float32,
-          cls: type[EncoderDecoder] = EncoderDecoder, fuse: bool = False, finish=None) -> EncoderDecoder:
+          cls: type[EncoderDecoder] = EncoderDecoder, fuse: bool = False, finish=None,
+          int8_embeddings: bool = False) -> EncoderDecoder:
     """The reference model (eval mode, no gradients) from (reference name, tensor) pairs, without a random init
-    pass, holding one tensor at a time: each is cast, placed and put in the model as it comes, and each linear
+    pass, holding few tensors at a time: each is cast, placed and put in the model as it comes, and each linear
     layer is handed to `finish(linear)` (which may return its replacement: fast.PackedLinear, fast.Int8Linear)
-    as soon as its tensors are in; with `fuse`, self-attention q/k/v are fused first (fast.fuse_attention).
-    Sinusoidal tables are computed in fp32 (as fairseq computes them), then cast to `dtype`."""
+    as soon as its tensors are in; with `fuse`, self-attention q/k/v are fused first (fast.fuse_attention); with
+    `int8_embeddings`, each token embedding becomes a fast.Int8Embedding as soon as it is in (a tied output
+    projection is handed to `finish` first). Sinusoidal tables are computed in fp32 (as fairseq computes them),
+    then cast to `dtype`."""
     with torch.device("meta"), _without_random_init():
         model = cls(cfg)
     model.eval().requires_grad_(False)
     device = torch.device(device or "cpu")
-    pending = _Linears(model, fuse, finish or (lambda linear: None))
     tied = tied_names(cfg)
-    for name, t in tensors:
-        if name in tied:
-            continue
-        module, attr = _owner(model, name)
-        if module is None:
-            raise FairportError(f"weights do not fit the config: unexpected {name}")
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        setattr(module, attr, nn.Parameter(t, requires_grad=False))
-        pending.filled(module)
+    with _Layers(model, fuse, finish, int8_embeddings and cfg.share_decoder_input_output_embed) as pending:
+        for name, t in tensors:
+            if name in tied:
+                continue
+            module, attr = _owner(model, name)
+            if module is None:
+                raise FairportError(f"weights do not fit the config: unexpected {name}")
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            setattr(module, attr, nn.Parameter(t, requires_grad=False))
+            pending.filled(module)
+            if int8_embeddings and type(module) is nn.Embedding:
+                pending.embedding(module)
     if cfg.share_all_embeddings:
         model.decoder.embed_tokens = model.encoder.embed_tokens
-    if cfg.share_decoder_input_output_embed and isinstance(model.decoder.output_projection, nn.Linear):
+    if cfg.share_decoder_input_output_embed and isinstance(model.decoder.output_projection, nn.Linear) \
+            and model.decoder.output_projection.weight.is_meta:
         model.decoder.output_projection.weight = model.decoder.embed_tokens.weight
-        pending.filled(model.decoder.output_projection)
+        with _Layers(model, fuse, finish, False) as pending:
+            pending.filled(model.decoder.output_projection)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise FairportError(f"weights do not fit the config: missing {sorted(missing)[:6]}")
@@ -105,14 +114,32 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
     return (module, attr) if isinstance(getattr(module, attr, None), nn.Parameter) else (None, attr)
 
 
-class _Linears:
+class _Layers:
     """Hands each linear layer to `finish` once its tensors are in (with `fuse`, self-attention q/k/v once all
-    three are, fused into one first); puts back what `finish` returns."""
+    three are, fused into one first) and puts back what `finish` returns; `embedding(module)` makes a token
+    embedding int8 (with `tie_output`, the output projection it shares is handed to `finish` first, from the
+    float32 table). The conversions run on torch's thread count of threads (quantizing and packing release
+    the GIL), a few layers in flight at a time; their results are put in the model by this thread, in order,
+    and all of them by the end of the `with` block."""
 
-    def __init__(self, model: nn.Module, fuse: bool, finish):
-        self.fuse, self.finish = fuse, finish
+    def __init__(self, model: nn.Module, fuse: bool, finish, tie_output: bool):
+        self.model, self.fuse, self.finish, self.tie_output = model, fuse, finish or (lambda linear: None), tie_output
         self.parent = {id(child): (module, name) for module in model.modules()
                        for name, child in module.named_children()}
+        self.threads = max(1, torch.get_num_threads())
+        self.running: deque = deque()  # (owners, name, future)
+
+    def __enter__(self) -> _Layers:
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            while self.running and exc[0] is None:
+                self._put_back()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
 
     def filled(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Linear) or any(p.is_meta for p in module.parameters()):
@@ -122,9 +149,33 @@ class _Linears:
             if any(p.is_meta for lin in (owner.q_proj, owner.k_proj, owner.v_proj) for p in lin.parameters()):
                 return
             owner, name, module = owner, "qkv_proj", fast.fuse_attention(owner)
-        new = self.finish(module)
+        self._run([owner], name, self.finish, module)
+
+    def embedding(self, module: nn.Embedding) -> None:
+        decoder = self.model.decoder
+        if self.tie_output and module is decoder.embed_tokens and isinstance(decoder.output_projection, nn.Linear):
+            decoder.output_projection.weight = module.weight
+            self.filled(decoder.output_projection)
+        owners = [m for m in (self.model.encoder, decoder) if m.embed_tokens is module]
+        self._run(owners, "embed_tokens", fast.Int8Embedding, module)
+
+    def _run(self, owners: list[nn.Module], name: str, make, module: nn.Module) -> None:
+        if self.pool is None:
+            self._set(owners, name, make(module))
+            return
+        self.running.append((owners, name, self.pool.submit(make, module)))
+        if len(self.running) > self.threads:
+            self._put_back()
+
+    def _put_back(self) -> None:
+        owners, name, future = self.running.popleft()
+        self._set(owners, name, future.result())
+
+    @staticmethod
+    def _set(owners: list[nn.Module], name: str, new: nn.Module | None) -> None:
         if new is not None:
-            setattr(owner, name, new)
+            for owner in owners:
+                setattr(owner, name, new)
 
 
 def load(path: str | Path | ModelFolder, device: str | torch.device | None = None,
@@ -136,7 +187,8 @@ def load(path: str | Path | ModelFolder, device: str | torch.device | None = Non
     `dtype`: the compute dtype, a torch dtype or one of PRECISIONS' names. None (the default) is float32 whatever
     the folder stores, as fairseq computes: its hub builds a float32 model and loads fp16 checkpoints into it,
     so the default gives fairseq's numbers. float16/bfloat16 compute in that dtype; "int8" is a float32 model
-    whose linear layers run through int8 weights with activations quantized per call (CPU only; fast.Int8Linear).
+    whose linear layers run through int8 weights with activations quantized per call, and whose token embeddings
+    are int8 rows with a scale each (CPU only; fast.Int8Linear, fast.Int8Embedding).
     Self-attention q/k/v are fused (fast.fuse_attention); on the CPU, large fp32/bf16 weights are held only in
     oneDNN's blocked layout (fast.PackedLinear) unless `pack=False` (slower matrix products). The folder is read
     one tensor at a time, each layer converted as it is read: memory never holds more than the final model and
@@ -161,7 +213,8 @@ def load(path: str | Path | ModelFolder, device: str | torch.device | None = Non
     folder = path if isinstance(path, ModelFolder) else ModelFolder.open(path)
     models = []
     for member in folder.members():
-        model = build(member.config, read_weights(member), device, dtype, cls=PortedModel, fuse=True, finish=finish)
+        model = build(member.config, read_weights(member), device, dtype, cls=PortedModel, fuse=True, finish=finish,
+                      int8_embeddings=int8)
         model.folder = member
         if compile:
             compiled.compile_step(model)

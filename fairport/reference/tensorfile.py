@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import struct
 import sys
 from collections.abc import Iterator
@@ -62,7 +64,7 @@ def read_safetensors(path: Path, expected_sha256: str | None = None) -> Iterator
                     if pending is not None:
                         pending.result()
                     digest.update(f.read(start - pos))
-                t = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+                t = _buffer(info["shape"], DTYPES[info["dtype"]])
                 buf = t.reshape(-1).view(torch.uint8).numpy()
                 f.seek(8 + size + start)
                 if f.readinto(buf) != stop - start:
@@ -83,6 +85,24 @@ def read_safetensors(path: Path, expected_sha256: str | None = None) -> Iterator
                 actual = digest.hexdigest()
             if actual != expected_sha256:
                 raise damaged(path, "does not match the sha256 provenance.json recorded when it was written")
+
+
+# a tensor this large is read into memory mapped for it alone, given back to the system when the tensor is freed
+MAPPED_BYTES = 1 << 20
+_ANONYMOUS = (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+              if hasattr(mmap, "MAP_ANONYMOUS") else None)  # None: not a POSIX system, malloc it is
+
+
+def _buffer(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor to read into. A large one lives in an anonymous mapping of its own rather than in
+    malloc's heap: load() frees most of what it reads (packed or quantized copies replace it), and freed heap
+    blocks between the kept ones stay in the process (measured at wmt19-en-de in int8: 310 MB of a 875 MB
+    process after loading)."""
+    n = math.prod(shape) * dtype.itemsize
+    if n < MAPPED_BYTES or _ANONYMOUS is None:
+        return torch.empty(shape, dtype=dtype)
+    # its pages made at once (MAP_POPULATE, Linux): faster than a fault at each first touch by the read
+    return torch.frombuffer(mmap.mmap(-1, n, flags=_ANONYMOUS), dtype=dtype).view(shape)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],

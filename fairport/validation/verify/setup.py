@@ -26,7 +26,7 @@ from fairport.validation.verify.report import Report
 from fairport.validation.verify.transformers_side import TransformersSide
 
 # logits tolerance per dtype, relative to the largest |logit| of the fp32 original (fp32: absolute);
-# int8 = float32 model with int8 linear layers (dynamic quantization)
+# int8 = float32 model with int8 linear layers (dynamic quantization) and int8 token embeddings
 DTYPE_TOL = {"float32": None, "float16": 2e-2, "bfloat16": 1e-1, "int8": 1e-1}
 # the folder's generation options verify uses (sampling is not compared: its draws differ by design)
 SEARCH_KEYS = ("beam", "lenpen", "max_len_a", "max_len_b", "min_len", "no_repeat_ngram_size", "unkpen", "eos")
