@@ -81,7 +81,7 @@ def cmd_convert(a: ConvertArgs) -> int:
 
     r = convert(a.src, a.dst, force=a.force, dtype=a.dtype, max_shard_bytes=a.max_shard_size,
                 generation_overrides=a.search, src_dict=a.src_dict, tgt_dict=a.tgt_dict, lang_dict=a.lang_dict,
-                bpe=a.bpe, tokenizer=a.tokenizer, **a.text_files)
+                bpe=a.bpe, tokenizer=a.tokenizer, int8=a.int8, **a.text_files)
     print_result(r)
     return 0
 

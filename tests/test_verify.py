@@ -40,6 +40,7 @@ def test_correct_port_passes_with_full_report(trained_dir, trained_port, tmp_pat
     fp32, bf16, int8 = rep["precision"]
     assert (fp32["dtype"], bf16["dtype"], int8["dtype"]) == ("float32", "bfloat16", "int8")
     assert 0 < int8["logits_max_abs"] <= int8["tolerance"] and 0 <= int8["beam_exact_match"] <= 1
+    assert int8["int8_weights"] == "quantized at load"  # converted without --int8
     assert "bleu_delta_vs_original" in int8
     assert fp32["beam_exact_match"] == 1.0 and fp32["score_max_abs_delta"] <= 1e-4
     assert fp32["bleu_delta_vs_original"] == 0

@@ -19,6 +19,7 @@ from fairport.converters.multilingual import Multilingual
 from fairport.converters.sources import Sources, ensemble_members, find_sources
 from fairport.converters.write import check_replaceable, write_member, write_model_folder
 from fairport.errors import FairportError
+from fairport.reference import fast
 from fairport.reference.config import ModelConfig
 from fairport.reference.dictionary import Dictionary
 from fairport.reference.load import tied_names
@@ -222,13 +223,14 @@ class ConvertResult:
     text: dict | None
     notes: list[str]
     checkpoints: list[Path]  # the members of an ensemble (one path for a single model)
+    int8: bool = False  # the int8 model stored too (convert --int8)
 
 
 def convert(src: str | Path, dst: str | Path, *, force: bool = False, dtype: str = "auto",
             max_shard_bytes: int = 2 << 30, generation_overrides: dict | None = None,
             src_dict=None, tgt_dict=None, encoder_json=None, vocab_bpe=None, bpecodes=None,
             sentencepiece_model=None, lang_dict=None, bpe: str | None = None,
-            tokenizer: str | None = None) -> ConvertResult:
+            tokenizer: str | None = None, int8: bool = False) -> ConvertResult:
     """Convert SRC into the model folder DST, atomically (written beside DST, moved into place at the end).
 
     Arguments:
@@ -243,10 +245,13 @@ def convert(src: str | Path, dst: str | Path, *, force: bool = False, dtype: str
         encoder_json, vocab_bpe, bpecodes, sentencepiece_model: the text pipeline's files (converters/text.py).
         lang_dict: a many-to-many model's language list, when not where the checkpoint recorded it.
         bpe, tokenizer: fairseq's --bpe/--tokenizer for the text pipeline ("none": none), when not as recorded.
+        int8: also store the int8 model (folder.INT8), which load(dtype="int8") then reads instead of quantizing.
     """
     dst = Path(dst)
     if dtype != "auto" and dtype not in DTYPES:
         raise FairportError(f"--dtype must be auto or one of {sorted(DTYPES)}, not {dtype!r}")
+    if int8:
+        fast.check_int8("cpu", torch.float32)
     if dst.exists() or dst.is_symlink():
         if not force:
             raise FairportError(f"{dst} already exists (use --force to replace a folder fairport wrote)")
@@ -265,11 +270,11 @@ def convert(src: str | Path, dst: str | Path, *, force: bool = False, dtype: str
         members.append((sources, conv))
     torch_dtype = None if dtype == "auto" else DTYPES[dtype]
     written = write_model_folder(dst, [lambda out, s=s, c=c: write_member(c, s, out, torch_dtype, max_shard_bytes,
-                                                                         generation_overrides)
+                                                                         generation_overrides, int8)
                                        for s, c in members])
     first = members[0][1]
     return ConvertResult(dst, first.config, written.transformers, written.unmet, written.dtype, first.text,
-                         first.notes, [s.checkpoint for s, _ in members])
+                         first.notes, [s.checkpoint for s, _ in members], int8)
 
 
 def print_result(r: ConvertResult) -> None:
@@ -290,5 +295,7 @@ def print_result(r: ConvertResult) -> None:
     else:
         parts = [p for p in (r.text.get("tokenizer"), r.text.get("bpe")) if p] or ["whitespace-separated symbols"]
         print(f"text: {' + '.join(parts)}{' (BART hub framing)' if r.text.get('bart') else ''}")
+    if r.int8:
+        print("int8: the int8 model stored too (model.int8.safetensors), read by --dtype int8 runs")
     for note in r.notes:
         print(f"note: {note}")

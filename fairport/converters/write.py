@@ -19,8 +19,10 @@ from fairport import __version__
 from fairport.converters import hf, spm_tokenizer, tasks, weights
 from fairport.converters.tokenizer_files import write_fastbpe, write_gpt2, write_sentencepiece
 from fairport.errors import FairportError
-from fairport.reference.folder import card_is_fairports, sha256
+from fairport.reference import fast
+from fairport.reference.folder import INT8, ModelFolder, card_is_fairports, sha256
 from fairport.reference.generate import GenerationOptions
+from fairport.reference.load import build, read_weights
 from fairport.reference.names import to_hf_name
 from fairport.reference.tensorfile import write_safetensors
 from fairport.reference.tokenizer import Framing
@@ -159,8 +161,20 @@ class MemberWritten:
     files: dict[str, str | None]  # file name -> sha256 (None: hash it from disk)
 
 
+def write_int8(out: Path) -> str:
+    """INT8 (model.int8.safetensors) in the folder being written: the int8 model that load(dtype="int8") makes
+    from the float weights just written (int8 linear layers and embeddings, a float32 scale per row), stored
+    so that an int8 load reads it instead of quantizing. Returns its sha256."""
+    folder = ModelFolder.open(out)
+    model = build(folder.config, read_weights(folder), fuse=True, finish=fast.Int8Linear, int8_embeddings=True)
+    tensors = fast.int8_tensors(model)
+    del model
+    return write_safetensors(out / INT8, tensors, {k: t.dtype for k, t in tensors.items()},
+                             {"format": "pt", "producer": f"fairport {__version__}", "fairport": "int8"})
+
+
 def write_member(conv: Converted, sources: Sources, out: Path, dtype: torch.dtype | None,
-                 max_shard_bytes: int, generation_overrides: dict | None) -> MemberWritten:
+                 max_shard_bytes: int, generation_overrides: dict | None, int8: bool = False) -> MemberWritten:
     """One model's folder contents (an ensemble's later members get one each, under ensemble/)."""
     cfg = conv.config
     family, unmet = hf.hf_family(cfg)
@@ -209,6 +223,8 @@ def write_member(conv: Converted, sources: Sources, out: Path, dtype: torch.dtyp
     config["fairport"] = meta
     (out / "config.json").write_text(json.dumps(config, indent=2))
     files["config.json"] = None
+    if int8:
+        files[INT8] = write_int8(out)
 
     provenance = {
         "fairport_version": __version__,

@@ -58,11 +58,19 @@ def fuse_attention(attn: SelfAttention) -> nn.Linear:
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     fused = nn.Linear(q.in_features, 3 * q.out_features, device="meta")
     grad = q.weight.requires_grad
-    fused.weight = nn.Parameter(torch.cat([q.weight, k.weight, v.weight]).detach(), requires_grad=grad)
-    fused.bias = nn.Parameter(torch.cat([q.bias, k.bias, v.bias]).detach(), requires_grad=grad)
+    fused.weight = nn.Parameter(_stacked(q.weight, k.weight, v.weight), requires_grad=grad)
+    fused.bias = nn.Parameter(_stacked(q.bias, k.bias, v.bias), requires_grad=grad)
     attn.qkv_proj = fused
     del attn.q_proj, attn.k_proj, attn.v_proj
     return fused
+
+
+def _stacked(*ts: torch.Tensor) -> torch.Tensor:
+    """The tensors one after another (dim 0). On the meta device only the shape is made: torch's meta kernel
+    for cat imports torch._dynamo, ~1.8 s of a process's first int8 load."""
+    if ts[0].is_meta:
+        return torch.empty((sum(t.size(0) for t in ts), *ts[0].shape[1:]), dtype=ts[0].dtype, device="meta")
+    return torch.cat(ts).detach()
 
 
 def _stays(fn, what: str, dtype: torch.dtype) -> None:
@@ -125,6 +133,29 @@ class Int8Linear(nn.Module):
             q = torch.quantize_per_channel(w, scale, torch.zeros(scale.shape, dtype=torch.long), 0, torch.qint8)
             self.params = torch.ops.quantized.linear_prepack(q, bias)
 
+    @classmethod
+    def stored(cls, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        """The layer from what `tensors()` gave (an int8 folder's file): the same layer, without the float32
+        weight or its quantization; fbgemm's prepacking is left."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = qweight.shape
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = torch._make_per_channel_quantized_tensor(qweight, scale.double(),
+                                                         torch.zeros(scale.shape, dtype=torch.long), 0)
+            self.params = torch.ops.quantized.linear_prepack(q, bias)
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the layer holds, as tensors to store: "bias" (if any), "scale" (float32, one per output channel,
+        the exact value it was quantized with) and "qweight" (int8), in that order (`stored()` reads them)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q, bias = torch.ops.quantized.linear_unpack(self.params)
+        out = {} if bias is None else {"bias": bias.float()}
+        return out | {"scale": q.q_per_channel_scales().float(), "qweight": q.int_repr()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.contiguous(), self.params, True)  # the bias is in params
 
@@ -153,6 +184,20 @@ class Int8Embedding(nn.Module):
             q[i:i + rows] = torch.round(w[i:i + rows].float() / scale[i:i + rows, None]).clamp_(-127, 127)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
+
+    @classmethod
+    def stored(cls, qweight: torch.Tensor, scale: torch.Tensor, padding_idx: int | None) -> Int8Embedding:
+        """The embedding from what `tensors()` gave (an int8 folder's file)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale, "qweight": self.qweight}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.qweight).float() * F.embedding(tokens, self.scale[:, None])
@@ -240,6 +285,24 @@ def check_int8(device: torch.device | str, dtype: torch.dtype) -> None:
     if not int8_available():
         raise FairportError(f"int8: this torch ({torch.__version__}) has no quantized dynamic linear "
                             f"(engines: {torch.backends.quantized.supported_engines})")
+
+
+def int8_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A quantized model's tensors as an int8 folder stores them (converters/write.py; load() reads them back):
+    each Int8Linear's and Int8Embedding's `tensors()` under its path, every other parameter and persistent buffer
+    as it is; a module shared by two paths once, under its first."""
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, (Int8Linear, Int8Embedding)):
+            out |= {prefix + k: t for k, t in module.tensors().items()}
+            continue
+        if type(module) in (nn.Linear, nn.Embedding):
+            raise FairportError(f"{path} is not quantized: int8 tensors come from a quantized model")
+        persistent = [k for k, _ in module.named_buffers(recurse=False) if k not in module._non_persistent_buffers_set]
+        out |= {prefix + k: t for k, t in module.named_parameters(recurse=False)}
+        out |= {prefix + k: getattr(module, k) for k in persistent}
+    return out
 
 
 def packed(model: nn.Module) -> bool:

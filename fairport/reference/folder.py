@@ -6,6 +6,7 @@
     provenance.json          the source checkpoint and its sha256, the inputs read, notes, dropped tensors, and
                              the sha256 of every file written
     model.safetensors        or model-0000N-of-0000M.safetensors with model.safetensors.index.json
+    model.int8.safetensors   with convert --int8: the int8 model (int8 weights, a float32 scale per row)
     dict.src.txt, dict.tgt.txt, tokenizer files; ensemble/model{N}/ for an ensemble's later members
 """
 
@@ -22,6 +23,7 @@ from fairport.util import first_line
 
 CONFIG, GENERATION, PROVENANCE = "config.json", "generation_config.json", "provenance.json"
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+INT8 = "model.int8.safetensors"  # convert --int8: the int8 model's weights and scales (fast.int8_tensors)
 CARD = "README.md"  # the model card `fairport card` writes; its last line marks it as fairport's, unedited
 CARD_MARK = "<!-- fairport card sha256: "
 
@@ -143,6 +145,16 @@ class ModelFolder:
         """The sha256 provenance.json recorded for one of the folder's files when it was written (None: not
         recorded, e.g. a folder written before provenance listed its files)."""
         return self.provenance.get("files", {}).get(path.relative_to(self.path).as_posix())
+
+    def int8_file(self) -> Path | None:
+        """The int8 weights convert --int8 stored (None: the folder has none; int8 runs quantize its float ones).
+        One that provenance lists but is gone is named, with the fix."""
+        path = self.path / INT8
+        if path.is_file():
+            return path
+        if INT8 in self.provenance.get("files", {}):
+            raise damaged(path, "is missing (provenance.json lists it)")
+        return None
 
     def weight_files(self) -> list[Path]:
         """The safetensors files, each checked to exist (a missing shard is named, with the fix)."""

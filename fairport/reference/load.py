@@ -96,6 +96,61 @@ def build(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device=
         model.decoder.output_projection.weight = model.decoder.embed_tokens.weight
         with _Layers(model, fuse, finish, False) as pending:
             pending.filled(model.decoder.output_projection)
+    return _complete(model, device, dtype)
+
+
+def build_int8(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], where: Path,
+               cls: type[EncoderDecoder] = EncoderDecoder) -> EncoderDecoder:
+    """The int8 model from the tensors of an int8 folder's file (`where`; written by fast.int8_tensors): each
+    int8 layer made from its stored int8 weights and scales once its last tensor (`qweight`) is in, on torch's
+    threads, with nothing quantized; every other tensor put in place as build() does. CPU, float32."""
+    with torch.device("meta"), _without_random_init():
+        model = cls(cfg)
+    model.eval().requires_grad_(False)
+    fast.fuse_qkv(model)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with _Layers(model, False, None, False) as pending:
+        for name, t in tensors:
+            path, _, attr = name.rpartition(".")
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                module = None
+            if type(module) in (nn.Linear, nn.Embedding) and attr in ("bias", "scale", "qweight"):
+                got = parts.setdefault(path, {})
+                got[attr] = t
+                if attr == "qweight":  # a layer's last tensor
+                    pending.replace(module, _stored_int8(parts.pop(path)))
+                continue
+            module, attr = _owner(model, name)
+            if module is None:
+                raise FairportError(f"{where} does not fit the config: unexpected {name}")
+            setattr(module, attr, nn.Parameter(t.float() if t.is_floating_point() else t, requires_grad=False))
+    plain = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)]
+    if plain or parts:
+        raise FairportError(f"{where} does not fit the config: no int8 weights for {sorted(plain or parts)[:6]}")
+    return _complete(model, None, torch.float32)
+
+
+def _stored_int8(got: dict[str, torch.Tensor]):
+    """A maker of the int8 layer (a linear layer or a token embedding) from its stored tensors."""
+    q, scale = got["qweight"], got.get("scale")
+    if q.dtype != torch.int8 or q.dim() != 2 or scale is None or scale.shape != (q.size(0),):
+        raise FairportError(f"an int8 file's layer does not hold int8 rows with a scale each ({q.dtype}, "
+                            f"{list(q.shape)})")
+
+    def make(module: nn.Module) -> nn.Module:
+        if tuple(module.weight.shape) != tuple(q.shape):
+            raise FairportError(f"an int8 file's layer has shape {list(q.shape)}, the config's "
+                                f"{list(module.weight.shape)}")
+        if type(module) is nn.Embedding:
+            return fast.Int8Embedding.stored(q, scale.float(), module.padding_idx)
+        return fast.Int8Linear.stored(q, scale.float(), got.get("bias"))
+    return make
+
+
+def _complete(model: EncoderDecoder, device, dtype: torch.dtype) -> EncoderDecoder:
+    """Checks nothing is missing; computes the sinusoidal tables (in fp32, as fairseq does, then cast)."""
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise FairportError(f"weights do not fit the config: missing {sorted(missing)[:6]}")
@@ -124,10 +179,12 @@ class _Layers:
 
     def __init__(self, model: nn.Module, fuse: bool, finish, tie_output: bool):
         self.model, self.fuse, self.finish, self.tie_output = model, fuse, finish or (lambda linear: None), tie_output
-        self.parent = {id(child): (module, name) for module in model.modules()
-                       for name, child in module.named_children()}
+        self.parents: dict[int, list[tuple[nn.Module, str]]] = {}  # a shared module has several
+        for module in model.modules():
+            for name, child in module.named_children():
+                self.parents.setdefault(id(child), []).append((module, name))
         self.threads = max(1, torch.get_num_threads())
-        self.running: deque = deque()  # (owners, name, future)
+        self.running: deque = deque()  # (places, future)
 
     def __enter__(self) -> _Layers:
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -144,37 +201,41 @@ class _Layers:
     def filled(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Linear) or any(p.is_meta for p in module.parameters()):
             return
-        owner, name = self.parent[id(module)]
+        [(owner, name)] = self.parents[id(module)]
         if self.fuse and isinstance(owner, SelfAttention) and name in ("q_proj", "k_proj", "v_proj"):
             if any(p.is_meta for lin in (owner.q_proj, owner.k_proj, owner.v_proj) for p in lin.parameters()):
                 return
-            owner, name, module = owner, "qkv_proj", fast.fuse_attention(owner)
-        self._run([owner], name, self.finish, module)
+            self._run([(owner, "qkv_proj")], self.finish, fast.fuse_attention(owner))
+            return
+        self.replace(module, self.finish)
 
     def embedding(self, module: nn.Embedding) -> None:
         decoder = self.model.decoder
         if self.tie_output and module is decoder.embed_tokens and isinstance(decoder.output_projection, nn.Linear):
             decoder.output_projection.weight = module.weight
             self.filled(decoder.output_projection)
-        owners = [m for m in (self.model.encoder, decoder) if m.embed_tokens is module]
-        self._run(owners, "embed_tokens", fast.Int8Embedding, module)
+        self.replace(module, fast.Int8Embedding)
 
-    def _run(self, owners: list[nn.Module], name: str, make, module: nn.Module) -> None:
+    def replace(self, module: nn.Module, make) -> None:
+        """Put `make(module)` (unless None) wherever `module` is in the model."""
+        self._run(self.parents[id(module)], make, module)
+
+    def _run(self, places: list[tuple[nn.Module, str]], make, module: nn.Module) -> None:
         if self.pool is None:
-            self._set(owners, name, make(module))
+            self._set(places, make(module))
             return
-        self.running.append((owners, name, self.pool.submit(make, module)))
+        self.running.append((places, self.pool.submit(make, module)))
         if len(self.running) > self.threads:
             self._put_back()
 
     def _put_back(self) -> None:
-        owners, name, future = self.running.popleft()
-        self._set(owners, name, future.result())
+        places, future = self.running.popleft()
+        self._set(places, future.result())
 
     @staticmethod
-    def _set(owners: list[nn.Module], name: str, new: nn.Module | None) -> None:
+    def _set(places: list[tuple[nn.Module, str]], new: nn.Module | None) -> None:
         if new is not None:
-            for owner in owners:
+            for owner, name in places:
                 setattr(owner, name, new)
 
 
@@ -188,7 +249,9 @@ def load(path: str | Path | ModelFolder, device: str | torch.device | None = Non
     the folder stores, as fairseq computes: its hub builds a float32 model and loads fp16 checkpoints into it,
     so the default gives fairseq's numbers. float16/bfloat16 compute in that dtype; "int8" is a float32 model
     whose linear layers run through int8 weights with activations quantized per call, and whose token embeddings
-    are int8 rows with a scale each (CPU only; fast.Int8Linear, fast.Int8Embedding).
+    are int8 rows with a scale each (CPU only; fast.Int8Linear, fast.Int8Embedding): read from the folder's int8
+    file where `convert --int8` wrote one (folder.INT8; nothing is quantized, about 4x faster to load), else
+    quantized from the float weights as they are read (the same values).
     Self-attention q/k/v are fused (fast.fuse_attention); on the CPU, large fp32/bf16 weights are held only in
     oneDNN's blocked layout (fast.PackedLinear) unless `pack=False` (slower matrix products). The folder is read
     one tensor at a time, each layer converted as it is read: memory never holds more than the final model and
@@ -213,6 +276,13 @@ def load(path: str | Path | ModelFolder, device: str | torch.device | None = Non
     folder = path if isinstance(path, ModelFolder) else ModelFolder.open(path)
     models = []
     for member in folder.members():
+        stored = member.int8_file() if int8 else None
+        if stored is not None:  # written by convert --int8: nothing to quantize
+            model = build_int8(member.config, read_safetensors(stored, member.recorded_sha256(stored)), stored,
+                               cls=PortedModel)
+            model.folder = member
+            models.append(model)
+            continue
         model = build(member.config, read_weights(member), device, dtype, cls=PortedModel, fuse=True, finish=finish,
                       int8_embeddings=int8)
         model.folder = member

@@ -43,7 +43,7 @@ def bench(target: str, sides: list[str], batches: list[int], beams: list[int], d
                     "environment": {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")}}
     gen: dict = {}
     if target in PRESETS:
-        checkpoint, folder, result["conversion"] = preset(target, workdir, say)
+        checkpoint, folder, result["conversion"] = preset(target, workdir, say, int8="int8" in dtypes)
         gen, src_len = PRESETS[target]["gen"], src_len or PRESETS[target]["src_len"]
     else:
         folder, src_len = Path(target), src_len or 32

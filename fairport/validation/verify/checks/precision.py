@@ -63,6 +63,8 @@ def report(run) -> None:
         entry = {"dtype": name, "logits_max_abs": stats["max"], "logits_mean_abs": stats["mean"], "tolerance": tol,
                  "beam_exact_match": same, "score_mean_abs_delta": sum(score_d) / max(len(score_d), 1),
                  "score_max_abs_delta": max(score_d, default=0.0)}
+        if name == "int8":  # what the folder gives int8 runs: its stored int8 model, or one quantized at load
+            entry["int8_weights"] = "stored (convert --int8)" if s.folder.int8_file() else "quantized at load"
         if refs:
             entry["bleu"] = bleu([s.text(h["tokens"]) for h in mine], refs)
             base = bleu([s.text(h["tokens"]) for h in theirs], refs)
