@@ -72,12 +72,10 @@ def build(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device=
     `int8_embeddings`, each token embedding becomes a fast.Int8Embedding as soon as it is in (a tied output
     projection is handed to `finish` first). Sinusoidal tables are computed in fp32 (as fairseq computes them),
     then cast to `dtype`."""
-    with torch.device("meta"), _without_random_init():
-        model = cls(cfg)
-    model.eval().requires_grad_(False)
+    model = _meta_model(cfg, cls)
     device = torch.device(device or "cpu")
     tied = tied_names(cfg)
-    with _Layers(model, fuse, finish, int8_embeddings and cfg.share_decoder_input_output_embed) as pending:
+    with _Layers(model, fuse, finish) as pending:
         for name, t in tensors:
             if name in tied:
                 continue
@@ -86,16 +84,10 @@ def build(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device=
                 raise FairportError(f"weights do not fit the config: unexpected {name}")
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             setattr(module, attr, nn.Parameter(t, requires_grad=False))
-            pending.filled(module)
-            if int8_embeddings and type(module) is nn.Embedding:
-                pending.embedding(module)
-    if cfg.share_all_embeddings:
-        model.decoder.embed_tokens = model.encoder.embed_tokens
-    if cfg.share_decoder_input_output_embed and isinstance(model.decoder.output_projection, nn.Linear) \
-            and model.decoder.output_projection.weight.is_meta:
-        model.decoder.output_projection.weight = model.decoder.embed_tokens.weight
-        with _Layers(model, fuse, finish, False) as pending:
-            pending.filled(model.decoder.output_projection)
+            if type(module) is nn.Embedding:
+                pending.embedding(module, int8_embeddings)
+            else:
+                pending.filled(module)
     return _complete(model, device, dtype)
 
 
@@ -104,12 +96,10 @@ def build_int8(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], wh
     """The int8 model from the tensors of an int8 folder's file (`where`; written by fast.int8_tensors): each
     int8 layer made from its stored int8 weights and scales once its last tensor (`qweight`) is in, on torch's
     threads, with nothing quantized; every other tensor put in place as build() does. CPU, float32."""
-    with torch.device("meta"), _without_random_init():
-        model = cls(cfg)
-    model.eval().requires_grad_(False)
+    model = _meta_model(cfg, cls)
     fast.fuse_qkv(model)
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    with _Layers(model, False, None, False) as pending:
+    with _Layers(model, False, None) as pending:
         for name, t in tensors:
             path, _, attr = name.rpartition(".")
             try:
@@ -130,6 +120,13 @@ def build_int8(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], wh
     if plain or parts:
         raise FairportError(f"{where} does not fit the config: no int8 weights for {sorted(plain or parts)[:6]}")
     return _complete(model, None, torch.float32)
+
+
+def _meta_model(cfg: ModelConfig, cls: type[EncoderDecoder]) -> EncoderDecoder:
+    """The model's layers on the meta device (no memory, no init), in eval mode without gradients."""
+    with torch.device("meta"), _without_random_init():
+        model = cls(cfg)
+    return model.eval().requires_grad_(False)
 
 
 def _stored_int8(got: dict[str, torch.Tensor]):
@@ -171,14 +168,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
 
 class _Layers:
     """Hands each linear layer to `finish` once its tensors are in (with `fuse`, self-attention q/k/v once all
-    three are, fused into one first) and puts back what `finish` returns; `embedding(module)` makes a token
-    embedding int8 (with `tie_output`, the output projection it shares is handed to `finish` first, from the
-    float32 table). The conversions run on torch's thread count of threads (quantizing and packing release
-    the GIL), a few layers in flight at a time; their results are put in the model by this thread, in order,
-    and all of them by the end of the `with` block."""
+    three are, fused into one first) and puts back what `finish` returns; `embedding(module, int8)` finishes a
+    token embedding: an output projection that shares its table is handed to `finish` first (from the float
+    table), then with `int8` the embedding becomes a fast.Int8Embedding. The conversions run on torch's thread
+    count of threads (quantizing and packing release the GIL), a few layers in flight at a time; their results
+    are put in the model by this thread, in order, and all of them by the end of the `with` block."""
 
-    def __init__(self, model: nn.Module, fuse: bool, finish, tie_output: bool):
-        self.model, self.fuse, self.finish, self.tie_output = model, fuse, finish or (lambda linear: None), tie_output
+    def __init__(self, model: nn.Module, fuse: bool, finish):
+        self.model, self.fuse, self.finish = model, fuse, finish or (lambda linear: None)
         self.parents: dict[int, list[tuple[nn.Module, str]]] = {}  # a shared module has several
         for module in model.modules():
             for name, child in module.named_children():
@@ -209,12 +206,15 @@ class _Layers:
             return
         self.replace(module, self.finish)
 
-    def embedding(self, module: nn.Embedding) -> None:
+    def embedding(self, module: nn.Embedding, int8: bool) -> None:
         decoder = self.model.decoder
-        if self.tie_output and module is decoder.embed_tokens and isinstance(decoder.output_projection, nn.Linear):
-            decoder.output_projection.weight = module.weight
-            self.filled(decoder.output_projection)
-        self.replace(module, fast.Int8Embedding)
+        output = decoder.output_projection
+        if module is decoder.embed_tokens and isinstance(output, nn.Linear) and output.weight.is_meta \
+                and self.model.config.share_decoder_input_output_embed:
+            output.weight = module.weight
+            self.filled(output)
+        if int8:
+            self.replace(module, fast.Int8Embedding)
 
     def replace(self, module: nn.Module, make) -> None:
         """Put `make(module)` (unless None) wherever `module` is in the model."""
