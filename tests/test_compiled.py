@@ -115,10 +115,13 @@ COMPILE_AND_GENERATE = f"""
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 from fairport.reference import compiled, load
+options = {OPTIONS!r}
 for folder in sys.argv[2:]:
-    m = compiled.compile_step(load(folder, pack=False), options={OPTIONS!r})
+    m = compiled.compile_step(load(folder, pack=False), options=options)
     hyps = m.generate(torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]]), beam=3, max_len_b=6)
-    print(json.dumps({{"cached": m.compiled_step.from_cache, "tokens": [h[0]["tokens"].tolist() for h in hyps]}}))
+    again = compiled.compile_step(load(folder, pack=False), options=options)  # this process's second load
+    print(json.dumps({{"cached": m.compiled_step.from_cache, "tokens": [h[0]["tokens"].tolist() for h in hyps],
+                      "again_cached": again.compiled_step.from_cache}}))
 """
 
 
@@ -158,14 +161,15 @@ def test_the_compiled_step_is_compiled_once_and_computes_the_eager_step(name, co
     step and generated; this process loads the step that one kept in the cache (keyed by the folder's hashes,
     the versions, the processor, dtype and threads) instead of compiling it; the compiled state and the eager
     state (generate.StepState both) give the same log-probabilities step after step, through a beam reorder and
-    a sentence leaving the batch, and the eager search the first process's tokens. A folder whose weights
-    changed compiles again."""
+    a sentence leaving the batch, and the eager search the first process's tokens. The first process's own
+    second load of the folder was found in the cache as well (the compiler once changed the options it was given,
+    and so the key). A folder whose weights changed compiles again."""
     from fairport.reference.generate import DecoderState
     from helpers import rewrite_weights
 
     root, printed = compiled_once
     folder, cache, first = root / name / "port", root / "cache", printed[name]
-    assert not first["cached"]
+    assert not first["cached"] and first["again_cached"]  # a second load in the compiling process finds it too
     assert len(list((cache / "compiled").glob("*.pt2"))) == len(STEP_FLAGS)
 
     monkeypatch.setenv("FAIRPORT_CACHE", str(cache))

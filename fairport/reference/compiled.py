@@ -242,8 +242,10 @@ def _load_cached(path: Path | None):
 def _compile(program, options: dict, keep: Path | None):
     """Compile with AOTInductor; the package is kept at `keep` (written beside it, then renamed into place)."""
     with tempfile.TemporaryDirectory(prefix="fairport-step-") as tmp:
+        # a copy: inductor adds its packaging flag to the dict it is given, which changed the options (and so the
+        # cache key) of every later compile_step in the process
         path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
-                                                        inductor_configs=options)
+                                                        inductor_configs=dict(options))
         if keep is None:
             return torch._inductor.aoti_load_package(path)
         part = keep.with_suffix(f".{os.getpid()}.part")
