@@ -7,7 +7,9 @@ exits 1, as the interpreter does).
 
 Used by helpers.run_cli for environments that only differ from the test session's in settings read after
 import (helpers.FORK_UNSAFE lists the prefixes of those read while importing: those runs get a fresh
-interpreter). One request at a time, as JSON lines on stdin; the reply is the child's pid, then its exit status.
+interpreter). `--hub`: a second server for `fairport verify`, which has also imported transformers and the rest
+of what verify imports (HUB_MODULES). One request at a time, as JSON lines on stdin; the reply is the child's
+pid, then its exit status.
 """
 
 from __future__ import annotations
@@ -51,16 +53,34 @@ def child(request: dict, set_by_cli: dict) -> None:
         os._exit(code)
 
 
-def serve() -> None:
+# with --hub, what `fairport verify` imports besides (transformers' models and tokenizers, ROUGE, plots): ~8 s of
+# every verify. These read HF_* settings while importing, so helpers.run_cli sends this server only runs whose
+# environment has the session's HF_* settings.
+HUB_MODULES = ("transformers", "transformers.modeling_utils", "transformers.generation.utils",
+               "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+               "transformers.models.bart.modeling_bart", "transformers.models.fsmt.modeling_fsmt",
+               "transformers.models.m2m_100.modeling_m2m_100", "transformers.models.mbart.modeling_mbart",
+               "rouge_score.rouge_scorer", "sacremoses", "sacrebleu", "matplotlib.pyplot",
+               "fairport.validation.verify.run")
+
+
+def serve(hub: bool) -> None:
     before = dict(os.environ)
     import fairport.cli  # noqa: F401 - sets its environment defaults before torch is imported
     set_by_cli = {k: v for k, v in os.environ.items() if k not in before}
+    import contextlib
+    import importlib
+
     import torch  # noqa: F401
 
     import fairport.reference  # noqa: F401
 
-    # what reads HF_* settings while importing must not be imported yet (FORK_UNSAFE leaves those to the child)
-    assert not {"huggingface_hub", "transformers"} & set(sys.modules), "cliserver preloads the hub's libraries"
+    if hub:
+        for name in HUB_MODULES:
+            with contextlib.suppress(ImportError):  # not installed: the child misses it as a fresh process would
+                importlib.import_module(name)
+    else:  # what reads HF_* settings while importing is left to the child (helpers.HUB_SETTINGS)
+        assert not {"huggingface_hub", "transformers"} & set(sys.modules), "cliserver preloads the hub's libraries"
 
     replies = os.fdopen(os.dup(1), "w")
     for line in sys.stdin:
@@ -75,4 +95,4 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(hub="--hub" in sys.argv[1:])

@@ -54,6 +54,10 @@ def pytest_collection_finish(session):
             [sys.executable, "-m", "fairport.validation.original.forkserver",
              os.environ["FAIRPORT_ORIGINAL_FORKSERVER"]],
             stdin=subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if HAVE_FAIRSEQ and any(item.module.__name__ == "test_verify" for item in session.items):
+        from helpers import CliServer
+
+        CliServer.get(hub=True)  # verify's command-line server imports transformers while the first tests run
     if any("compiled_once" in getattr(item, "fixturenames", ()) for item in session.items):
         import tempfile
 

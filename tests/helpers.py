@@ -64,31 +64,47 @@ def run_cli(*args, env: dict | None = None, stdin: str | None = None, fresh: boo
     the command line and torch (cliserver.py; ~1.3 s less a run), or a fresh interpreter when `fresh` or when
     `env` changes a setting read while importing (FORK_UNSAFE)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    server = None if fresh else CliServer.get()
-    if server is None or any(env.get(k) != server.env.get(k) for k in {*env, *server.env} if k.startswith(FORK_UNSAFE)):
-        return run([sys.executable, "-m", "fairport", *args], stdin=stdin, env=env)
-    return server.run([str(a) for a in args], env, stdin)
+    if not fresh:
+        # verify: the server that has imported transformers too, unless this run changes a setting it read then
+        server = CliServer.get(hub=str(args[0]) == "verify" and not _differs(env, CliServer.session_env(),
+                                                                               HUB_SETTINGS))
+        if not _differs(env, server.env, FORK_UNSAFE):
+            return server.run([str(a) for a in args], env, stdin)
+    return run([sys.executable, "-m", "fairport", *args], stdin=stdin, env=env)
 
 
 # settings read while torch or the interpreter start: a run whose environment changes one gets a fresh interpreter
 FORK_UNSAFE = ("PYTHON", "OMP_", "GOMP_", "KMP_", "MKL_", "LD_", "MALLOC", "THP_")
+# read while transformers and the Hub's client import (cliserver.HUB_MODULES)
+HUB_SETTINGS = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+
+
+def _differs(env: dict, other: dict, prefixes: tuple[str, ...]) -> bool:
+    return any(env.get(k) != other.get(k) for k in {*env, *other} if k.startswith(prefixes))
 
 
 class CliServer:
-    """The client of cliserver.py (one per test session, started at its first use, ended with the session)."""
-    _server: CliServer | None = None
+    """The client of cliserver.py (at most two per test session, the plain one and the one for verify that
+    imported the hub's libraries too; each started at its first use, ended with the session)."""
+    _servers: dict[bool, CliServer] = {}
 
     @classmethod
-    def get(cls) -> CliServer:
-        if cls._server is None or cls._server.proc.poll() is not None:
-            cls._server = cls()
-        return cls._server
+    def get(cls, hub: bool = False) -> CliServer:
+        server = cls._servers.get(hub)
+        if server is None or server.proc.poll() is not None:
+            server = cls._servers[hub] = cls(hub)
+        return server
 
-    def __init__(self):
+    @staticmethod
+    def session_env() -> dict:
+        return {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def __init__(self, hub: bool):
         import tempfile
 
-        self.env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cliserver.py"))],
+        self.env = self.session_env()
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cliserver.py")),
+                                      *(["--hub"] if hub else [])],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=self.env)
         self.tmp = Path(tempfile.mkdtemp(prefix="fairport-cli-"))
         self.replies = b""
