@@ -4,8 +4,6 @@ live in helpers.py."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 # MKL picks kernels by memory alignment unless asked for reproducible results, so the same fp32 product can round
@@ -60,8 +58,6 @@ def pytest_collection_finish(session):
         from helpers import CliServer
 
         CliServer.get(hub=True)  # verify's command-line server imports transformers while the first tests run
-    if HAVE_FAIRSEQ and any("trained_dir" in getattr(item, "fixturenames", ()) for item in session.items):
-        session.config.trained_ahead = TrainedAhead()
     if any("compiled_once" in getattr(item, "fixturenames", ()) for item in session.items):
         import tempfile
 
@@ -71,10 +67,7 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session):
-    """Work started ahead that no test waited for (deselected, interrupted) is stopped."""
-    ahead = getattr(session.config, "trained_ahead", None)
-    if ahead is not None:
-        ahead.stop()
+    """Compilations started ahead whose tests did not run (deselected, interrupted) are stopped."""
     _, proc = getattr(session.config, "compiling_ahead", None) or (None, None)
     if proc is not None and proc.poll() is None:
         proc.kill()
@@ -133,71 +126,9 @@ def converted(fixtures_dir, tmp_path_factory):
     return get
 
 
-class TrainedAhead:
-    """The trained fixture made while the first tests run (a thread of this process waiting on processes, which
-    mostly keep one core busy): fairseq-train on one thread, its checkpoints converted (`single`, `ensemble`), and
-    `single`'s compiled decoder step put in the session's cache at this process's thread count, where
-    test_compiled's load(compile=True) finds it."""
-
-    def __init__(self):
-        import tempfile
-        import threading
-
-        self.root = Path(tempfile.mkdtemp(prefix="fairport-trained-"))
-        self.running: subprocess.Popen | None = None
-        self.stopped, self.error = False, None
-        self.threads = torch_threads()
-        self.done = threading.Thread(target=self._make, daemon=True)
-        self.done.start()
-
-    def _run(self, *args: str, env: dict | None = None) -> None:
-        if self.stopped:
-            raise RuntimeError("stopped")
-        self.running = subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
-        _, stderr = self.running.communicate()
-        if self.running.returncode != 0:
-            raise RuntimeError(f"{' '.join(map(str, args[:4]))} ... failed:\n{stderr[-3000:]}")
-
-    def _make(self) -> None:
-        try:
-            self._run("-m", "fairport.validation.original.fixtures", self.root, "--trained", "--threads", "1",
-                      "--shared", SHARED)
-            trained = self.root / "trained_reverse"
-            self._run("-m", "fairport", "convert", trained, self.root / "converted" / "single")
-            self._run("-m", "fairport", "convert", f"{trained}/model.pt:{trained}/model2.pt",
-                      self.root / "converted" / "ensemble")
-            self._run("-c", "import sys, torch\ntorch.set_num_threads(int(sys.argv[1]))\n"
-                            "from fairport.reference import load\nload(sys.argv[2], compile=True)",
-                      self.threads, self.root / "converted" / "single", env={"TORCHINDUCTOR_COMPILE_THREADS": "1"})
-        except Exception as e:  # noqa: BLE001 - raised by the fixture that waits for it
-            self.error = e
-
-    def result(self) -> Path:
-        self.done.join()
-        if self.error is not None:
-            raise RuntimeError(f"the trained fixture (made ahead) failed: {self.error}")
-        return self.root
-
-    def stop(self) -> None:
-        self.stopped = True
-        if self.running is not None and self.running.poll() is None:
-            self.running.kill()
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 @pytest.fixture(scope="session")
-def trained_dir(request, tmp_path_factory) -> Path:
+def trained_dir(tmp_path_factory) -> Path:
     """A small translation model trained by fairseq-train (two checkpoints of one run)."""
-    ahead = getattr(request.config, "trained_ahead", None)
-    if ahead is not None:
-        return ahead.result() / "trained_reverse"
     return built_by_fairseq(tmp_path_factory, "fairseq-trained", "--trained") / "trained_reverse"
 
 
@@ -217,13 +148,9 @@ def verified_port(trained_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_converted(request, trained_dir, tmp_path_factory):
+def trained_converted(trained_dir, tmp_path_factory):
     """The trained fixture converted: `single` (model.pt) and `ensemble` (model.pt + model2.pt)."""
     from fairport.converters.convert import convert
-
-    ahead = getattr(request.config, "trained_ahead", None)
-    if ahead is not None:
-        return ahead.result() / "converted"
 
     out = tmp_path_factory.mktemp("trained-converted")
     convert(trained_dir, out / "single")

@@ -279,9 +279,9 @@ os._exit(code)
 """
 
 
-def trained(out_dir: Path, name: str = "trained_reverse", threads: int = 2) -> Path:
-    """fairseq-preprocess + fairseq-train (CPU, about a minute on 2 threads). Writes out_dir/name/{model.pt,
-    model2.pt, dict.en.txt, dict.de.txt, test.en, test.de, bpecodes}."""
+def trained(out_dir: Path, name: str = "trained_reverse") -> Path:
+    """fairseq-preprocess + fairseq-train (CPU, about a minute). Writes out_dir/name/{model.pt, model2.pt,
+    dict.en.txt, dict.de.txt, test.en, test.de, bpecodes}."""
     import shutil
     import subprocess
 
@@ -294,7 +294,7 @@ def trained(out_dir: Path, name: str = "trained_reverse", threads: int = 2) -> P
         (raw / f"{split}.en").write_text("\n".join(src) + "\n")
         (raw / f"{split}.de").write_text("\n".join(tgt) + "\n")
     # fairseq's own training needs none of fairport's allocator setting (see fairport/__init__.py)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads), THP_MEM_ALLOC_ENABLE="0")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2", THP_MEM_ALLOC_ENABLE="0")
 
     def run(args: list[str]) -> None:
         proc = subprocess.run([sys.executable, "-c", _EXIT_AFTER_MAIN, *args], env=env, stdout=subprocess.DEVNULL,
@@ -387,10 +387,9 @@ def main(argv=None) -> None:
     p.add_argument("--shared", default=os.environ.get("FAIRPORT_SHARED_DATA"))
     p.add_argument("--real-sizes", action="store_true", help=f"build {list(REAL_SIZES)} shape listings instead")
     p.add_argument("--trained", action="store_true", help="train the small translation fixture instead")
-    p.add_argument("--threads", type=int, default=2, help="--trained: fairseq-train's threads")
     a = p.parse_args(argv)
     if a.trained:
-        print(trained(Path(a.out), threads=a.threads))
+        print(trained(Path(a.out)))
         return
     if a.real_sizes:
         for name in a.names or REAL_SIZES:
