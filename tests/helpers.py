@@ -91,8 +91,8 @@ class CliServer:
     @classmethod
     def get(cls, hub: bool = False) -> CliServer:
         """The server, started again when the session's own environment changed a setting read while importing
-        since it started (sklearn and joblib, imported by a test's library, set KMP_* in this process: every
-        command after that was a fresh interpreter, ~2x the time of a forked verify)."""
+        since it started (sklearn and joblib when imported, and inductor's C++ builder, set KMP_* in this
+        process: every command after that was a fresh interpreter, ~2x the time of a forked verify)."""
         server = cls._servers.get(hub)
         if server is not None and _differs(cls.session_env(), server.env, FORK_UNSAFE + HUB_SETTINGS):
             server.proc.stdin.close()  # it ends when its stdin closes
