@@ -95,8 +95,7 @@ class CliServer:
         process: every command after that was a fresh interpreter, ~2x the time of a forked verify)."""
         server = cls._servers.get(hub)
         if server is not None and _differs(cls.session_env(), server.env, FORK_UNSAFE + HUB_SETTINGS):
-            server.proc.stdin.close()  # it ends when its stdin closes
-            server.proc.wait()
+            server.close()
             server = None
         if server is None or server.proc.poll() is not None:
             server = cls._servers[hub] = cls(hub)
@@ -129,6 +128,14 @@ class CliServer:
             self.replies += chunk
         line, self.replies = self.replies.split(b"\n", 1)
         return int(line)
+
+    def close(self) -> None:
+        """End the server (it ends when its stdin closes) and remove its files."""
+        import shutil
+
+        self.proc.stdin.close()
+        self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def run(self, args: list[str], env: dict, stdin: str | None) -> subprocess.CompletedProcess:
         files = {name: self.tmp / name for name in ("stdin", "stdout", "stderr")}
