@@ -4,6 +4,7 @@ live in helpers.py."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # MKL picks kernels by memory alignment unless asked for reproducible results, so the same fp32 product can round
@@ -12,16 +13,24 @@ from pathlib import Path
 # reproducible results, as the command line does (fairport/cli.py; no measurable cost); subprocesses inherit it.
 # Tolerances are unchanged.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-# compiled decoder steps are kept for this session only (the tests' processes share them; no earlier run's count)
-os.environ["FAIRPORT_CACHE"] = __import__("tempfile").mkdtemp(prefix="fairport-test-cache-")
-# the original's workers, in this process and every process the tests start, are forked from one that imported
+# The suite runs in pytest-xdist's worker processes (pyproject.toml: `-n auto`, a file per worker at a time). One
+# folder per test session, made by the process pytest started and inherited by its workers, holds what they share:
+# the fixtures fairseq builds (`shared`: built once, by the first worker that needs one) and the compiled decoder
+# steps (FAIRPORT_CACHE: this session's only, no earlier run's count).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...; None in the process pytest started
+if WORKER is None or "FAIRPORT_TEST_SESSION" not in os.environ:
+    os.environ["FAIRPORT_TEST_SESSION"] = tempfile.mkdtemp(prefix="fairport-test-")
+SESSION = Path(os.environ["FAIRPORT_TEST_SESSION"])
+os.environ["FAIRPORT_CACHE"] = str(SESSION / "cache")
+# the original's workers, in this process and every process its tests start, are forked from one that imported
 # fairseq once (fairport/validation/original/forkserver.py; started below when fairseq tests are selected)
-os.environ["FAIRPORT_ORIGINAL_FORKSERVER"] = os.path.join(os.environ["FAIRPORT_CACHE"], "original.sock")
+os.environ["FAIRPORT_ORIGINAL_FORKSERVER"] = str(SESSION / f"original-{WORKER or 'main'}.sock")
 
-import pytest
+# after the settings above (torch reads MKL_CBWR when it loads)
+import pytest  # noqa: E402
 
-from fairport.util import run_module, stderr_tail
-from helpers import HAVE_FAIRSEQ, SHARED, gpt2_files
+from fairport.util import run_module, stderr_tail  # noqa: E402
+from helpers import HAVE_FAIRSEQ, SHARED, gpt2_files  # noqa: E402
 
 # fixtures that need fairseq: a test that uses one is marked `fairseq` (and skipped without it)
 FAIRSEQ_FIXTURES = {"fixtures_dir", "converted", "real_sizes_dir", "trained_dir", "verified_port", "trained_port",
@@ -40,16 +49,30 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: "compiled_once" in getattr(item, "fixturenames", ()))
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, at most 4 (each starts its own servers: the original's, the command line's)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_configure(config):
+    """Workers that share the cores run their torch on a share of them: threads of two processes on one core wait
+    for each other (a test that measures threads sets its own)."""
+    workers = getattr(config.option, "numprocesses", None) or 0
+    if WORKER is None and isinstance(workers, int) and workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_finish(session):
     """The original's fork server starts when fairseq tests were selected; the compilations
-    test_compiled.py's fairseq-free tests need start now, beside the tests before them."""
+    test_compiled.py's fairseq-free tests need start now (in the first worker to get here), beside the tests
+    before them."""
     if session.config.option.collectonly:
         return
     if HAVE_FAIRSEQ and any("fairseq" in item.keywords for item in session.items):
         import subprocess
         import sys
 
-        log = open(Path(os.environ["FAIRPORT_CACHE"]) / "original-forkserver.log", "w")  # noqa: SIM115 - its stderr
+        log = open(SESSION / f"original-{WORKER or 'main'}.log", "w")  # noqa: SIM115 - the server's stderr
         session.config.original_forkserver = subprocess.Popen(
             [sys.executable, "-m", "fairport.validation.original.forkserver",
              os.environ["FAIRPORT_ORIGINAL_FORKSERVER"]],
@@ -59,103 +82,135 @@ def pytest_collection_finish(session):
 
         CliServer.get(hub=True)  # verify's command-line server imports transformers while the first tests run
     if any("compiled_once" in getattr(item, "fixturenames", ()) for item in session.items):
-        import tempfile
+        from test_compiled_cache import COMPILED_AHEAD, start_compiling
 
-        from test_compiled import start_compiling
+        try:
+            (SESSION / COMPILED_AHEAD).mkdir()
+        except FileExistsError:  # another worker started them
+            return
+        session.config.compiling_ahead = start_compiling(SESSION / COMPILED_AHEAD)
 
-        session.config.compiling_ahead = start_compiling(Path(tempfile.mkdtemp(prefix="fairport-compiled-")))
 
-
-def pytest_sessionfinish(session):
-    """Compilations started ahead whose tests did not run (deselected, interrupted) are stopped."""
-    _, proc = getattr(session.config, "compiling_ahead", None) or (None, None)
+def pytest_sessionfinish(session, exitstatus):
+    """Compilations started ahead are waited for (another worker's tests may be waiting for them), or stopped when
+    the run was interrupted; the servers end."""
+    proc = getattr(session.config, "compiling_ahead", None)
     if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+        if exitstatus == pytest.ExitCode.INTERRUPTED or session.shouldstop or session.shouldfail:
+            proc.kill()
+        proc.wait()
     server = getattr(session.config, "original_forkserver", None)
     if server is not None:  # it ends when its stdin closes
         server.stdin.close()
         server.wait(timeout=30)
 
 
-def built_by_fairseq(tmp_path_factory, name: str, *args: str) -> Path:
-    """A fresh folder the fixture builder (fairport/validation/original/fixtures.py, run by fairseq) filled."""
-    if not HAVE_FAIRSEQ:
-        pytest.skip("fairseq (the original) is not installed")
-    out = tmp_path_factory.mktemp(name)
-    proc = run_module("fairport.validation.original.fixtures", out, *args, "--shared", SHARED)
-    if proc.returncode != 0:
-        raise RuntimeError("fairseq fixture builder failed:\n" + stderr_tail(proc, 40))
+def pytest_unconfigure(config):
+    """The session's folder goes with the process that made it."""
+    if WORKER is None:
+        import shutil
+
+        shutil.rmtree(SESSION, ignore_errors=True)
+
+
+def shared(name: str, build) -> Path:
+    """`SESSION/fixtures/NAME`, made by `build(path)` once per test session: by the first of the session's processes
+    (pytest-xdist's workers) that asks for it, while the others that ask wait. Shared: copy before changing."""
+    import fcntl
+    import shutil
+
+    out = SESSION / "fixtures" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+        done = out.with_name(out.name + ".done")
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # what a failed try left
+            build(out)
+            done.touch()
     return out
 
 
+def built_by_fairseq(name: str, *args: str) -> Path:
+    """A folder the fixture builder (fairport/validation/original/fixtures.py, run by fairseq) filled."""
+    if not HAVE_FAIRSEQ:
+        pytest.skip("fairseq (the original) is not installed")
+
+    def build(out: Path) -> None:
+        out.mkdir()
+        proc = run_module("fairport.validation.original.fixtures", out, *args, "--shared", SHARED)
+        if proc.returncode != 0:
+            raise RuntimeError("fairseq fixture builder failed:\n" + stderr_tail(proc, 40))
+
+    return shared(name, build)
+
+
 @pytest.fixture(scope="session")
-def tiny_made(tmp_path_factory) -> Path:
+def tiny_made() -> Path:
     """`release` (helpers.tiny_checkpoint, written without fairseq) and `port`, its folder converted by the
     command line; shared by the session's tests: copy before changing either."""
     from helpers import tiny_release_and_port
 
-    return tiny_release_and_port(tmp_path_factory.mktemp("tiny"))
+    return shared("tiny", tiny_release_and_port)
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir(tmp_path_factory) -> Path:
+def fixtures_dir() -> Path:
     """All fixtures of fairport.validation.original.fixtures.FIXTURES, built by fairseq."""
-    return built_by_fairseq(tmp_path_factory, "fairseq-fixtures")
+    return built_by_fairseq("fairseq-fixtures")
 
 
 @pytest.fixture(scope="session")
-def real_sizes_dir(tmp_path_factory) -> Path:
-    return built_by_fairseq(tmp_path_factory, "fairseq-real-sizes", "--real-sizes")
+def real_sizes_dir() -> Path:
+    return built_by_fairseq("fairseq-real-sizes", "--real-sizes")
 
 
 @pytest.fixture(scope="session")
-def converted(fixtures_dir, tmp_path_factory):
+def converted(fixtures_dir):
     """name -> converted folder (fp32 checkpoints as stored; dtype auto)."""
     from fairport.converters.convert import convert
 
-    out = tmp_path_factory.mktemp("converted")
-    cache: dict[str, Path] = {}
-
     def get(name: str) -> Path:
-        if name not in cache:
-            convert(fixtures_dir / name, out / name, **gpt2_files(name))
-            cache[name] = out / name
-        return cache[name]
+        return shared(f"converted/{name}", lambda out: convert(fixtures_dir / name, out, **gpt2_files(name)))
 
     return get
 
 
 @pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory) -> Path:
+def trained_dir() -> Path:
     """A small translation model trained by fairseq-train (two checkpoints of one run)."""
-    return built_by_fairseq(tmp_path_factory, "fairseq-trained", "--trained") / "trained_reverse"
+    return built_by_fairseq("fairseq-trained", "--trained") / "trained_reverse"
 
 
 @pytest.fixture(scope="session")
-def verified_port(trained_dir, tmp_path_factory) -> Path:
+def verified_port(trained_dir) -> Path:
     """The trained fixture converted and verified (a passing report in DST/verify)."""
     from fairport.converters.convert import convert
     from fairport.validation.verify.report import write
     from fairport.validation.verify.run import VerifyOptions, verify
 
-    dst = tmp_path_factory.mktemp("verified") / "port"
-    convert(trained_dir, dst)
-    rep = verify(trained_dir, dst, VerifyOptions(limit=8, fairseq_data=trained_dir / "bin", progress=False))
-    write(rep, dst / "verify", str(trained_dir), str(dst))
-    assert rep.passed
-    return dst
+    def build(out: Path) -> None:
+        out.mkdir()
+        convert(trained_dir, out / "port")
+        rep = verify(trained_dir, out / "port", VerifyOptions(limit=8, fairseq_data=trained_dir / "bin",
+                                                              progress=False))
+        write(rep, out / "port" / "verify", str(trained_dir), str(out / "port"))
+        assert rep.passed
+
+    return shared("verified", build) / "port"
 
 
 @pytest.fixture(scope="session")
-def trained_converted(trained_dir, tmp_path_factory):
+def trained_converted(trained_dir):
     """The trained fixture converted: `single` (model.pt) and `ensemble` (model.pt + model2.pt)."""
     from fairport.converters.convert import convert
 
-    out = tmp_path_factory.mktemp("trained-converted")
-    convert(trained_dir, out / "single")
-    convert(f"{trained_dir}/model.pt:{trained_dir}/model2.pt", out / "ensemble")
-    return out
+    def build(out: Path) -> None:
+        out.mkdir()
+        convert(trained_dir, out / "single")
+        convert(f"{trained_dir}/model.pt:{trained_dir}/model2.pt", out / "ensemble")
+
+    return shared("trained-converted", build)
 
 
 @pytest.fixture(scope="session")
