@@ -64,7 +64,7 @@ def pytest_configure(config):
 
 def pytest_collection_finish(session):
     """The original's fork server starts when fairseq tests were selected; the compilations
-    test_compiled.py's fairseq-free tests need start now (in the first worker to get here), beside the tests
+    test_compiled_cache.py's tests need start now (in the first worker to get here), beside the tests
     before them."""
     if session.config.option.collectonly:
         return
@@ -84,11 +84,7 @@ def pytest_collection_finish(session):
     if any("compiled_once" in getattr(item, "fixturenames", ()) for item in session.items):
         from test_compiled_cache import COMPILED_AHEAD, start_compiling
 
-        try:
-            (SESSION / COMPILED_AHEAD).mkdir()
-        except FileExistsError:  # another worker started them
-            return
-        session.config.compiling_ahead = start_compiling(SESSION / COMPILED_AHEAD)
+        session.config.compiling_ahead = start_compiling(SESSION / COMPILED_AHEAD)  # None: another worker did
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -50,7 +50,7 @@ def start_compiling(root: Path):
     starts it when the session's tests are collected, so it compiles while the other tests run (one
     compilation at a time, one compiler thread: mostly one core). What it prints goes to `root/stdout` and
     `root/stderr`, and its exit status to `root/returncode` when it ends, where any of the session's
-    processes finds them. Returns the process."""
+    processes finds them. Returns the process, or None when `root` existed (started already)."""
     import os
     import subprocess
     import sys
@@ -58,6 +58,10 @@ def start_compiling(root: Path):
 
     from helpers import tiny_checkpoint
 
+    try:
+        root.mkdir()
+    except FileExistsError:  # another of the session's processes started them
+        return None
     for name, flags in STEP_FLAGS.items():
         proc = run_cli("convert", tiny_checkpoint(root / name / "release", **flags), root / name / "port")
         assert proc.returncode == 0, proc.stderr
@@ -85,11 +89,7 @@ def compiled_once() -> tuple:
     from conftest import SESSION
 
     root = SESSION / COMPILED_AHEAD
-    try:
-        root.mkdir()  # not started at collection (conftest)
-        start_compiling(root)
-    except FileExistsError:
-        pass
+    start_compiling(root)  # unless started at collection (conftest)
     deadline = time.monotonic() + helpers.PROCESS_TIMEOUT
     while not (root / "returncode").exists():
         if time.monotonic() > deadline:
