@@ -150,6 +150,14 @@ def tiny_made() -> Path:
     return shared("tiny", tiny_release_and_port)
 
 
+@pytest.fixture()
+def tiny_folder(tiny_made, tmp_path) -> Path:
+    """A copy of tiny_made's folder, this test's own to change."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_made / "port", tmp_path / "folder"))
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """All fixtures of fairport.validation.original.fixtures.FIXTURES, built by fairseq."""

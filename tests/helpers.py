@@ -65,9 +65,11 @@ def run_cli(*args, env: dict | None = None, stdin: str | None = None, fresh: boo
     `env` changes a setting read while importing (FORK_UNSAFE)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     if not fresh:
-        # verify: the server that has imported transformers too, unless this run changes a setting it read then
-        server = CliServer.get(hub=str(args[0]) == "verify" and not _differs(env, CliServer.session_env(),
-                                                                               HUB_SETTINGS))
+        # verify: the server that has imported transformers too where the session started one (conftest, when
+        # test_verify's tests run; elsewhere verify's few runs stop early, before those imports), unless this run
+        # changes a setting it read then
+        hub = str(args[0]) == "verify" and True in CliServer._servers
+        server = CliServer.get(hub=hub and not _differs(env, CliServer.session_env(), HUB_SETTINGS))
         if not _differs(env, server.env, FORK_UNSAFE):
             return server.run([str(a) for a in args], env, stdin)
     return run([sys.executable, "-m", "fairport", *args], stdin=stdin, env=env)
