@@ -55,7 +55,7 @@ OTHER_ARCHITECTURES = ["bart_base_mnli", "mbart_cfg"]
 def other_architectures_compiled(converted) -> None:
     """Both models' steps compiled at once, a process each (a compilation is mostly one core), into the session's
     cache, from which the tests' loads take them. Without the GEMM search of the default options (compiled_single
-    compiles with those): the same computation in about half the time."""
+    compiles with those): the same computation, without the search's timing runs."""
     import subprocess
     import sys
 
