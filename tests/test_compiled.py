@@ -54,8 +54,8 @@ OTHER_ARCHITECTURES = ["bart_base_mnli", "mbart_cfg"]
 @pytest.fixture(scope="module")
 def other_architectures_compiled(converted) -> None:
     """Both models' steps compiled at once, a process each (a compilation is mostly one core), into the session's
-    cache, from which the tests' loads take them. Without the GEMM search of the default options (compiled_single
-    compiles with those): the same computation, without the search's timing runs."""
+    cache, from which the tests' loads take them. Compiled with test_compiled_cache.OPTIONS, which leave out the
+    default options' GEMM search (compiled_single compiles with the defaults)."""
     import subprocess
     import sys
 
